@@ -1,0 +1,84 @@
+"""Device/dtype resolution and local model-directory checks shared by all engines.
+
+Models are only ever loaded from a local directory (``local_files_only``): robots have
+no reliable network, and a silent hub download would hide a misconfigured path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Union
+
+import torch
+
+from sam_gap_ros.engines.types import ModelLoadError
+
+_DTYPES = {
+    'float32': torch.float32, 'fp32': torch.float32,
+    'float16': torch.float16, 'fp16': torch.float16, 'half': torch.float16,
+    'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+}
+
+
+def resolve_device(device: Union[str, torch.device] = 'auto') -> torch.device:
+    """Turn ``'auto' | 'cpu' | 'cuda' | 'cuda:N'`` into a torch device, checking it exists."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name in ('', 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from exc
+    if resolved.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' requested but CUDA is not available")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{device}' requested but only "
+                             f'{torch.cuda.device_count()} CUDA device(s) exist')
+    elif resolved.type != 'cpu':
+        raise ValueError(f"unsupported device '{device}': use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+    """Map a dtype name to torch; half precision on CPU falls back to float32 (too slow/unsupported)."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    else:
+        key = str(dtype).strip().lower()
+        if key not in _DTYPES:
+            raise ValueError(f"unknown dtype '{dtype}': use one of {sorted(set(_DTYPES))}")
+        resolved = _DTYPES[key]
+    if device.type == 'cpu' and resolved != torch.float32:
+        return torch.float32
+    return resolved
+
+
+def check_model_dir(model_dir: Union[str, Path], model_types: Iterable[str]) -> Path:
+    """Validate a local transformers model directory before ``from_pretrained``.
+
+    Raises ModelLoadError naming exactly what is wrong: missing directory, no config,
+    a config of another model type, or no weights file.
+    """
+    path = Path(model_dir).expanduser()
+    allowed = sorted(set(model_types))
+    if not str(model_dir).strip():
+        raise ModelLoadError('model_dir is empty: set it to a local transformers model directory')
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory '{path}' does not exist or is not a directory")
+    config_file = path / 'config.json'
+    if not config_file.is_file():
+        raise ModelLoadError(f"'{path}' has no config.json: not a transformers model directory")
+    try:
+        model_type = json.loads(config_file.read_text()).get('model_type')
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"'{config_file}' is not readable JSON: {exc}") from exc
+    if model_type not in allowed:
+        raise ModelLoadError(f"'{path}' holds a '{model_type}' model; expected one of {allowed}")
+    weights = list(path.glob('*.safetensors')) + list(path.glob('*.safetensors.index.json'))
+    if not weights:
+        raise ModelLoadError(f"'{path}' has no *.safetensors weights (only safetensors are loaded)")
+    return path

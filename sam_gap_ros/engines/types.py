@@ -1,0 +1,66 @@
+"""Result types returned by the ROS-free engines.
+
+Frames given to every engine are RGB ``uint8`` numpy arrays of shape ``(H, W, 3)``;
+all masks in results are boolean ``(H, W)`` arrays at that same full resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from sam_gap_ros.mask_ops import Box
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory is missing, incomplete or of the wrong model type."""
+
+
+class PromptError(ValueError):
+    """A prompt (box, point, mask, object id) is invalid for the current frame/session."""
+
+
+class ConceptError(ValueError):
+    """A concept set or compositional query is invalid."""
+
+
+@dataclass
+class TrackedObject:
+    """One tracked object in one frame (SAM2 tracker output)."""
+
+    object_id: int
+    mask: np.ndarray
+    score: float
+    """Object-presence logit from SAM2's object-score head (< 0 means judged absent)."""
+    present: bool
+    box: Optional[Box]
+    area: int
+
+
+@dataclass
+class TrackResult:
+    """All objects of the session for one processed frame."""
+
+    frame_index: int
+    objects: List[TrackedObject] = field(default_factory=list)
+
+    @property
+    def present(self) -> List[TrackedObject]:
+        """Objects judged present in this frame."""
+        return [obj for obj in self.objects if obj.present]
+
+
+@dataclass
+class Instance:
+    """One segmented instance of a concept (SAM3 / hybrid output)."""
+
+    mask: np.ndarray
+    box: Optional[Box]
+    score: float
+    """Detection probability in [0, 1]."""
+    concept: str
+    area: int
+    instance_id: Optional[int] = None
+    """Persistent track ID in hybrid mode; None for per-frame SAM3 detections."""

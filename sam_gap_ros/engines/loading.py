@@ -44,7 +44,11 @@ def resolve_device(device: Union[str, torch.device] = 'auto') -> torch.device:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """Map a dtype name to torch; half precision on CPU falls back to float32 (too slow/unsupported)."""
+    """Map a dtype name to torch; half precision on CPU falls back to float32.
+
+    CPU kernels for fp16/bf16 are slow or missing, so a robot config written for a GPU
+    still runs when pointed at the CPU.
+    """
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     else:
@@ -80,5 +84,6 @@ def check_model_dir(model_dir: Union[str, Path], model_types: Iterable[str]) -> 
         raise ModelLoadError(f"'{path}' holds a '{model_type}' model; expected one of {allowed}")
     weights = list(path.glob('*.safetensors')) + list(path.glob('*.safetensors.index.json'))
     if not weights:
-        raise ModelLoadError(f"'{path}' has no *.safetensors weights (only safetensors are loaded)")
+        raise ModelLoadError(
+            f"'{path}' has no *.safetensors weights (only safetensors are loaded)")
     return path

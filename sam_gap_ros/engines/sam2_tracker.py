@@ -1,0 +1,648 @@
+"""SAM2 streaming tracker: endless camera streams with a bounded memory bank.
+
+Built on transformers' ``Sam2VideoModel`` and its streaming ``Sam2VideoInferenceSession``
+(the session is created with ``processor.init_video_session`` without a video, and each
+frame is added with an explicit frame index). The per-frame step reuses the model's own
+memory-selection, memory-attention, SAM-head and memory-encoder code, with four changes
+that an endless robot stream needs:
+
+* All tracked objects that share a memory layout run through memory attention and the
+  SAM head as ONE batch (transformers and the official ``sam2`` loop over objects).
+* Objects can be added at any frame without touching the memory of the others; a new
+  object's prompt memory is encoded on its own, so existing tracks continue bit for bit.
+* Objects judged absent (object-score logit <= 0) are reported with ``present=False`` and
+  an all-False mask, and that frame is NOT written into their memory bank.
+* After every frame the session is pruned to what the next frame can read: the current
+  frame, the conditioning (prompted) frames, the mask memories of the last
+  ``num_maskmem - 1`` frames and the object pointers of the last
+  ``max_object_pointers_in_encoder - 1`` frames. Nothing grows with stream length.
+
+Prompt timing (``add_objects(frame_index=...)``): exactly two frames accept prompts,
+
+* the latest tracked frame ``frame_index`` (the default): the prompt is applied at once
+  on that frame's cached features, and ``last_result`` is updated so the new object
+  appears in the current result;
+* the next frame ``frame_index + 1``: the prompt waits and is applied when that frame is
+  passed to ``track``.
+
+Older frames have been dropped from the session (bounded memory) and later frames do not
+exist yet, so both raise ``PromptError``. Prompts need the image size, so at least one
+frame must have been tracked first (``track`` with no objects only stores the frame).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor
+
+from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
+from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
+from sam_gap_ros.engines.types import ModelLoadError, PromptError, TrackedObject, TrackResult
+from sam_gap_ros.mask_ops import mask_to_box
+
+logger = logging.getLogger(__name__)
+
+_MODEL_TYPES = ('sam2_video',)
+_PROCESSOR_FILES = ('processor_config.json', 'preprocessor_config.json',
+                    'video_preprocessor_config.json')
+# Value transformers writes into the mask logits of objects judged absent.
+_NO_OBJ_SCORE = -1024.0
+# Per-frame output entries the next frames read; masks are converted to numpy at once and
+# every other entry (high-res logits, multimask logits) is dropped before storing.
+_KEPT_OUTPUT_KEYS = ('object_pointer', 'object_score_logits', 'maskmem_features',
+                     'maskmem_pos_enc')
+
+ArrayLike = Union[np.ndarray, Sequence]
+
+
+class Sam2Tracker:
+    """Track objects on an endless RGB stream with SAM2's memory bank (ROS-free)."""
+
+    def __init__(self, model: Sam2VideoModel, processor: Sam2VideoProcessor,
+                 device: Union[str, torch.device] = 'cpu',
+                 dtype: Union[str, torch.dtype] = 'float32',
+                 *, max_conditioning_frames: int = 4, skip_absent_memory: bool = True,
+                 max_object_batch: int = 8) -> None:
+        """Wrap a loaded ``Sam2VideoModel`` and its processor.
+
+        ``max_conditioning_frames`` caps the prompted frames kept per object (the first
+        prompt and the most recent ones), so re-prompting a long-lived object does not
+        grow memory or the memory-attention cost. ``skip_absent_memory=False`` restores
+        SAM2's original rule of also encoding frames where the object is absent.
+        ``max_object_batch`` caps how many objects share one memory-attention call: each
+        one adds ``num_maskmem`` frames of keys/values to the transient peak memory.
+        """
+        if max_conditioning_frames < 1:
+            raise ValueError('max_conditioning_frames must be >= 1')
+        if max_object_batch < 1:
+            raise ValueError('max_object_batch must be >= 1')
+        self._max_batch = int(max_object_batch)
+        self._device = resolve_device(device)
+        self._dtype = resolve_dtype(dtype, self._device)
+        self._model = model.to(self._device, dtype=self._dtype).eval().requires_grad_(False)
+        self._processor = processor
+        config = model.config
+        if processor.target_size != config.image_size:
+            raise ModelLoadError(f'processor resizes to {processor.target_size} px but the model '
+                                 f'expects {config.image_size} px inputs')
+        self._max_cond = int(max_conditioning_frames)
+        self._skip_absent_memory = bool(skip_absent_memory)
+        # Windows of past non-conditioning frames the next frame reads (see _prune).
+        self._mask_memory_window = max(config.num_maskmem - 1, 0)
+        self._pointer_window = max(config.max_object_pointers_in_encoder - 1, 0)
+        self._next_object_id = 1
+        self.reset()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def load(cls, model_dir: Union[str, Path], device: Union[str, torch.device] = 'auto',
+             dtype: Union[str, torch.dtype] = 'float32', **kwargs) -> Sam2Tracker:
+        """Load a SAM2/SAM2.1 transformers checkpoint from a local directory (no network)."""
+        path = check_model_dir(model_dir, _MODEL_TYPES)
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        try:
+            model = Sam2VideoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        except Exception as exc:  # safetensors/torch raise many types; report them all alike
+            raise ModelLoadError(f"cannot load a SAM2 video model from '{path}': {exc}") from exc
+        if any((path / name).is_file() for name in _PROCESSOR_FILES):
+            try:
+                processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
+            except Exception as exc:  # malformed JSON, unknown classes, missing fields
+                raise ModelLoadError(
+                    f"cannot load the SAM2 processor from '{path}': {exc}") from exc
+        else:
+            # The preprocessing is fixed by the architecture (square resize + ImageNet
+            # normalisation), so a weights-only directory is still usable.
+            logger.warning("'%s' has no processor config; using the standard SAM2 "
+                           'preprocessing at %d px', path, model.config.image_size)
+            processor = build_sam2_video_processor(model.config.image_size)
+        return cls(model, processor, torch_device, torch_dtype, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Sam2VideoConfig, device: Union[str, torch.device] = 'cpu',
+                    dtype: Union[str, torch.dtype] = 'float32', seed: int = 0,
+                    **kwargs) -> Sam2Tracker:
+        """Build a tracker with random weights from a config (deterministic for ``seed``)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Sam2VideoModel(config)
+        return cls(model, build_sam2_video_processor(config.image_size), device, dtype, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> Sam2VideoModel:
+        """Return the wrapped transformers model."""
+        return self._model
+
+    @property
+    def device(self) -> torch.device:
+        """Return the inference device."""
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Return the inference dtype; always float32 on CPU."""
+        return self._dtype
+
+    @property
+    def object_ids(self) -> List[int]:
+        """Return the IDs of all objects, in creation order (including pending ones)."""
+        return list(self._session.obj_ids)
+
+    @property
+    def frame_index(self) -> int:
+        """Return the index of the last tracked frame (-1 before the first)."""
+        return self._frame_index
+
+    @property
+    def image_size(self) -> Optional[Tuple[int, int]]:
+        """Return the ``(H, W)`` of the stream, or None before the first frame."""
+        return self._image_size
+
+    @property
+    def last_result(self) -> Optional[TrackResult]:
+        """Return the result of the latest frame, including objects prompted on it."""
+        return self._last_result
+
+    @property
+    def session(self):
+        """Return the underlying transformers inference session, for inspection."""
+        return self._session
+
+    @property
+    def num_stored_frames(self) -> int:
+        """Return how many distinct frame indices hold any state in the session."""
+        return len(self._stored_frame_indices())
+
+    @property
+    def num_stored_outputs(self) -> int:
+        """Return the number of per-object per-frame outputs held in the session."""
+        return sum(len(store) for out in self._session.output_dict_per_obj.values()
+                   for store in out.values())
+
+    # ------------------------------------------------------------------ public API
+    def reset(self) -> None:
+        """Drop all objects, frames and memories; the next frame gets index 0."""
+        self._session = self._processor.init_video_session(
+            inference_device=self._device, dtype=self._dtype)
+        self._frame_index = -1
+        self._image_size: Optional[Tuple[int, int]] = None
+        self._last_result: Optional[TrackResult] = None
+        # object id -> frame index its first prompt is waiting for
+        self._pending: Dict[int, int] = {}
+
+    def add_objects(self, frame_index: Optional[int] = None, *, boxes: Optional[ArrayLike] = None,
+                    points: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
+                    masks: Optional[ArrayLike] = None,
+                    object_ids: Optional[Sequence[int]] = None) -> List[int]:
+        """Prompt new (or re-prompt existing) objects; return their IDs.
+
+        One object per box / point set / mask: ``boxes`` ``(N, 4)`` as ``(x0, y0, x1, y1)``
+        pixels; ``points`` ``(N, P, 2)`` as ``(x, y)`` pixels with ``labels`` ``(N, P)``
+        (1 foreground, 0 background; all 1 when omitted); boxes and points may be combined
+        per object; ``masks`` ``(N, H, W)`` boolean, exclusive with boxes and points.
+        ``object_ids`` names the objects (positive ints); an existing ID re-prompts that
+        object (a new conditioning frame), a new one creates it; by default new IDs are
+        assigned. ``frame_index`` must be the latest tracked frame (default) or the next
+        one, see the module docstring. Raises PromptError for invalid prompts.
+        """
+        if self._frame_index < 0 or self._image_size is None:
+            raise PromptError('no frame tracked yet: call track(frame) first (cheap with no '
+                              'objects) so prompts can be checked against the image size')
+        target = self._frame_index if frame_index is None else int(frame_index)
+        if target not in (self._frame_index, self._frame_index + 1):
+            raise PromptError(
+                f'cannot prompt frame {target}: only the latest tracked frame '
+                f'{self._frame_index} or the next frame {self._frame_index + 1} are accepted '
+                '(older frames are dropped from the bounded memory)')
+        count, point_arr, label_arr, box_arr, mask_list = self._validate_prompts(
+            boxes, points, labels, masks)
+        ids = self._assign_ids(object_ids, count)
+
+        height, width = self._image_size
+        session = self._session
+        for i, obj_id in enumerate(ids):
+            if mask_list is not None:
+                self._processor.add_inputs_to_inference_session(
+                    session, frame_idx=target, obj_ids=obj_id, input_masks=mask_list[i])
+            else:
+                self._processor.add_inputs_to_inference_session(
+                    session, frame_idx=target, obj_ids=obj_id,
+                    input_points=None if point_arr is None else [[point_arr[i].tolist()]],
+                    input_labels=None if point_arr is None else [[label_arr[i].tolist()]],
+                    input_boxes=None if box_arr is None else [[box_arr[i].tolist()]],
+                    original_size=(height, width))
+            self._next_object_id = max(self._next_object_id, obj_id + 1)
+        # The processor's helper overwrites this list on every call; it is not used by
+        # this engine (pending prompts live in self._pending), so keep it empty.
+        session.obj_with_new_inputs = []
+        for obj_id in ids:
+            self._pending[obj_id] = target
+
+        if target == self._frame_index:
+            with self._inference_context():
+                outputs = self._run_prompted(target, ids)
+            self._update_last_result(outputs)
+            self._prune(target)
+        return ids
+
+    def remove_object(self, object_id: int) -> None:
+        """Forget one object and its memory; unknown IDs raise PromptError."""
+        session = self._session
+        if object_id not in session._obj_id_to_idx:
+            raise PromptError(f'unknown object id {object_id}; known ids: {self.object_ids}')
+        keep = [obj_id for obj_id in session.obj_ids if obj_id != object_id]
+        old_index = {obj_id: session._obj_id_to_idx[obj_id] for obj_id in keep}
+        # transformers has no removal API and assigns new indices as len(mapping), so the
+        # per-object dicts are re-indexed densely.
+        for name in ('point_inputs_per_obj', 'mask_inputs_per_obj', 'output_dict_per_obj',
+                     'frames_tracked_per_obj'):
+            table = getattr(session, name)
+            rebuilt = {new: table[old_index[obj_id]] for new, obj_id in enumerate(keep)}
+            table.clear()
+            table.update(rebuilt)
+        session._obj_id_to_idx.clear()
+        session._obj_idx_to_id.clear()
+        for new, obj_id in enumerate(keep):
+            session._obj_id_to_idx[obj_id] = new
+            session._obj_idx_to_id[new] = obj_id
+        session.obj_ids = list(keep)
+        self._pending.pop(object_id, None)
+        if self._last_result is not None:
+            # A new result, so the one already handed to the caller is left untouched.
+            self._last_result = TrackResult(
+                self._last_result.frame_index,
+                [obj for obj in self._last_result.objects if obj.object_id != object_id])
+
+    def track(self, frame: np.ndarray) -> TrackResult:
+        """Track all objects on the next frame (RGB uint8 ``(H, W, 3)``) and return them.
+
+        The image size is fixed by the first frame until ``reset``.
+        """
+        self._check_frame(frame)
+        frame_idx = self._frame_index + 1
+        pixel_values = self._preprocess(frame)
+        session = self._session
+        session.add_new_frame(pixel_values, frame_idx=frame_idx)
+        self._frame_index = frame_idx
+        if self._image_size is None:
+            self._image_size = (int(frame.shape[0]), int(frame.shape[1]))
+        prompted = [obj_id for obj_id, idx in self._pending.items() if idx == frame_idx]
+        tracked = [obj_id for obj_id in session.obj_ids if obj_id not in self._pending]
+        result = TrackResult(frame_index=frame_idx)
+        outputs: Dict[int, dict] = {}
+        with self._inference_context():
+            if tracked:
+                outputs.update(self._run_tracking(frame_idx, tracked))
+            if prompted:
+                outputs.update(self._run_prompted(frame_idx, prompted))
+        ordered = [obj_id for obj_id in session.obj_ids if obj_id in outputs]
+        result.objects = self._to_tracked_objects(ordered, outputs)
+        self._last_result = result
+        self._prune(frame_idx)
+        return result
+
+    # ------------------------------------------------------------------ validation
+    def _check_frame(self, frame: np.ndarray) -> None:
+        if not isinstance(frame, np.ndarray):
+            raise TypeError(f'frame must be a numpy array, got {type(frame).__name__}')
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f'frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}')
+        if frame.shape[0] < 1 or frame.shape[1] < 1:
+            raise ValueError(f'frame is empty: {frame.shape}')
+        if self._image_size is not None and tuple(frame.shape[:2]) != self._image_size:
+            raise ValueError(f'frame size {frame.shape[:2]} differs from the stream size '
+                             f'{self._image_size}; call reset() before changing resolution')
+
+    def _validate_prompts(self, boxes, points, labels, masks):
+        height, width = self._image_size
+        if masks is not None:
+            if boxes is not None or points is not None or labels is not None:
+                raise PromptError('masks cannot be combined with boxes or points')
+            if isinstance(masks, np.ndarray) and masks.ndim != 3:
+                raise PromptError(f'masks must have shape (N, H, W), got {masks.shape}')
+            mask_list = [np.asarray(m) for m in masks]
+            if not mask_list:
+                raise PromptError('masks is empty')
+            for i, mask in enumerate(mask_list):
+                if mask.shape != (height, width):
+                    raise PromptError(f'mask {i} has shape {mask.shape}; expected the image '
+                                      f'size {(height, width)}')
+                if mask.dtype != np.bool_:
+                    raise PromptError(f'mask {i} must be boolean, got {mask.dtype}')
+                if not mask.any():
+                    raise PromptError(f'mask {i} is empty: an object needs at least one pixel')
+            return len(mask_list), None, None, None, mask_list
+        if boxes is None and points is None:
+            if labels is not None:
+                raise PromptError('labels given without points')
+            raise PromptError('give boxes, points or masks')
+        count = None
+        box_arr = point_arr = label_arr = None
+        if boxes is not None:
+            try:
+                box_arr = np.asarray(boxes, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise PromptError(f'boxes are not a numeric (N, 4) array: {exc}') from exc
+            if box_arr.ndim != 2 or box_arr.shape[1] != 4 or box_arr.shape[0] == 0:
+                raise PromptError(f'boxes must have shape (N, 4), got {box_arr.shape}')
+            if not np.isfinite(box_arr).all():
+                raise PromptError('boxes contain NaN or infinite values')
+            x0, y0, x1, y1 = box_arr.T
+            if (x1 <= x0).any() or (y1 <= y0).any():
+                raise PromptError('boxes need x0 < x1 and y0 < y1')
+            if (x0 < 0).any() or (y0 < 0).any() or (x1 > width).any() or (y1 > height).any():
+                raise PromptError(f'box outside the {width}x{height} image: {box_arr.tolist()}')
+            count = box_arr.shape[0]
+        if points is not None:
+            point_arr, label_arr = self._validate_points(points, labels)
+            if count is not None and len(point_arr) != count:
+                raise PromptError(f'{count} boxes but {len(point_arr)} point sets')
+            count = len(point_arr)
+        elif labels is not None:
+            raise PromptError('labels given without points')
+        return count, point_arr, label_arr, box_arr, None
+
+    def _validate_points(self, points, labels) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+        """Return per-object ``(P, 2)`` point and ``(P,)`` label arrays (P may differ)."""
+        height, width = self._image_size
+        try:
+            point_arr = [np.asarray(p, dtype=np.float64) for p in points]
+            label_arr = (None if labels is None
+                         else [np.asarray(lab) for lab in labels])
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f'points/labels are not numeric arrays: {exc}') from exc
+        if not point_arr:
+            raise PromptError('points is empty')
+        for i, pts in enumerate(point_arr):
+            if pts.ndim != 2 or pts.shape[1] != 2 or pts.shape[0] == 0:
+                raise PromptError(f'points must have shape (N, P, 2) (or a list of (P, 2)); '
+                                  f'object {i} has {pts.shape}')
+            if not np.isfinite(pts).all():
+                raise PromptError('points contain NaN or infinite values')
+            xs, ys = pts[:, 0], pts[:, 1]
+            if (xs < 0).any() or (ys < 0).any() or (xs >= width).any() or (ys >= height).any():
+                raise PromptError(f'point outside the {width}x{height} image: {pts.tolist()}')
+        if label_arr is None:
+            return point_arr, [np.ones(len(pts), dtype=np.int64) for pts in point_arr]
+        if len(label_arr) != len(point_arr):
+            raise PromptError(f'{len(label_arr)} label sets for {len(point_arr)} point sets')
+        for i, (pts, lab) in enumerate(zip(point_arr, label_arr, strict=True)):
+            if lab.shape != (len(pts),):
+                raise PromptError(f'labels shape {lab.shape} does not match the {len(pts)} '
+                                  f'points of object {i}')
+            if not np.isin(lab, (0, 1)).all():
+                raise PromptError('labels must be 1 (foreground) or 0 (background)')
+        return point_arr, [lab.astype(np.int64) for lab in label_arr]
+
+    def _assign_ids(self, object_ids: Optional[Sequence[int]], count: int) -> List[int]:
+        if object_ids is None:
+            start = self._next_object_id
+            return list(range(start, start + count))
+        ids = [int(i) for i in object_ids]
+        if len(ids) != count:
+            raise PromptError(f'{len(ids)} object ids for {count} prompts')
+        if len(set(ids)) != len(ids):
+            raise PromptError(f'duplicate object ids: {ids}')
+        if any(i < 1 for i in ids):
+            raise PromptError(f'object ids must be positive integers, got {ids}')
+        return ids
+
+    # ------------------------------------------------------------------ inference
+    def _inference_context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self._device.type == 'cuda' and self._dtype != torch.float32:
+            stack.enter_context(torch.autocast(device_type='cuda', dtype=self._dtype))
+        return stack
+
+    def _preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        processed = self._processor.video_processor(
+            videos=[frame], device=str(self._device), return_tensors='pt')
+        return processed.pixel_values_videos[0, 0]
+
+    def _vision_features(self, frame_idx: int):
+        # batch_size=1: the model caches one copy of the frame's features (cache size 1).
+        return self._model._prepare_vision_features(self._session, frame_idx, batch_size=1)
+
+    def _run_prompted(self, frame_idx: int, ids: Sequence[int]) -> Dict[int, dict]:
+        """Run objects with a prompt on ``frame_idx`` and store them as conditioning frames."""
+        model, session = self._model, self._session
+        feats, _ = self._vision_features(frame_idx)
+        results = {}
+        for obj_id in ids:
+            obj_idx = session.obj_id_to_idx(obj_id)
+            store = session.output_dict_per_obj[obj_idx]
+            point_inputs = session.point_inputs_per_obj[obj_idx].pop(frame_idx, None)
+            mask_inputs = session.mask_inputs_per_obj[obj_idx].pop(frame_idx, None)
+            # A first prompt starts from no memory; a prompt on an object that already has
+            # memory refines its memory-conditioned prediction (as SAM2's interactive mode).
+            is_init = not store['cond_frame_outputs'] and not store['non_cond_frame_outputs']
+            out = model._run_single_frame_inference(
+                inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx, batch_size=1,
+                is_init_cond_frame=is_init, point_inputs=point_inputs,
+                mask_inputs=mask_inputs, reverse=False, streaming=True)
+            # Each prompted object gets its own memory-encoder call: transformers binarises
+            # the masks of a whole batch when any member was prompted, which would alter
+            # the memories of objects tracked on the same frame.
+            memory, memory_pos = model._encode_new_memory(
+                current_vision_feats=feats[-1], pred_masks_high_res=out['high_res_masks'],
+                object_score_logits=out['object_score_logits'], is_mask_from_pts=True)
+            out['maskmem_features'] = memory
+            out['maskmem_pos_enc'] = memory_pos
+            store['non_cond_frame_outputs'].pop(frame_idx, None)
+            store['cond_frame_outputs'][frame_idx] = {k: out[k] for k in _KEPT_OUTPUT_KEYS}
+            self._cap_conditioning(store['cond_frame_outputs'])
+            self._pending.pop(obj_id, None)
+            results[obj_id] = {'pred_masks': out['pred_masks'],
+                               'object_score_logits': out['object_score_logits']}
+        return results
+
+    def _run_tracking(self, frame_idx: int, ids: Sequence[int]) -> Dict[int, dict]:
+        """Propagate all unprompted objects to ``frame_idx``, batched by memory layout."""
+        model, session = self._model, self._session
+        feats, pos_embeds = self._vision_features(frame_idx)
+        groups: Dict[Tuple[int, int], List[Tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        for obj_id in ids:
+            obj_idx = session.obj_id_to_idx(obj_id)
+            memory, memory_pos, num_ptr_tokens = self._gather_memory(obj_idx, frame_idx)
+            key = (memory.shape[0], num_ptr_tokens)
+            groups.setdefault(key, []).append((obj_id, memory, memory_pos))
+        batches = [(key, members[start:start + self._max_batch])
+                   for key, members in groups.items()
+                   for start in range(0, len(members), self._max_batch)]
+
+        height, width = model.backbone_feature_sizes[-1]
+        high_res = [x.permute(1, 2, 0).view(1, x.size(2), *size)
+                    for x, size in zip(feats[:-1], model.backbone_feature_sizes[:-1],
+                                       strict=True)]
+        results = {}
+        memory_batches = []
+        for (_, num_ptr_tokens), members in batches:
+            batch = len(members)
+            memory = torch.cat([m for _, m, _ in members], dim=1).to(self._session.dtype)
+            memory_pos = torch.cat([p for _, _, p in members], dim=1)
+            conditioned = model.memory_attention(
+                current_vision_features=feats[-1].expand(-1, batch, -1),
+                current_vision_position_embeddings=pos_embeds[-1].expand(-1, batch, -1),
+                memory=memory, memory_posision_embeddings=memory_pos,
+                num_object_pointer_tokens=num_ptr_tokens)
+            # (1, B, HW, C) -> (B, C, H, W); transformers' own reshape assumes B == 1.
+            pix_feat = conditioned[0].permute(0, 2, 1).reshape(batch, -1, height, width)
+            head = self._sam_head(pix_feat, [h.expand(batch, -1, -1, -1) for h in high_res])
+            memory_batches.append(([obj_id for obj_id, _, _ in members], head))
+
+        for member_ids, head in memory_batches:
+            scores = head['object_score_logits']
+            keep = list(range(len(member_ids)))
+            if self._skip_absent_memory:
+                keep = [i for i in keep if float(scores[i].reshape(-1)[0]) > 0]
+            if keep:
+                index = torch.tensor(keep, device=scores.device)
+                memory, memory_pos = model._encode_new_memory(
+                    current_vision_feats=feats[-1].expand(-1, len(keep), -1),
+                    pred_masks_high_res=head['high_res_masks'].index_select(0, index),
+                    object_score_logits=scores.index_select(0, index),
+                    is_mask_from_pts=False)
+            for i, obj_id in enumerate(member_ids):
+                if i in keep:
+                    j = keep.index(i)
+                    obj_idx = session.obj_id_to_idx(obj_id)
+                    session.output_dict_per_obj[obj_idx]['non_cond_frame_outputs'][frame_idx] = {
+                        'object_pointer': head['object_pointer'][i:i + 1],
+                        'object_score_logits': scores[i:i + 1],
+                        'maskmem_features': memory[:, j:j + 1],
+                        'maskmem_pos_enc': memory_pos[:, j:j + 1],
+                    }
+                results[obj_id] = {'pred_masks': head['pred_masks'][i:i + 1],
+                                   'object_score_logits': scores[i:i + 1]}
+        return results
+
+    def _gather_memory(self, obj_idx: int, frame_idx: int):
+        """Return one object's memory tokens, their position encodings and pointer count."""
+        model = self._model
+        device = self._device
+        positions = model._gather_memory_frame_outputs(self._session, obj_idx, frame_idx)
+        memories, memory_pos = model._build_memory_attention_inputs(positions, device)
+        offsets, pointers, max_pointers = model._get_object_pointers(
+            self._session, obj_idx, frame_idx, None, device, track_in_reverse_time=False,
+            streaming=True)
+        num_ptr_tokens = 0
+        if pointers:
+            pointer_tokens, pointer_pos = model._process_object_pointers(
+                offsets, pointers, max_pointers, 1, model.hidden_dim, device)
+            memories.append(pointer_tokens)
+            memory_pos.append(pointer_pos)
+            num_ptr_tokens = pointer_tokens.shape[0]
+        return torch.cat(memories, dim=0), torch.cat(memory_pos, dim=0), num_ptr_tokens
+
+    def _sam_head(self, pix_feat: torch.Tensor, high_res: List[torch.Tensor]) -> dict:
+        """Run SAM2's prompt-free tracking head on a batch of memory-conditioned features.
+
+        Mirrors ``Sam2VideoModel._single_frame_forward`` without prompts; its best-mask
+        indexing only works for batch size 1, hence this batched version.
+        """
+        model = self._model
+        batch = pix_feat.shape[0]
+        points = torch.zeros(batch, 1, 1, 2, dtype=pix_feat.dtype, device=pix_feat.device)
+        labels = -torch.ones(batch, 1, 1, dtype=torch.int32, device=pix_feat.device)
+        sparse, dense = model.prompt_encoder(input_points=points, input_labels=labels,
+                                             input_boxes=None, input_masks=None)
+        image_pe = model.get_image_wide_positional_embeddings().repeat(batch, 1, 1, 1)
+        multimask = model._use_multimask(False, None)
+        low_res, iou, tokens, object_score_logits = model.mask_decoder(
+            image_embeddings=pix_feat, image_positional_embeddings=image_pe,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            multimask_output=multimask, high_resolution_features=high_res)
+        rows = torch.arange(batch, device=pix_feat.device)
+        best = iou[:, 0].argmax(dim=-1) if multimask else torch.zeros_like(rows)
+        appearing = object_score_logits > 0  # (B, 1, 1)
+        low_res = low_res[rows, 0, best].unsqueeze(1)  # (B, 1, h, w)
+        low_res = torch.where(appearing[..., None], low_res, _NO_OBJ_SCORE)
+        token = tokens[rows, 0, best] if tokens.size(2) > 1 else tokens[:, 0, 0]
+        pointer = model.object_pointer_proj(token).unsqueeze(1)  # (B, 1, C)
+        weight = appearing.to(pointer.dtype)
+        pointer = weight * pointer + (1 - weight) * model.no_object_pointer
+        high_res_masks = F.interpolate(low_res.float(), size=(model.image_size,) * 2,
+                                       mode='bilinear', align_corners=False).to(low_res.dtype)
+        return {'pred_masks': low_res, 'high_res_masks': high_res_masks,
+                'object_pointer': pointer, 'object_score_logits': object_score_logits}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _cap_conditioning(self, cond_outputs: dict) -> None:
+        while len(cond_outputs) > self._max_cond:
+            frames = sorted(cond_outputs)
+            # Keep the first prompt (the object's definition) and the most recent ones.
+            del cond_outputs[frames[1]]
+
+    def _prune(self, frame_idx: int) -> None:
+        """Drop every frame the next frame cannot read (bounded memory on endless streams)."""
+        session = self._session
+        for stale in [idx for idx in session.processed_frames or {} if idx != frame_idx]:
+            del session.processed_frames[stale]
+        # The next frame (frame_idx + 1) reads mask memories at offsets 1..num_maskmem-1
+        # and object pointers at offsets 1..max_object_pointers_in_encoder-1.
+        oldest_memory = frame_idx + 1 - self._mask_memory_window
+        oldest_pointer = frame_idx + 1 - self._pointer_window
+        for obj_idx, store in session.output_dict_per_obj.items():
+            non_cond = store['non_cond_frame_outputs']
+            for idx in list(non_cond):
+                if idx < oldest_pointer:
+                    del non_cond[idx]
+                elif idx < oldest_memory and 'maskmem_features' in non_cond[idx]:
+                    entry = non_cond[idx]
+                    del entry['maskmem_features'], entry['maskmem_pos_enc']
+            for table in (session.point_inputs_per_obj[obj_idx],
+                          session.mask_inputs_per_obj[obj_idx]):
+                for idx in [i for i in table if i < frame_idx]:
+                    del table[idx]
+            session.frames_tracked_per_obj[obj_idx].clear()
+
+    def _stored_frame_indices(self) -> set:
+        session = self._session
+        frames = set(session.processed_frames or {})
+        frames.update(session.cache._vision_features)
+        for obj_idx, store in session.output_dict_per_obj.items():
+            for table in store.values():
+                frames.update(table)
+            frames.update(session.point_inputs_per_obj[obj_idx])
+            frames.update(session.mask_inputs_per_obj[obj_idx])
+        return frames
+
+    def _update_last_result(self, outputs: Dict[int, dict]) -> None:
+        """Insert the objects just prompted on the latest frame into ``last_result``."""
+        merged = {} if self._last_result is None else {
+            obj.object_id: obj for obj in self._last_result.objects}
+        for obj in self._to_tracked_objects(list(outputs), outputs):
+            merged[obj.object_id] = obj
+        ordered = [obj_id for obj_id in self._session.obj_ids if obj_id in merged]
+        self._last_result = TrackResult(self._frame_index, [merged[i] for i in ordered])
+
+    def _to_tracked_objects(self, ids: Sequence[int], outputs: Dict[int, dict]
+                            ) -> List[TrackedObject]:
+        if not ids:
+            return []
+        height, width = self._image_size
+        logits = torch.cat([outputs[obj_id]['pred_masks'] for obj_id in ids], dim=0)
+        scores = torch.cat([outputs[obj_id]['object_score_logits'].reshape(1)
+                            for obj_id in ids]).float().cpu().numpy()
+        # One batched upsampling of the low-res logits straight to the camera resolution.
+        masks = F.interpolate(logits.float(), size=(height, width), mode='bilinear',
+                              align_corners=False)[:, 0] > 0
+        masks = masks.cpu().numpy()
+        objects = []
+        for i, obj_id in enumerate(ids):
+            present = bool(scores[i] > 0)
+            mask = masks[i] if present else np.zeros((height, width), dtype=bool)
+            objects.append(TrackedObject(
+                object_id=int(obj_id), mask=mask, score=float(scores[i]), present=present,
+                box=mask_to_box(mask) if present else None, area=int(mask.sum())))
+        return objects

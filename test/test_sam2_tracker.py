@@ -1,0 +1,384 @@
+"""Tests of the SAM2 streaming tracker on tiny randomly initialised SAM2 models."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+from sam_gap_ros.engines.tiny_sam2 import (
+    build_sam2_video_processor,
+    save_tiny_sam2,
+    tiny_sam2_video_config,
+)
+from sam_gap_ros.engines.types import ModelLoadError, PromptError
+
+H, W = 96, 160
+BOX_A = [10, 10, 60, 50]
+BOX_B = [70, 20, 150, 90]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def frames(count, seed=0):
+    rng = np.random.RandomState(seed)
+    base = rng.randint(0, 255, (H, W, 3), np.uint8)
+    # A slowly moving bright square over a fixed background: a real (if simple) video.
+    out = []
+    for i in range(count):
+        frame = base.copy()
+        x = 20 + 2 * (i % 30)
+        frame[30:60, x:x + 30] = 250
+        out.append(frame)
+    return out
+
+
+def set_presence(tracker, logit):
+    """Bias SAM2's object-score head so every object is judged present (>0) or absent (<0)."""
+    with torch.no_grad():
+        tracker.model.mask_decoder.pred_obj_score_head.proj_out.weight.zero_()
+        tracker.model.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(logit)
+
+
+def make_tracker(presence=3.0, **kwargs):
+    tracker = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=0, **kwargs)
+    if presence is not None:
+        set_presence(tracker, presence)
+    return tracker
+
+
+def run(tracker, video, schedule):
+    """Track ``video``; ``schedule[i]`` is called with the tracker after frame i."""
+    results = []
+    for i, frame in enumerate(video):
+        result = tracker.track(frame)
+        if i in schedule:
+            schedule[i](tracker)
+            result = tracker.last_result
+        results.append(result)
+    return results
+
+
+def by_id(result):
+    return {obj.object_id: obj for obj in result.objects}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_from_saved_tiny_directory(tmp_path):
+    model_dir = save_tiny_sam2(tmp_path / 'tiny', seed=3)
+    loaded = Sam2Tracker.load(model_dir, device='cpu')
+    built = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=3)
+    assert loaded.device.type == 'cpu' and loaded.dtype == torch.float32
+    state_a, state_b = loaded.model.state_dict(), built.model.state_dict()
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    video = frames(3)
+    for tracker in (loaded, built):
+        set_presence(tracker, 3.0)
+        tracker.track(video[0])
+        tracker.add_objects(boxes=[BOX_A])
+    for frame in video[1:]:
+        a, b = loaded.track(frame), built.track(frame)
+        assert np.array_equal(a.objects[0].mask, b.objects[0].mask)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match='does not exist'):
+        Sam2Tracker.load(tmp_path / 'missing')
+    with pytest.raises(ModelLoadError, match='empty'):
+        Sam2Tracker.load('')
+    wrong = tmp_path / 'wrong'
+    wrong.mkdir()
+    (wrong / 'config.json').write_text(json.dumps({'model_type': 'sam3'}))
+    (wrong / 'model.safetensors').write_bytes(b'')
+    with pytest.raises(ModelLoadError, match="'sam3' model"):
+        Sam2Tracker.load(wrong)
+    no_weights = tmp_path / 'no_weights'
+    no_weights.mkdir()
+    (no_weights / 'config.json').write_text(json.dumps({'model_type': 'sam2_video'}))
+    with pytest.raises(ModelLoadError, match='safetensors'):
+        Sam2Tracker.load(no_weights)
+    corrupt = tmp_path / 'corrupt'
+    save_tiny_sam2(corrupt)
+    (corrupt / 'model.safetensors').write_bytes(b'not a safetensors file')
+    with pytest.raises(ModelLoadError):
+        Sam2Tracker.load(corrupt)
+
+
+def test_processor_size_must_match_model():
+    model = Sam2Tracker.from_config(tiny_sam2_video_config()).model
+    with pytest.raises(ModelLoadError, match='processor'):
+        Sam2Tracker(model, build_sam2_video_processor(256))
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+def test_matches_plain_transformers_streaming_loop():
+    """Batched tracking equals transformers' own per-object streaming forward."""
+    tracker = make_tracker(skip_absent_memory=False)
+    video = frames(9)
+    ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
+
+    model = tracker.model
+    processor = build_sam2_video_processor(model.config.image_size)
+    session = processor.init_video_session(inference_device='cpu', dtype=torch.float32)
+    processor.add_inputs_to_inference_session(
+        session, frame_idx=0, obj_ids=[1, 2], input_boxes=[[BOX_A, BOX_B]], original_size=(H, W))
+    for i, frame in enumerate(video):
+        pixels = processor.video_processor(videos=[frame], return_tensors='pt')
+        out = model(inference_session=session, frame=pixels.pixel_values_videos[0, 0],
+                    frame_idx=i)
+        masks = F.interpolate(out.pred_masks.float(), size=(H, W), mode='bilinear',
+                              align_corners=False)[:, 0] > 0
+        scores = out.object_score_logits.reshape(-1)
+        assert [o.object_id for o in ours[i].objects] == [1, 2]
+        for k, obj in enumerate(ours[i].objects):
+            assert obj.score == pytest.approx(float(scores[k]), abs=1e-5)
+            assert np.array_equal(obj.mask, masks[k].numpy())
+    assert any(obj.area > 0 for result in ours for obj in result.objects)
+
+
+# ---------------------------------------------------------------- objects
+
+
+def test_add_later_keeps_existing_track():
+    video = frames(24)
+    solo = run(make_tracker(), video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+    added_ids = []
+    latest = run(make_tracker(), video, {
+        0: lambda t: t.add_objects(boxes=[BOX_A]),
+        5: lambda t: added_ids.append(t.add_objects(5, points=[[[100, 50]]])),
+    })
+    nxt = run(make_tracker(), video, {
+        0: lambda t: t.add_objects(boxes=[BOX_A]),
+        5: lambda t: added_ids.append(t.add_objects(6, masks=[video[0][..., 0] > 128])),
+    })
+    assert added_ids == [[2], [2]]
+    for i in range(len(video)):
+        reference = by_id(solo[i])[1]
+        for results in (latest, nxt):
+            objs = by_id(results[i])
+            assert set(objs) == ({1} if i < 5 or (results is nxt and i == 5) else {1, 2})
+            assert objs[1].score == pytest.approx(reference.score, abs=1e-5)
+            assert np.array_equal(objs[1].mask, reference.mask), f'frame {i}'
+    # The object added on the latest frame appears in that frame's result at once.
+    assert latest[5].objects[1].object_id == 2 and latest[5].objects[1].present
+    assert nxt[6].objects[1].object_id == 2 and nxt[6].objects[1].area > 0
+
+
+def test_object_ids_remove_and_reset():
+    tracker = make_tracker()
+    video = frames(6)
+    tracker.track(video[0])
+    assert tracker.add_objects(boxes=[BOX_A, BOX_B]) == [1, 2]
+    assert tracker.add_objects(points=[[[5, 5]]], object_ids=[7]) == [7]
+    assert tracker.add_objects(boxes=[BOX_B]) == [8]
+    assert tracker.object_ids == [1, 2, 7, 8]
+    tracker.track(video[1])
+    tracker.remove_object(2)
+    assert tracker.object_ids == [1, 7, 8]
+    assert [o.object_id for o in tracker.last_result.objects] == [1, 7, 8]
+    result = tracker.track(video[2])
+    assert [o.object_id for o in result.objects] == [1, 7, 8]
+    # Re-indexing after removal keeps every survivor's own memory.
+    session = tracker.session
+    assert all(len(session.output_dict_per_obj[session.obj_id_to_idx(i)]['cond_frame_outputs'])
+               == 1 for i in (1, 7, 8))
+    # IDs are never reused, even after removal.
+    assert tracker.add_objects(boxes=[BOX_A]) == [9]
+    with pytest.raises(PromptError, match='unknown object id 2'):
+        tracker.remove_object(2)
+    tracker.reset()
+    assert tracker.object_ids == [] and tracker.frame_index == -1
+    assert tracker.num_stored_frames == 0
+    assert tracker.track(video[3]).objects == [] and tracker.frame_index == 0
+    # The image size may change after reset.
+    assert tracker.image_size == (H, W)
+    tracker.reset()
+    tracker.track(np.zeros((64, 64, 3), np.uint8))
+    assert tracker.image_size == (64, 64)
+
+
+def test_reprompt_existing_object_adds_conditioning_frame():
+    tracker = make_tracker(max_conditioning_frames=2)
+    video = frames(8)
+    tracker.track(video[0])
+    tracker.add_objects(boxes=[BOX_A])
+    for frame in video[1:4]:
+        tracker.track(frame)
+    assert tracker.add_objects(boxes=[BOX_B], object_ids=[1]) == [1]
+    cond = tracker.session.output_dict_per_obj[0]['cond_frame_outputs']
+    assert sorted(cond) == [0, 3]
+    assert 3 not in tracker.session.output_dict_per_obj[0]['non_cond_frame_outputs']
+    tracker.track(video[4])
+    tracker.add_objects(points=[[[30, 40]]], object_ids=[1])
+    # Capped at 2: the first prompt and the latest one are kept.
+    assert sorted(cond) == [0, 4]
+
+
+# ---------------------------------------------------------------- absence
+
+
+def test_absent_objects_reported_absent_and_not_memorised():
+    tracker = make_tracker(presence=None)
+    video = frames(5)
+    tracker.track(video[0])
+    tracker.add_objects(masks=[video[0][..., 0] > 128])
+    # A mask prompt is present by definition and is always memorised.
+    assert tracker.last_result.objects[0].present
+    set_presence(tracker, -4.0)
+    store = tracker.session.output_dict_per_obj[0]
+    for frame in video[1:]:
+        obj = tracker.track(frame).objects[0]
+        assert not obj.present and obj.score < 0
+        assert obj.mask.dtype == bool and obj.mask.shape == (H, W) and not obj.mask.any()
+        assert obj.box is None and obj.area == 0
+    assert store['non_cond_frame_outputs'] == {}
+    assert list(store['cond_frame_outputs']) == [0]
+    set_presence(tracker, 4.0)
+    obj = tracker.track(video[0]).objects[0]
+    assert obj.present and obj.area == obj.mask.sum() > 0
+    assert list(store['non_cond_frame_outputs']) == [5]
+    assert 'maskmem_features' in store['non_cond_frame_outputs'][5]
+
+
+def test_absent_frames_memorised_when_asked():
+    tracker = make_tracker(presence=-4.0, skip_absent_memory=False)
+    tracker.track(frames(1)[0])
+    tracker.add_objects(masks=[frames(1)[0][..., 0] > 128])
+    tracker.track(frames(1)[0])
+    assert list(tracker.session.output_dict_per_obj[0]['non_cond_frame_outputs']) == [1]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_prompt_validation():
+    tracker = make_tracker()
+    with pytest.raises(PromptError, match='track'):
+        tracker.add_objects(boxes=[BOX_A])
+    video = frames(4)
+    tracker.track(video[0])
+    tracker.track(video[1])
+    bad = [
+        (dict(boxes=[[0, 0, W + 1, 10]]), 'outside'),
+        (dict(boxes=[[-1, 0, 10, 10]]), 'outside'),
+        (dict(boxes=[[20, 10, 10, 30]]), 'x0 < x1'),
+        (dict(boxes=[1, 2, 3, 4]), 'shape'),
+        (dict(boxes=[[1, 2, 3, float('nan')]]), 'NaN'),
+        (dict(points=[[[W, 5]]]), 'outside'),
+        (dict(points=[[5, 5]]), 'shape'),
+        (dict(points=[[[5, 5]]], labels=[[2]]), 'labels'),
+        (dict(points=[[[5, 5]]], labels=[[1, 1]]), 'labels shape'),
+        (dict(labels=[[1]]), 'without points'),
+        (dict(boxes=[[1, 2, 3], [1, 2, 3, 4]]), 'boxes'),
+        (dict(points=[[[5, 5]], [[6, 6], [7, 7]]], labels=[[1]]), 'label sets'),
+        (dict(masks=np.ones((H, W), bool)), r'\(N, H, W\)'),
+        (dict(boxes=[BOX_A, BOX_B], points=[[[5, 5]]]), 'point sets'),
+        (dict(masks=[np.zeros((H, W), bool)]), 'empty'),
+        (dict(masks=[np.ones((H, W + 1), bool)]), 'shape'),
+        (dict(masks=[np.ones((H, W), np.uint8)]), 'boolean'),
+        (dict(masks=[np.ones((H, W), bool)], boxes=[BOX_A]), 'cannot be combined'),
+        (dict(), 'give boxes'),
+        (dict(boxes=[BOX_A], object_ids=[1, 2]), 'object ids'),
+        (dict(boxes=[BOX_A, BOX_B], object_ids=[3, 3]), 'duplicate'),
+        (dict(boxes=[BOX_A], object_ids=[0]), 'positive'),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(PromptError, match=message):
+            tracker.add_objects(**kwargs)
+    for frame_index in (0, 3):
+        with pytest.raises(PromptError, match='only the latest'):
+            tracker.add_objects(frame_index, boxes=[BOX_A])
+    # Nothing was half-added by the rejected prompts.
+    assert tracker.object_ids == [] and tracker.num_stored_outputs == 0
+    # Objects may have different numbers of points.
+    ids = tracker.add_objects(points=[[[5, 5]], [[60, 30], [70, 40], [10, 80]]],
+                              labels=[[1], [1, 0, 1]])
+    assert ids == [1, 2] and [o.object_id for o in tracker.last_result.objects] == [1, 2]
+    session = tracker.session
+    assert session.output_dict_per_obj[1]['cond_frame_outputs'].keys() == {1}
+    assert not session.point_inputs_per_obj[1]  # consumed by the prompt run
+    with pytest.raises(ValueError, match='differs'):
+        tracker.track(np.zeros((H + 1, W, 3), np.uint8))
+    with pytest.raises(ValueError, match='uint8'):
+        tracker.track(np.zeros((H, W, 3), np.float32))
+    with pytest.raises(ValueError, match='uint8'):
+        tracker.track(np.zeros((H, W), np.uint8))
+    assert tracker.frame_index == 1 and tracker.object_ids == [1, 2]
+
+
+# ---------------------------------------------------------------- memory and determinism
+
+
+def test_memory_stays_bounded():
+    config = tiny_sam2_video_config(num_maskmem=4, max_object_pointers_in_encoder=6)
+    tracker = Sam2Tracker.from_config(config, seed=0)
+    set_presence(tracker, 3.0)
+    video = frames(60)
+    tracker.track(video[0])
+    tracker.add_objects(boxes=[BOX_A, BOX_B])
+    counts = []
+    for i, frame in enumerate(video[1:], start=1):
+        if i == 30:
+            tracker.add_objects(points=[[[100, 50]]])
+        tracker.track(frame)
+        counts.append((tracker.num_stored_frames, tracker.num_stored_outputs))
+    session = tracker.session
+    cond_frames = {f for out in session.output_dict_per_obj.values()
+                   for f in out['cond_frame_outputs']}
+    assert cond_frames == {0, 29}  # prompted on the latest frame before frame 30
+    # Pointer window (5 past frames) + current frame + conditioning frames.
+    assert max(c[0] for c in counts) <= 5 + 1 + len(cond_frames)
+    assert counts[-1] == counts[-10]
+    assert len(session.processed_frames) == 1 and len(session.cache._vision_features) == 1
+    for out in session.output_dict_per_obj.values():
+        non_cond = out['non_cond_frame_outputs']
+        assert len(non_cond) <= 6
+        with_memory = [f for f, entry in non_cond.items() if 'maskmem_features' in entry]
+        assert len(with_memory) <= 3  # num_maskmem - 1
+        assert all(set(entry) <= {'object_pointer', 'object_score_logits', 'maskmem_features',
+                                  'maskmem_pos_enc'} for entry in non_cond.values())
+    assert all(not table for table in session.frames_tracked_per_obj.values())
+
+
+def test_deterministic_for_seed():
+    video = frames(6)
+    outputs = []
+    for _ in range(2):
+        tracker = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=11)
+        outputs.append(run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])}))
+    other = run(Sam2Tracker.from_config(tiny_sam2_video_config(), seed=12), video,
+                {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
+    scores = [[o.score for o in r.objects] for r in outputs[0]]
+    assert scores == [[o.score for o in r.objects] for r in outputs[1]]
+    assert scores != [[o.score for o in r.objects] for r in other]
+    for a, b in zip(*outputs, strict=True):
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.objects, b.objects,
+                                                                  strict=True))
+
+
+def test_object_batch_chunks_give_same_results():
+    video = frames(6)
+    boxes = [BOX_A, BOX_B, [30, 40, 90, 95]]
+    runs = [run(make_tracker(max_object_batch=size), video,
+                {0: lambda t: t.add_objects(boxes=boxes)}) for size in (1, 2, 8)]
+    for results in runs[1:]:
+        for a, b in zip(runs[0], results, strict=True):
+            assert [o.object_id for o in b.objects] == [1, 2, 3]
+            for x, y in zip(a.objects, b.objects, strict=True):
+                assert y.score == pytest.approx(x.score, abs=1e-5)
+                assert np.array_equal(x.mask, y.mask)
+    with pytest.raises(ValueError, match='max_object_batch'):
+        make_tracker(max_object_batch=0)

@@ -1,0 +1,213 @@
+"""Hybrid concept tracking: SAM3 detections every N frames, SAM2 tracking in between.
+
+``HybridTracker`` combines a concept engine (``Sam3ConceptEngine``: ``set_concepts``,
+``segment(frame) -> list[Instance]``) with the streaming ``Sam2Tracker``. IDs persist
+across frames; the rules, per frame:
+
+* Every frame goes through ``tracker.track`` first, so SAM2 keeps its memory current.
+* Re-detection frames (the first frame, then every ``redetect_every_n`` frames, and the
+  frame after a concept change) also run ``concept_engine.segment``. Detections are
+  associated one-to-one with the live tracks by mask IoU (Hungarian assignment maximising
+  the total IoU over pairs with IoU >= ``match_iou``; the rest stay unmatched). A
+  track's mask for matching is its SAM2 mask on this frame, or, when SAM2 judges it
+  absent, its last known mask, so a briefly lost object is re-acquired where it was last
+  seen.
+* A matched track keeps its ID, takes the detection's concept and score, and (with
+  ``reprompt_matched``) SAM2 is re-prompted with the detection mask, so SAM2's memory is
+  re-anchored on SAM3's segmentation. An unmatched detection starts a new track with a new
+  ID (IDs are never reused, also not after ``reset``). A track left unmatched on
+  ``max_missed_redetections`` consecutive re-detections is dropped.
+* On other frames every track SAM2 judges present is reported with its SAM2 mask and the
+  concept and score of its last matching detection; absent tracks are not reported but are
+  kept until the re-detection rule drops them.
+
+Detections and tracks are associated regardless of concept: the ID names the physical
+object, whose concept may change (e.g. ``unripe apple`` to ``ripe apple``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import logging
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from sam_gap_ros.engines.concept_query import mask_overlaps
+from sam_gap_ros.engines.types import Instance
+from sam_gap_ros.mask_ops import mask_to_box
+
+logger = logging.getLogger(__name__)
+
+
+def associate(track_masks: Sequence[np.ndarray], detection_masks: Sequence[np.ndarray],
+              min_iou: float) -> Tuple[List[Tuple[int, int]], List[int], List[int]]:
+    """Match tracks to detections one-to-one by mask IoU.
+
+    Returns ``(matches, unmatched_tracks, unmatched_detections)`` as index lists;
+    ``matches`` holds ``(track, detection)`` pairs from the assignment that maximises the
+    total IoU over the pairs with IoU >= ``min_iou``.
+    """
+    if min_iou <= 0.0:
+        raise ValueError(f'min_iou must be > 0, got {min_iou}')
+    matches: List[Tuple[int, int]] = []
+    if len(track_masks) and len(detection_masks):
+        iou, _ = mask_overlaps(track_masks, detection_masks)
+        # Pairs below the threshold must not steal a valid partner in the assignment.
+        iou = np.where(iou >= min_iou, iou, 0.0)
+        rows, cols = linear_sum_assignment(iou, maximize=True)
+        matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)
+                   if iou[r, c] >= min_iou]
+    matched_tracks = {t for t, _ in matches}
+    matched_detections = {d for _, d in matches}
+    return (matches, [t for t in range(len(track_masks)) if t not in matched_tracks],
+            [d for d in range(len(detection_masks)) if d not in matched_detections])
+
+
+@dataclass
+class _Track:
+    concept: str
+    score: float
+    last_mask: np.ndarray
+    missed: int = 0
+
+
+class HybridTracker:
+    """Track every instance of text concepts: SAM3 re-detection plus SAM2 tracking (ROS-free)."""
+
+    def __init__(self, concept_engine: Any, tracker: Any, redetect_every_n: int = 10,
+                 max_missed_redetections: int = 2, match_iou: float = 0.5,
+                 reprompt_matched: bool = True) -> None:
+        """Combine a concept engine and a ``Sam2Tracker`` (which this object then owns)."""
+        if redetect_every_n < 1:
+            raise ValueError(f'redetect_every_n must be >= 1, got {redetect_every_n}')
+        if max_missed_redetections < 1:
+            raise ValueError(f'max_missed_redetections must be >= 1, got '
+                             f'{max_missed_redetections}')
+        if not 0.0 < match_iou <= 1.0:
+            raise ValueError(f'match_iou must be in (0, 1], got {match_iou}')
+        self.concept_engine = concept_engine
+        self.tracker = tracker
+        self.redetect_every_n = int(redetect_every_n)
+        self.max_missed_redetections = int(max_missed_redetections)
+        self.match_iou = float(match_iou)
+        self.reprompt_matched = bool(reprompt_matched)
+        self._next_id = 1
+        self._tracks: Dict[int, _Track] = {}
+        self._frame_index = -1
+        self._last_detection: Optional[int] = None
+        self.tracker.reset()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def concepts(self) -> List[str]:
+        """Return the concept engine's active concepts."""
+        return list(self.concept_engine.concepts)
+
+    @property
+    def frame_index(self) -> int:
+        """Return the index of the last processed frame (-1 before the first)."""
+        return self._frame_index
+
+    @property
+    def track_ids(self) -> List[int]:
+        """Return the IDs of all live tracks (present or briefly lost)."""
+        return sorted(self._tracks)
+
+    def missed_redetections(self, track_id: int) -> int:
+        """Return how many consecutive re-detections have missed a live track."""
+        return self._tracks[track_id].missed
+
+    def set_concepts(self, concepts: Sequence[str]) -> List[str]:
+        """Change the concepts; on success drop all tracks and re-detect on the next frame.
+
+        Invalid concepts raise ConceptError and change nothing (tracks continue).
+        """
+        accepted = self.concept_engine.set_concepts(concepts)
+        self._drop_all_tracks()
+        return accepted
+
+    def request_redetection(self) -> None:
+        """Run concept detection on the next frame, whatever the schedule says."""
+        self._last_detection = None
+
+    def reset(self) -> None:
+        """Drop all tracks and SAM2 memory (a new stream); IDs continue, never reused."""
+        self._drop_all_tracks()
+        self._frame_index = -1
+
+    def _drop_all_tracks(self) -> None:
+        self.tracker.reset()
+        self._tracks.clear()
+        self._last_detection = None
+
+    # -- per frame --------------------------------------------------------------------------
+    def step(self, frame: np.ndarray) -> List[Instance]:
+        """Process the next RGB uint8 ``(H, W, 3)`` frame; return tracked instances by ID."""
+        result = self.tracker.track(frame)
+        self._frame_index += 1
+        tracked = {obj.object_id: obj for obj in result.objects}
+        for track_id, obj in tracked.items():
+            if obj.present and track_id in self._tracks:
+                self._tracks[track_id].last_mask = obj.mask
+        detect = (self._last_detection is None
+                  or self._frame_index - self._last_detection >= self.redetect_every_n)
+        if not detect:
+            return [self._instance(track_id, tracked[track_id].mask)
+                    for track_id in sorted(self._tracks)
+                    if track_id in tracked and tracked[track_id].present]
+        return self._redetect(frame, tracked)
+
+    def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> List[Instance]:
+        detections = self.concept_engine.segment(frame)
+        # Only a detection that ran counts: after an error the next frame tries again.
+        self._last_detection = self._frame_index
+        track_ids = sorted(self._tracks)
+        reference = [self._tracks[t].last_mask for t in track_ids]
+        matches, unmatched_tracks, unmatched_detections = associate(
+            reference, [d.mask for d in detections], self.match_iou)
+        for index in unmatched_tracks:
+            track_id = track_ids[index]
+            track = self._tracks[track_id]
+            track.missed += 1
+            if track.missed >= self.max_missed_redetections:
+                logger.debug('dropping track %d after %d missed re-detections', track_id,
+                             track.missed)
+                del self._tracks[track_id]
+                self.tracker.remove_object(track_id)
+        shown: Dict[int, np.ndarray] = {}
+        prompt_ids: List[int] = []
+        prompt_masks: List[np.ndarray] = []
+        for track_index, det_index in matches:
+            track_id, detection = track_ids[track_index], detections[det_index]
+            self._tracks[track_id] = _Track(detection.concept, detection.score, detection.mask)
+            shown[track_id] = detection.mask
+            if self.reprompt_matched:
+                prompt_ids.append(track_id)
+                prompt_masks.append(detection.mask)
+        for det_index in unmatched_detections:
+            detection = detections[det_index]
+            track_id = self._next_id
+            self._next_id += 1
+            self._tracks[track_id] = _Track(detection.concept, detection.score, detection.mask)
+            shown[track_id] = detection.mask
+            prompt_ids.append(track_id)
+            prompt_masks.append(detection.mask)
+        if prompt_ids:
+            self.tracker.add_objects(masks=np.stack(prompt_masks), object_ids=prompt_ids)
+        # Tracks SAM3 missed this time but SAM2 still sees stay visible until dropped.
+        for track_id in self._tracks:
+            obj = tracked.get(track_id)
+            if track_id not in shown and obj is not None and obj.present:
+                shown[track_id] = obj.mask
+        return [self._instance(track_id, shown[track_id]) for track_id in sorted(shown)]
+
+    def _instance(self, track_id: int, mask: np.ndarray) -> Instance:
+        track = self._tracks[track_id]
+        return Instance(mask=mask, box=mask_to_box(mask), score=track.score,
+                        concept=track.concept, area=int(np.count_nonzero(mask)),
+                        instance_id=track_id)
+
+
+__all__ = ['HybridTracker', 'associate']

@@ -1,0 +1,213 @@
+"""Hybrid SAM3 -> SAM2 tracking: association, ID persistence, re-detection and dropping.
+
+The tracker is always the real ``Sam2Tracker`` on the tiny SAM2 architecture. SAM2's
+object-score head is biased so every object is judged present (or absent); with random
+weights that is what makes the SAM2 side deterministic. Association tests feed hand-made
+detections through a scripted concept engine (the seam); one test runs the real tiny SAM3
+engine end to end.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from sam_gap_ros.engines.concept_query import parse_concepts
+from sam_gap_ros.engines.hybrid import associate, HybridTracker
+from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.tiny_sam2 import tiny_sam2_video_config
+from sam_gap_ros.engines.types import ConceptError, Instance
+from sam_gap_ros.mask_ops import mask_to_box
+
+H, W = 64, 96
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rect(x0, y0, x1, y1):
+    mask = np.zeros((H, W), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def det(mask, score=0.9, concept='apple'):
+    return Instance(mask=mask, box=mask_to_box(mask), score=score, concept=concept,
+                    area=int(mask.sum()))
+
+
+A, A_MOVED = rect(4, 4, 24, 24), rect(6, 5, 26, 25)
+B, C = rect(40, 10, 60, 40), rect(70, 30, 90, 60)
+FRAME = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+class ScriptedConcepts:
+    """Concept-engine seam returning hand-made detections frame by frame."""
+
+    def __init__(self, script):
+        self.script = dict(script)
+        self.calls = []
+        self.concepts = ['apple']
+
+    def set_concepts(self, concepts):
+        self.concepts = [q.text for q in parse_concepts(concepts)]
+        return self.concepts
+
+    def segment(self, frame):
+        self.calls.append(len(self.calls))
+        return list(self.script.get(len(self.calls) - 1, []))
+
+
+def make_tracker(presence):
+    tracker = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=0)
+    with torch.no_grad():
+        head = tracker.model.mask_decoder.pred_obj_score_head.proj_out
+        head.weight.zero_()
+        head.bias.fill_(presence)
+    return tracker
+
+
+def ids(instances):
+    return [i.instance_id for i in instances]
+
+
+# ----------------------------------------------------------------------------- association
+
+
+def test_associate_is_one_to_one_and_thresholded():
+    matches, lost, new = associate([A, B], [C, A_MOVED], 0.5)
+    assert matches == [(0, 1)] and lost == [1] and new == [0]
+    # Greedy would pair t0 with d0 (IoU 0.8) and leave t1 unmatched; the assignment
+    # maximising the total IoU pairs t0-d1 (0.5) and t1-d0 (1/3).
+    t0, t1 = rect(0, 0, 10, 10), rect(0, 0, 4, 10)
+    d0, d1 = rect(1, 0, 9, 10), rect(5, 0, 10, 10)
+    assert associate([t0, t1], [d0, d1], 0.3) == ([(0, 1), (1, 0)], [], [])
+    # Below-threshold pairs take no part: at 0.4 the best valid pairing is t0-d0.
+    assert associate([t0, t1], [d0, d1], 0.4) == ([(0, 0)], [1], [1])
+    assert associate([], [A], 0.5) == ([], [], [0])
+    assert associate([A], [], 0.5) == ([], [0], [])
+    assert associate([A], [A_MOVED], 0.99) == ([], [0], [0])
+    with pytest.raises(ValueError):
+        associate([A], [A], 0.0)
+
+
+# ----------------------------------------------------------------------------- with SAM2
+
+
+def test_ids_persist_new_ids_and_drop_after_k_misses():
+    script = {0: [det(A), det(B, 0.8, 'leaf')],
+              1: [det(A_MOVED, 0.7, 'ripe apple'), det(C)],
+              2: [det(C), det(A)],
+              3: [det(B)]}
+    concepts = ScriptedConcepts(script)
+    # SAM2 judges every object absent after its prompt frame, so association runs on the
+    # last known (detection) masks: fully determined by the script.
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=3,
+                           max_missed_redetections=2)
+    first = hybrid.step(FRAME)
+    assert ids(first) == [1, 2]
+    assert np.array_equal(first[0].mask, A) and first[1].concept == 'leaf'
+    assert hybrid.tracker.object_ids == [1, 2]
+    for _ in range(2):
+        assert hybrid.step(FRAME) == []         # absent in SAM2, not re-detected yet
+        assert hybrid.track_ids == [1, 2]
+    third = hybrid.step(FRAME)                  # frame 3: re-detection
+    assert len(concepts.calls) == 2
+    assert ids(third) == [1, 3]
+    assert (third[0].concept, third[0].score) == ('ripe apple', 0.7)
+    assert np.array_equal(third[0].mask, A_MOVED)
+    assert hybrid.missed_redetections(2) == 1 and hybrid.track_ids == [1, 2, 3]
+    for _ in range(2):
+        hybrid.step(FRAME)
+    sixth = hybrid.step(FRAME)                  # B missed twice: dropped
+    assert ids(sixth) == [1, 3]
+    assert hybrid.track_ids == [1, 3] and hybrid.tracker.object_ids == [1, 3]
+    for _ in range(2):
+        hybrid.step(FRAME)
+    ninth = hybrid.step(FRAME)                  # B again: a new ID, 2 is never reused
+    assert ids(ninth) == [4]
+    assert hybrid.track_ids == [1, 3, 4]
+    assert hybrid.missed_redetections(1) == 1
+    assert hybrid.frame_index == 9 and len(concepts.calls) == 4
+
+
+def test_present_tracks_reported_between_redetections():
+    concepts = ScriptedConcepts({0: [det(A), det(C)]})
+    hybrid = HybridTracker(concepts, make_tracker(3.0), redetect_every_n=4,
+                           max_missed_redetections=2)
+    assert ids(hybrid.step(FRAME)) == [1, 2]
+    for _ in range(3):
+        tracked = hybrid.step(FRAME)
+        assert ids(tracked) == [1, 2]
+        for instance in tracked:
+            assert instance.mask.shape == (H, W) and instance.mask.dtype == bool
+            assert instance.area == int(instance.mask.sum())
+            assert (instance.concept, instance.score) == ('apple', 0.9)
+    assert len(concepts.calls) == 1
+    # Missed by SAM3 but still seen by SAM2: reported until dropped on the second miss.
+    assert ids(hybrid.step(FRAME)) == [1, 2]
+    hybrid.redetect_every_n = 1
+    assert ids(hybrid.step(FRAME)) == []
+    assert hybrid.track_ids == [] and hybrid.tracker.object_ids == []
+    assert len(concepts.calls) == 3
+
+
+def test_concept_change_reset_and_bad_frames():
+    concepts = ScriptedConcepts({0: [det(A)], 1: [det(B)], 2: [det(C)]})
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10)
+    assert ids(hybrid.step(FRAME)) == [1]
+    with pytest.raises(ConceptError):
+        hybrid.set_concepts(['apple or pear'])
+    assert hybrid.track_ids == [1] and concepts.concepts == ['apple']
+    assert hybrid.set_concepts(['Leaf']) == ['leaf']
+    assert hybrid.track_ids == [] and hybrid.tracker.object_ids == []
+    assert ids(hybrid.step(FRAME)) == [2]       # detection right after the change
+    with pytest.raises(ValueError, match='stream size'):
+        hybrid.step(np.zeros((H + 2, W, 3), np.uint8))
+    assert hybrid.track_ids == [2] and hybrid.frame_index == 1
+    hybrid.reset()
+    assert hybrid.frame_index == -1 and hybrid.track_ids == []
+    assert ids(hybrid.step(FRAME)) == [3]       # IDs continue after a reset
+    assert len(concepts.calls) == 3
+    with pytest.raises(ValueError):
+        HybridTracker(concepts, make_tracker(0.0), redetect_every_n=0)
+
+
+def test_end_to_end_with_tiny_sam3():
+    engine = Sam3ConceptEngine.from_config(seed=0, score_threshold=0.0, max_instances=3)
+    hybrid = HybridTracker(engine, make_tracker(-3.0), redetect_every_n=2)
+    concepts = ['apple', 'leaf but not apple']
+    assert hybrid.set_concepts(concepts) == concepts
+    first = hybrid.step(FRAME)
+    assert ids(first) == [1, 2, 3]
+    for instance in first:
+        assert instance.mask.shape == (H, W) and instance.area > 0
+        assert instance.concept in ('apple', 'leaf but not apple')
+    assert hybrid.step(FRAME) == []
+    # The same frame again: SAM3 finds the same instances, so every ID is kept.
+    again = hybrid.step(FRAME)
+    assert ids(again) == [1, 2, 3]
+    for old, new in zip(first, again, strict=True):
+        assert np.array_equal(old.mask, new.mask) and old.concept == new.concept
+
+
+def test_failed_detection_is_retried_next_frame():
+    class FailingOnce(ScriptedConcepts):
+        def segment(self, frame):
+            if not self.calls:
+                self.calls.append('failed')
+                raise ConceptError('no concepts set')
+            self.calls.append('ok')
+            return [det(A)]
+
+    concepts = FailingOnce({})
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10)
+    with pytest.raises(ConceptError):
+        hybrid.step(FRAME)
+    assert ids(hybrid.step(FRAME)) == [1]
+    assert hybrid.step(FRAME) == [] and concepts.calls == ['failed', 'ok']

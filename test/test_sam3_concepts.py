@@ -1,0 +1,202 @@
+"""SAM3 concept engine on the tiny randomly initialised SAM3 architecture."""
+
+import numpy as np
+import pytest
+import torch
+
+from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.types import ConceptError, Instance
+from sam_gap_ros.mask_ops import mask_to_box
+
+H, W = 45, 70   # non-square, smaller than the 112 px model input
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def engine():
+    return Sam3ConceptEngine.from_config(seed=0)
+
+
+@pytest.fixture
+def counters(engine):
+    """Count real forward calls of the text encoder, ViT backbone and DETR encoder."""
+    calls = {'text': 0, 'backbone': 0, 'detr_batches': []}
+
+    def text_hook(module, args, output):
+        calls['text'] += 1
+
+    def backbone_hook(module, args, output):
+        calls['backbone'] += 1
+
+    def detr_hook(module, args, kwargs, output):
+        calls['detr_batches'].append(int(kwargs['text_features'].shape[0]))
+
+    handles = [engine.model.text_encoder.register_forward_hook(text_hook),
+               engine.model.vision_encoder.backbone.register_forward_hook(backbone_hook),
+               engine.model.detr_encoder.register_forward_hook(detr_hook, with_kwargs=True)]
+    yield calls
+    for handle in handles:
+        handle.remove()
+
+
+def frame(seed=0, height=H, width=W):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_outputs_are_full_resolution_instances(engine):
+    engine.set_concepts(['apple', 'leaf'])
+    found = engine.segment(frame(), score_threshold=0.0, max_instances=100)
+    assert found, 'threshold 0 keeps every query with a non-empty mask'
+    for instance in found:
+        assert isinstance(instance, Instance)
+        assert instance.mask.shape == (H, W) and instance.mask.dtype == bool
+        assert instance.area == int(instance.mask.sum()) > 0
+        assert instance.box == mask_to_box(instance.mask)
+        assert 0.0 < instance.score <= 1.0
+        assert instance.concept in ('apple', 'leaf')
+        assert instance.instance_id is None
+    assert [i.score for i in found] == sorted((i.score for i in found), reverse=True)
+    limited = engine.segment(frame(), score_threshold=0.0, max_instances=3)
+    assert [(i.concept, i.score) for i in limited] == [(i.concept, i.score) for i in found[:3]]
+    # The default threshold applies when none is passed.
+    engine.score_threshold = 0.999
+    assert engine.segment(frame()) == []
+    engine.score_threshold = 0.5
+
+
+def test_matches_naive_processor_and_model_call(engine):
+    """Cached text + broadcast backbone give the same detections as the plain HF recipe."""
+    engine.set_concepts(['ripe apple', 'trunk', 'leaf', 'green apple'])
+    image = frame(1)
+    mine = engine.segment(image, score_threshold=0.0, max_instances=1000)
+    processor, model = engine.processor, engine.model
+    for phrase in ('ripe apple', 'green apple'):
+        inputs = processor(images=image, text=phrase, return_tensors='pt')
+        inputs.pop('original_sizes')
+        with torch.no_grad():
+            outputs = model(**inputs)
+        naive = processor.post_process_instance_segmentation(
+            outputs, threshold=0.0, mask_threshold=0.5, target_sizes=[(H, W)])[0]
+        expected = [(m, s) for m, s in zip(naive['masks'].bool().numpy(),
+                                           naive['scores'].tolist(), strict=True) if m.any()]
+        candidates = engine.detect(image, score_threshold=0.0, max_instances=1000)[phrase]
+        assert len(candidates) == len(expected)
+        for mask, score in expected:
+            assert any(np.array_equal(mask, c.mask) and abs(c.score - score) < 1e-5
+                       for c in candidates)
+    assert {i.concept for i in mine} <= {'ripe apple', 'trunk', 'leaf', 'green apple'}
+
+
+def test_text_encoded_once_per_concept_set(engine, counters):
+    # Phrases no other test of the shared engine uses, so none is cached yet.
+    engine.set_concepts(['sunburnt pear', 'codling moth near bud'])
+    assert counters['text'] == 1
+    for seed in range(3):
+        engine.segment(frame(seed))
+    assert counters['text'] == 1
+    # Only the new phrase is encoded; cached phrases are reused when switching back.
+    engine.set_concepts(['sunburnt pear', 'hail spot'])
+    assert counters['text'] == 2
+    engine.set_concepts(['Sunburnt Pear', 'codling  moth NEAR bud'])
+    engine.segment(frame())
+    assert counters['text'] == 2
+
+
+def test_one_backbone_pass_for_many_concepts(engine, counters):
+    engine.set_concepts(['apple', 'pear', 'leaf', 'trunk'])
+    engine.segment(frame())
+    assert counters['backbone'] == 1
+    assert counters['detr_batches'] == [4]
+    engine.segment(frame(2))
+    assert counters['backbone'] == 2
+    # Compositions reuse the shared phrase set: 3 concepts, 3 base phrases, one batch.
+    engine.set_concepts(['apple but not green apple', 'apple near trunk', 'trunk'])
+    engine.segment(frame())
+    assert counters['backbone'] == 3
+    assert counters['detr_batches'][-1] == 3
+
+
+def test_phrase_batches_share_the_backbone():
+    small = Sam3ConceptEngine.from_config(seed=0, phrase_batch_size=2)
+    calls = []
+    small.model.vision_encoder.backbone.register_forward_hook(lambda *a: calls.append('vit'))
+    small.model.detr_encoder.register_forward_hook(
+        lambda m, a, k, o: calls.append(k['text_features'].shape[0]), with_kwargs=True)
+    small.set_concepts(['apple', 'pear', 'leaf'])
+    small.segment(frame())
+    assert calls == ['vit', 2, 1]
+
+
+@pytest.mark.parametrize('bad, message', [
+    ([], 'empty'),
+    (['apple', '   '], 'empty or whitespace'),
+    (['x' * 129], '129 characters'),
+    ([f'apple {i}' for i in range(17)], 'at most 16'),
+    (['apple', 7], 'not a string'),
+    ('apple', 'list of strings'),
+    (['apple or pear'], "unknown operator 'or'"),
+    (['z' * 40], 'tokens long'),
+    (['apple', 'z' * 40], "'z+' is 42 tokens long"),
+])
+def test_invalid_concepts_keep_previous_set(engine, counters, bad, message):
+    engine.set_concepts(['ripe apple', 'apple but not green apple'])
+    before = (engine.concepts, engine.phrases)
+    encoded = counters['text']
+    with pytest.raises(ConceptError, match=message):
+        engine.set_concepts(bad)
+    assert (engine.concepts, engine.phrases) == before
+    assert counters['text'] == encoded
+    found = engine.segment(frame(), score_threshold=0.0)
+    assert {i.concept for i in found} <= set(before[0])
+
+
+def test_duplicates_are_canonicalised(engine):
+    accepted = engine.set_concepts([' Ripe  Apple', 'ripe apple', 'apple AND NOT leaf'])
+    assert accepted == ['ripe apple', 'apple but not leaf']
+    assert engine.concepts == accepted
+    assert engine.phrases == ['ripe apple', 'apple', 'leaf']
+
+
+def test_composition_and_duplicate_rule_in_engine(engine):
+    image = frame(3)
+    engine.set_concepts(['apple'])
+    plain = engine.segment(image, score_threshold=0.0, max_instances=1000)
+    assert plain
+    # Every apple overlaps itself: "apple but not apple" is empty.
+    engine.set_concepts(['apple but not apple'])
+    assert engine.segment(image, score_threshold=0.0) == []
+    # "apple near apple" keeps every apple (distance 0), but as an exact duplicate of the
+    # earlier "apple" concept each one is reported once, under the earlier concept.
+    engine.set_concepts(['apple', 'apple near apple'])
+    both = engine.segment(image, score_threshold=0.0, max_instances=1000)
+    assert [(i.concept, i.score) for i in both] == [(i.concept, i.score) for i in plain]
+    engine.set_concepts(['apple near apple'])
+    near = engine.segment(image, score_threshold=0.0, max_instances=1000)
+    assert [i.score for i in near] == [i.score for i in plain]
+    assert {i.concept for i in near} == {'apple near apple'}
+
+
+def test_bad_frames_and_missing_concepts_raise():
+    fresh = Sam3ConceptEngine.from_config(seed=0)
+    with pytest.raises(ConceptError, match='no concepts set'):
+        fresh.segment(frame())
+    fresh.set_concepts(['apple'])
+    with pytest.raises(TypeError):
+        fresh.segment([[0, 0, 0]])
+    with pytest.raises(ValueError, match='RGB uint8'):
+        fresh.segment(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match='RGB uint8'):
+        fresh.segment(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(ValueError, match='empty'):
+        fresh.segment(np.zeros((0, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match='score_threshold'):
+        fresh.segment(frame(), score_threshold=1.0)
+    with pytest.raises(ValueError, match='max_instances'):
+        fresh.segment(frame(), max_instances=0)

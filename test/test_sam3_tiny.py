@@ -1,0 +1,138 @@
+"""Tiny SAM3 tokenizer/config/checkpoint and ``Sam3ConceptEngine.load`` from a real directory."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTokenizer, Sam3Processor, Sam3VideoConfig
+
+from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.tiny_sam3 import (
+    build_tiny_sam3,
+    build_tiny_tokenizer,
+    save_tiny_sam3,
+    TEXT_LENGTH,
+    tiny_sam3_config,
+    tiny_vocab_size,
+)
+from sam_gap_ros.engines.types import ModelLoadError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def tiny_dir(tmp_path_factory):
+    return save_tiny_sam3(tmp_path_factory.mktemp('tiny_sam3'), seed=0)
+
+
+def test_tokenizer_knows_orchard_words_and_falls_back_to_bytes():
+    tokenizer = build_tiny_tokenizer()
+    assert isinstance(tokenizer, CLIPTokenizer)
+    assert len(tokenizer) == tiny_vocab_size()
+    ids = tokenizer('  Ripe   RED apple ')['input_ids']
+    assert tokenizer.convert_ids_to_tokens(ids) == [
+        '<|startoftext|>', 'ripe</w>', 'red</w>', 'apple</w>', '<|endoftext|>']
+    # Unknown words still tokenize (byte fallback), without an unknown token.
+    unknown = tokenizer('xylophone')['input_ids']
+    assert len(unknown) > 3
+    assert tokenizer.decode(unknown, skip_special_tokens=True) == 'xylophone'
+    padded = tokenizer(['apple'], padding='max_length', max_length=TEXT_LENGTH)
+    assert len(padded['input_ids'][0]) == TEXT_LENGTH
+    assert sum(padded['attention_mask'][0]) == 3
+
+
+def test_tiny_config_is_the_real_architecture_small():
+    config = tiny_sam3_config(image_size=84)
+    backbone = config.vision_config.backbone_config
+    assert (backbone.image_size, backbone.patch_size) == (84, 14)
+    assert backbone.global_attn_indexes == [backbone.num_hidden_layers - 1]
+    assert config.text_config.max_position_embeddings == TEXT_LENGTH
+    assert config.text_config.vocab_size == tiny_vocab_size()
+    model = build_tiny_sam3(seed=0, image_size=84)
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    with pytest.raises(ValueError, match='multiple of patch_size'):
+        tiny_sam3_config(image_size=100)
+    with pytest.raises(ValueError, match='even'):
+        tiny_sam3_config(image_size=98)
+
+
+def test_same_seed_same_weights():
+    a, b, c = build_tiny_sam3(seed=3), build_tiny_sam3(seed=3), build_tiny_sam3(seed=4)
+    key = 'detr_decoder.box_head.layer1.weight'
+    assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert not torch.equal(a.state_dict()[key], c.state_dict()[key])
+
+
+def test_saved_directory_loads_and_matches_from_config(tiny_dir):
+    names = {p.name for p in tiny_dir.iterdir()}
+    assert {'config.json', 'model.safetensors', 'tokenizer.json',
+            'processor_config.json'} <= names
+    processor = Sam3Processor.from_pretrained(tiny_dir, local_files_only=True)
+    assert isinstance(processor.tokenizer, CLIPTokenizer)
+    loaded = Sam3ConceptEngine.load(tiny_dir, device='cpu', dtype='float32')
+    built = Sam3ConceptEngine.from_config(seed=0)
+    frame = np.random.default_rng(0).integers(0, 256, (50, 64, 3), dtype=np.uint8)
+    results = []
+    for engine in (loaded, built):
+        engine.set_concepts(['apple', 'leaf near branch'])
+        results.append(engine.segment(frame, score_threshold=0.0))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results, strict=True):
+        assert a.concept == b.concept
+        assert a.score == pytest.approx(b.score, abs=1e-6)
+        assert np.array_equal(a.mask, b.mask)
+
+
+def test_load_errors_are_clear(tiny_dir, tmp_path):
+    with pytest.raises(ModelLoadError, match='does not exist'):
+        Sam3ConceptEngine.load(tmp_path / 'missing')
+    wrong = tmp_path / 'sam2'
+    wrong.mkdir()
+    (wrong / 'config.json').write_text(json.dumps({'model_type': 'sam2_video'}))
+    with pytest.raises(ModelLoadError, match="'sam2_video' model"):
+        Sam3ConceptEngine.load(wrong)
+    no_weights = tmp_path / 'no_weights'
+    no_weights.mkdir()
+    shutil.copy(tiny_dir / 'config.json', no_weights)
+    with pytest.raises(ModelLoadError, match='safetensors'):
+        Sam3ConceptEngine.load(no_weights)
+    no_tokenizer = tmp_path / 'no_tokenizer'
+    no_tokenizer.mkdir()
+    for name in ('config.json', 'model.safetensors'):
+        shutil.copy(tiny_dir / name, no_tokenizer)
+    with pytest.raises(ModelLoadError, match='processor/tokenizer'):
+        Sam3ConceptEngine.load(no_tokenizer, device='cpu')
+    with pytest.raises(ValueError, match='unknown device'):
+        Sam3ConceptEngine.load(tiny_dir, device='tpu')
+
+
+def test_loads_sam3_video_layout(tiny_dir, tmp_path):
+    """A ``facebook/sam3``-style directory: sam3_video config, detector_model.* weights."""
+    video_dir = tmp_path / 'sam3_video'
+    Sam3VideoConfig(detector_config=tiny_sam3_config().to_dict()).save_pretrained(video_dir)
+    weights = {f'detector_model.{k}': v.contiguous()
+               for k, v in build_tiny_sam3(seed=0).state_dict().items()}
+    # Tracker weights are not needed by the concept engine and must be ignored.
+    weights['tracker_model.unused.weight'] = torch.zeros(2)
+    save_file(weights, str(video_dir / 'model.safetensors'))
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'processor_config.json'):
+        shutil.copy(tiny_dir / name, video_dir)
+    assert json.loads((video_dir / 'config.json').read_text())['model_type'] == 'sam3_video'
+    frame = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    results = []
+    for directory in (video_dir, tiny_dir):
+        engine = Sam3ConceptEngine.load(directory, device='cpu')
+        engine.set_concepts(['apple'])
+        results.append(engine.segment(frame, score_threshold=0.0))
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results, strict=True):
+        assert np.array_equal(a.mask, b.mask) and a.score == pytest.approx(b.score, abs=1e-6)

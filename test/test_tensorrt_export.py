@@ -1,0 +1,143 @@
+"""ONNX export of the tiny SAM2 / SAM3 vision encoders, checked with ONNX Runtime."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2, save_tiny_sam2
+from sam_gap_ros.tensorrt import export_onnx, sidecar, vision_io
+from sam_gap_ros.tensorrt.runtime import ort_session
+
+# ONNX Runtime fp32 vs PyTorch fp32 on the same input; observed ~1e-6 on the tiny models.
+FP32_ATOL = 1e-4
+
+
+@pytest.fixture(scope='module')
+def sam2_model():
+    torch.set_num_threads(1)
+    return build_tiny_sam2(seed=0)
+
+
+@pytest.fixture(scope='module')
+def sam3_model():
+    from sam_gap_ros.engines.tiny_sam3 import build_tiny_sam3
+    torch.set_num_threads(1)
+    return build_tiny_sam3(seed=0)
+
+
+def _compare_with_ort(model, family, onnx_path, seed=1):
+    """Return max abs diff between ORT and PyTorch on a fresh input, per output name."""
+    meta = sidecar.read_sidecar(onnx_path)
+    height, width = meta['image_size']
+    x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+    encoder = vision_io.vision_owner(model).vision_encoder
+    with torch.no_grad():
+        ref = vision_io.VisionExportWrapper(encoder)(x)
+    names = [o['name'] for o in meta['outputs']]
+    got = ort_session(onnx_path).run(names, {'pixel_values': x.numpy()})
+    return {n: float(np.abs(g - r.numpy()).max()) for n, g, r in zip(names, got, ref, strict=True)}
+
+
+@pytest.mark.parametrize('family', ['sam2', 'sam3'])
+def test_vision_export_matches_pytorch(family, request, tmp_path):
+    model = request.getfixturevalue(f'{family}_model')
+    path = export_onnx.export_vision_onnx(model, family, tmp_path)
+    levels = vision_io.num_levels(vision_io.vision_owner(model).vision_encoder, family)
+    assert levels == (3 if family == 'sam2' else 4)
+
+    # Fixed, documented I/O names in graph order.
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ['pixel_values']
+    assert [o.name for o in graph.output] == vision_io.output_names(levels)
+
+    diffs = _compare_with_ort(model, family, path)
+    assert max(diffs.values()) < FP32_ATOL, diffs
+
+    meta = sidecar.read_sidecar(path)
+    size = list(vision_io.native_image_size(model, family))
+    assert meta['family'] == family and meta['part'] == 'vision'
+    assert meta['image_size'] == size
+    assert meta['opset'] == 17 and meta['dtype'] == 'float32'
+    encoder = vision_io.vision_owner(model).vision_encoder
+    assert meta['weights_sha256'] == sidecar.weights_hash(encoder)
+    assert meta['onnx_sha256'] == sidecar.file_sha256(path)
+    assert meta['inputs'] == [{'name': 'pixel_values', 'shape': [1, 3, *size],
+                               'dtype': 'float32'}]
+    assert meta['verify_max_abs_diff'] < FP32_ATOL
+
+
+def test_sam2_outputs_rebuild_the_transformers_structure(sam2_model, tmp_path):
+    """Packed engine outputs must equal what Sam2VideoModel.get_image_features consumes."""
+    path = export_onnx.export_vision_onnx(sam2_model, 'sam2', tmp_path, verify=False)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    names = vision_io.output_names(3)
+    arrays = ort_session(path).run(names, {'pixel_values': x.numpy()})
+    named = dict(zip(names, map(torch.from_numpy, arrays), strict=True))
+    packed = vision_io.pack_outputs('sam2', named, 3)
+    with torch.no_grad():
+        ref = sam2_model.vision_encoder(x, return_dict=True)
+    assert type(packed) is type(ref)
+    for got, want in zip(packed.fpn_hidden_states + packed.fpn_position_encoding,
+                         ref.fpn_hidden_states + ref.fpn_position_encoding, strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
+    # Feature maps are ordered high to low resolution, as the SAM heads expect.
+    sizes = [f.shape[-1] for f in packed.fpn_hidden_states]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_fp16_weight_storage_halves_file_and_stays_close(sam2_model, tmp_path):
+    fp32 = export_onnx.export_vision_onnx(sam2_model, 'sam2', tmp_path / 'a', verify=False)
+    fp16 = export_onnx.export_vision_onnx(sam2_model, 'sam2', tmp_path / 'b', fp16=True)
+    assert fp16.name.endswith('_fp16.onnx')
+    assert fp16.stat().st_size < 0.75 * fp32.stat().st_size
+    meta = sidecar.read_sidecar(fp16)
+    assert meta['weights_storage'] == 'float16' and meta['dtype'] == 'float32'
+    diffs = _compare_with_ort(sam2_model, 'sam2', fp16)
+    assert 0 < max(diffs.values()) < export_onnx.ORT_FP16_WEIGHTS_TOLERANCE, diffs
+
+
+def test_cli_exports_from_model_directory(tmp_path, capsys):
+    model_dir = save_tiny_sam2(tmp_path / 'model', seed=4)
+    rc = export_onnx.main(['--model-dir', str(model_dir), '--family', 'sam2',
+                           '--parts', 'vision', '--height', '128', '--width', '128',
+                           '--out', str(tmp_path / 'out')])
+    assert rc == 0, capsys.readouterr().err
+    path = tmp_path / 'out' / 'sam2_vision_128x128.onnx'
+    data = json.loads(sidecar.sidecar_path(path).read_text())
+    assert data['model_id'] == str(model_dir)
+    assert data['verify_max_abs_diff'] < FP32_ATOL
+    # The hash written by the CLI is the hash of the weights as loaded from the directory.
+    loaded = export_onnx.load_model(model_dir, 'sam2')
+    assert data['weights_sha256'] == sidecar.weights_hash(loaded.vision_encoder)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--parts', 'text'], 'once per concept set'),
+    (['--parts', 'memory_attention'], 'not exported'),
+    (['--parts', 'bogus'], 'unknown part'),
+    (['--height', '128'], 'both --height and --width'),
+])
+def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, message):
+    base = ['--model-dir', str(tmp_path / 'missing'), '--family', 'sam2', '--out', str(tmp_path)]
+    assert export_onnx.main(base + argv) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_cli_reports_missing_model_dir(tmp_path, capsys):
+    rc = export_onnx.main(['--model-dir', str(tmp_path / 'nope'), '--family', 'sam2',
+                           '--out', str(tmp_path)])
+    assert rc == 1
+    assert 'does not exist' in capsys.readouterr().err
+
+
+def test_weights_hash_ignores_load_dtype_but_not_values(sam2_model):
+    encoder = sam2_model.vision_encoder
+    reference = sidecar.weights_hash(encoder)
+    bf16 = build_tiny_sam2(seed=0).to(torch.bfloat16).vision_encoder
+    assert sidecar.weights_hash(bf16) == reference
+    other = build_tiny_sam2(seed=1).vision_encoder
+    assert sidecar.weights_hash(other) != reference

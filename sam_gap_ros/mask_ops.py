@@ -24,10 +24,15 @@ def mask_to_box(mask: np.ndarray) -> Optional[Box]:
 
 def mask_centroid(mask: np.ndarray) -> Optional[Tuple[float, float]]:
     """Return the ``(x, y)`` pixel centroid of a mask, or None if empty."""
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    # Row/column projections: O(H*W) sums instead of materialising every pixel's
+    # coordinates with nonzero (several times faster on large masks).
+    cols = np.count_nonzero(mask, axis=0)
+    area = int(cols.sum())
+    if area == 0:
         return None
-    return float(xs.mean()), float(ys.mean())
+    rows = np.count_nonzero(mask, axis=1)
+    return (float(cols @ np.arange(cols.size, dtype=np.float64)) / area,
+            float(rows @ np.arange(rows.size, dtype=np.float64)) / area)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,0 +1,197 @@
+"""Segmenter node overhead: end-to-end latency (stamp in -> masks out) vs engine-only latency.
+
+Both are measured on the same 640x480 synthetic orchard frames in one process:
+
+* engine-only: the engine call alone (``segment`` / ``step`` / ``track``) on the RGB array;
+* end-to-end: a probe node publishes a sensor_msgs/Image (with depth + camera_info when
+  ``--depth``) and waits for ``~/masks`` with the same stamp; one frame in flight at a
+  time, so this is pure per-frame latency (message conversion, DDS, pairing, label image,
+  JSON, poses, markers, publishing), not queueing.
+
+overhead % = (median end-to-end - median engine-only) / median engine-only * 100. The target
+(<= 10 %) is meant for production-size models; with the tiny CPU models the engine call is
+only tens of milliseconds, so the fixed per-frame cost weighs more (the absolute overhead
+in ms is printed as well). The LAST line is exactly ``node_overhead_pct=<float>``.
+
+    python benchmarks/bench_node_overhead.py --quick
+    python benchmarks/bench_node_overhead.py --mode sam3 --model-dir /opt/models/sam3 \
+        --device cuda --frames 100
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+import statistics
+import sys
+import tempfile
+import time
+
+# As the launch file does for the node: numpy's BLAS only sees small mask matrices here, and
+# a multi-threaded OpenBLAS on a busy CPU spins its threads (~30x slower gemm). Must be set
+# before numpy is imported.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
+
+import numpy as np  # noqa: E402
+
+# Run from a source checkout without an installed/sourced workspace as well.
+if importlib.util.find_spec('sam_gap_ros') is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _prepare_models(args, workdir):
+    if args.model_dir:
+        return args.model_dir, args.tracker_model_dir
+    from sam_gap_ros.demo import prepare_models
+    model_dir, tracker_dir, text = prepare_models(args.mode, workdir)
+    print(f'models: {text}', file=sys.stderr)
+    return model_dir, tracker_dir
+
+
+BOX = (250, 180, 390, 300)
+
+
+def _engine_call(pipeline):
+    engine = pipeline._engine
+    if pipeline.config.mode == 'sam3':
+        return engine.segment
+    if pipeline.config.mode == 'hybrid':
+        return engine.step
+    return engine.track
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true', help='few frames, < 60 s')
+    parser.add_argument('--mode', choices=('sam2', 'sam3', 'hybrid'), default='sam3')
+    parser.add_argument('--model-dir', default='')
+    parser.add_argument('--tracker-model-dir', default='')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--frames', type=int, default=40)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--depth', action='store_true', help='also send depth + camera_info')
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--json', type=Path, default=None, help='write the results here')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.warmup = min(args.frames, 15), 2
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CameraInfo, Image
+    import torch
+
+    from sam_gap_ros.image_conversion import numpy_to_image_msg
+    from sam_gap_ros.nodes.segmenter import SegmenterNode
+    from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
+    from sam_gap_ros.synthetic.config import OrchardSceneConfig
+    from sam_gap_ros.synthetic.video import OrchardVideo
+
+    torch.set_num_threads(args.threads)
+    workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
+    model_dir, tracker_dir = _prepare_models(args, workdir)
+    video = OrchardVideo(0, OrchardSceneConfig(width=640, height=480),
+                         n_frames=args.frames + args.warmup)
+    frames = [video[i] for i in range(len(video))]
+
+    context = Context()
+    rclpy.init(context=context)
+    ns = '/bench_node_overhead'
+    params = {'mode': args.mode, 'model_dir': model_dir, 'tracker_model_dir': tracker_dir,
+              'device': args.device, 'input_qos': 'reliable', 'use_depth': bool(args.depth),
+              'depth_wait_s': 1.0, 'score_threshold': 0.0, 'max_instances': 10}
+    node = SegmenterNode(context=context, namespace=ns,
+                         parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+    if node.pipeline is None:
+        raise SystemExit(f'segmenter failed to configure: {node.last_error}')
+    # The engine-only reference: a second pipeline from the same weights, stepped in lockstep
+    # with the node (same frames, same tracker state), timed right after each node frame so
+    # that the load of this shared machine drifts equally over both measurements.
+    reference = SegmentationPipeline(PipelineConfig(
+        mode=args.mode, model_dir=model_dir, tracker_model_dir=tracker_dir, device=args.device,
+        score_threshold=0.0, max_instances=10))
+    reference.load()
+    if args.mode == 'sam2':
+        node.pipeline.add_box(BOX)
+        reference.add_box(BOX)
+        reference.process(frames[0].image)  # attaches the prompt exactly as the node does
+    call = _engine_call(reference)
+    probe = rclpy.create_node('bench_probe', namespace=ns, context=context)
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    received = {}
+    probe.create_subscription(
+        Image, f'{ns}/segmenter/masks',
+        lambda m: received.setdefault(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
+                                      time.perf_counter()), qos)
+    image_pub = probe.create_publisher(Image, f'{ns}/image', qos)
+    depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
+    info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    executor.add_node(probe)
+
+    end_to_end, engine_only = [], []
+    try:
+        for index, frame in enumerate(frames):
+            stamp_ns = (index + 1) * 10**9
+            msg = numpy_to_image_msg(frame.image, 'rgb8')
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
+            msg.header.frame_id = 'camera'
+            if args.depth:
+                info = CameraInfo(header=msg.header, width=640, height=480)
+                info.k = [float(v) for v in frame.camera.k]
+                info_pub.publish(info)
+                depth_pub.publish(numpy_to_image_msg(frame.depth_mm, '16UC1', msg.header))
+            sent = time.perf_counter()
+            image_pub.publish(msg)
+            deadline = sent + 60.0
+            while stamp_ns not in received and time.perf_counter() < deadline:
+                executor.spin_once(timeout_sec=0.05)
+            if stamp_ns not in received:
+                raise SystemExit(f'no ~/masks for frame {index} within 60 s: {node.stats()}')
+            if args.mode == 'sam2' and index == 0:
+                continue  # the reference consumed frame 0 to attach the prompt
+            start = time.perf_counter()
+            call(frame.image)
+            engine_s = time.perf_counter() - start
+            if index >= args.warmup:
+                end_to_end.append(received[stamp_ns] - sent)
+                engine_only.append(engine_s)
+        stats = node.stats()
+    finally:
+        node._teardown()
+        executor.shutdown()
+        node.destroy_node()
+        probe.destroy_node()
+        rclpy.shutdown(context=context)
+
+    e2e_ms = statistics.median(end_to_end) * 1e3
+    engine_ms = statistics.median(engine_only) * 1e3
+    overhead = (e2e_ms - engine_ms) / engine_ms * 100.0
+    result = {
+        'mode': args.mode, 'device': args.device, 'frames': len(end_to_end),
+        'image_size': [640, 480], 'depth': bool(args.depth),
+        'end_to_end_ms_p50': round(e2e_ms, 2),
+        'end_to_end_ms_p95': round(float(np.percentile(end_to_end, 95)) * 1e3, 2),
+        'engine_only_ms_p50': round(engine_ms, 2),
+        'engine_only_ms_p95': round(float(np.percentile(engine_only, 95)) * 1e3, 2),
+        'overhead_ms_p50': round(e2e_ms - engine_ms, 2),
+        # Inside the node: receive -> publish, and the pipeline (engine + post-processing).
+        'node_latency_ms_p50': round(stats['latency_ms_p50'], 2),
+        'node_pipeline_ms_p50': round(stats['inference_ms_p50'], 2),
+        'node_frames_processed': stats['frames_processed'],
+        'node_frames_dropped': stats['frames_dropped'],
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + '\n')
+    print(f'node_overhead_pct={overhead:.2f}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

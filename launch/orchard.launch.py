@@ -1,0 +1,132 @@
+"""Launch the sam_gap_ros segmenter (one per camera), optionally with a synthetic camera.
+
+Examples::
+
+    ros2 launch sam_gap_ros orchard.launch.py mode:=hybrid camera:=/camera/color
+    ros2 launch sam_gap_ros orchard.launch.py synthetic:=true use_depth:=true
+    ros2 launch sam_gap_ros orchard.launch.py camera:=/front,/rear concepts:='apple;damaged apple'
+
+Parameter precedence (lowest first): shipped tiny-model defaults, ``params_file``, launch
+arguments that are set (non-empty). The segmenter configures and activates itself
+(``autostart``), so no lifecycle manager is needed, on Humble as on newer distributions.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import LifecycleNode, Node
+from launch_ros.substitutions import FindPackageShare
+import yaml
+
+PACKAGE = 'sam_gap_ros'
+
+ARGUMENTS = (
+    ('mode', '', 'sam2 | sam3 | hybrid (empty = params_file value, default hybrid)'),
+    ('camera', '/camera', 'camera namespace(s), comma separated: one segmenter per camera; '
+     'topics <camera>/image_raw, <camera>/depth/image_raw, <camera>/camera_info'),
+    ('model_dir', '', 'local model directory (empty = params_file value or the shipped tiny '
+     'orchard model)'),
+    ('tracker_model_dir', '', 'SAM2 model directory for hybrid mode (empty = params_file value '
+     'or the shipped tiny orchard SAM2 model)'),
+    ('engine_path', '', 'TensorRT engine for the vision encoder (empty = PyTorch)'),
+    ('device', '', 'auto | cpu | cuda | cuda:N (empty = params_file value)'),
+    ('concepts', '', "concept prompts separated by ';', e.g. 'apple;damaged apple near trunk'"),
+    ('namespace', '', 'namespace of the segmenter node(s)'),
+    ('use_depth', '', 'true/false: pair depth + camera_info for 3D poses (empty = params_file)'),
+    ('image_transport', '', 'raw | compressed (empty = params_file value)'),
+    ('synthetic', 'false', 'also start a synthetic orchard camera (robot-less run)'),
+    ('log_level', 'info', 'ROS log level'),
+)
+
+
+def _shipped_model(name):
+    path = os.path.join(get_package_share_directory(PACKAGE), 'models', name)
+    return path if os.path.isdir(path) else ''
+
+
+def _file_mode(params_file):
+    """Return the segmenter mode a params file sets (the node's default is hybrid)."""
+    try:
+        with open(params_file) as stream:
+            content = yaml.safe_load(stream) or {}
+    except (OSError, yaml.YAMLError):
+        return 'hybrid'
+    for key in ('/**/segmenter', '/**'):
+        mode = (content.get(key) or {}).get('ros__parameters', {}).get('mode')
+        if mode:
+            return str(mode)
+    return 'hybrid'
+
+
+def _truthy(text):
+    return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
+
+
+def _setup(context, *args, **kwargs):
+    value = {name: LaunchConfiguration(name).perform(context).strip()
+             for name, _, _ in ARGUMENTS}
+    params_file = LaunchConfiguration('params_file').perform(context)
+    mode = value['mode'] or _file_mode(params_file)
+
+    # Defaults below the params file: the tiny orchard models installed with the package.
+    defaults = {}
+    sam3, sam2 = _shipped_model('tiny-orchard-sam3'), _shipped_model('tiny-orchard-sam2')
+    if mode == 'sam2' and sam2:
+        defaults['model_dir'] = sam2
+    elif sam3:
+        defaults['model_dir'] = sam3
+    if sam2:
+        defaults['tracker_model_dir'] = sam2
+
+    overrides = {'autostart': True}
+    for name in ('mode', 'model_dir', 'tracker_model_dir', 'engine_path', 'device',
+                 'image_transport'):
+        if value[name]:
+            overrides[name] = value[name]
+    if value['concepts']:
+        overrides['concepts'] = [c.strip() for c in value['concepts'].split(';') if c.strip()]
+    if value['use_depth']:
+        overrides['use_depth'] = _truthy(value['use_depth'])
+
+    cameras = [c.strip().rstrip('/') for c in value['camera'].split(',') if c.strip()]
+    actions = []
+    for camera in cameras:
+        # One node per camera; with several cameras each gets its own sub-namespace.
+        namespace = value['namespace']
+        if len(cameras) > 1:
+            namespace = f"{namespace.rstrip('/')}/{camera.strip('/').replace('/', '_')}"
+        actions.append(LifecycleNode(
+            package=PACKAGE, executable='segmenter', name='segmenter', namespace=namespace,
+            output='screen', emulate_tty=True,
+            parameters=[p for p in (defaults, params_file, overrides) if p],
+            remappings=[('image', f'{camera}/image_raw'),
+                        ('image/compressed', f'{camera}/image_raw/compressed'),
+                        ('depth', f'{camera}/depth/image_raw'),
+                        ('camera_info', f'{camera}/camera_info')],
+            # --ros-args in `arguments` works on every distro (ros_arguments is newer).
+            arguments=['--ros-args', '--log-level', value['log_level']],
+            # numpy's BLAS only multiplies small mask matrices; a multi-threaded OpenBLAS
+            # competing with torch for the cores is many times slower there.
+            additional_env={'OPENBLAS_NUM_THREADS': '1'}))
+        if _truthy(value['synthetic']):
+            actions.append(Node(
+                package=PACKAGE, executable='synthetic_camera', name='synthetic_camera',
+                namespace=namespace, output='screen', parameters=[params_file],
+                remappings=[('image', f'{camera}/image_raw'),
+                            ('depth', f'{camera}/depth/image_raw'),
+                            ('camera_info', f'{camera}/camera_info')]))
+    return actions
+
+
+def generate_launch_description():
+    """Return the launch description (arguments + segmenter per camera)."""
+    declared = [DeclareLaunchArgument(name, default_value=default, description=text)
+                for name, default, text in ARGUMENTS]
+    declared.append(DeclareLaunchArgument(
+        'params_file',
+        default_value=PathJoinSubstitution([FindPackageShare(PACKAGE), 'config', 'orchard.yaml']),
+        description='segmenter / synthetic camera parameter file'))
+    return LaunchDescription(declared + [OpaqueFunction(function=_setup)])

@@ -1,0 +1,124 @@
+"""Versioned JSON document published on ``~/instances`` (std_msgs/String).
+
+One document per processed frame; the schema is described in DEVELOPERS.md. Consumers must
+check ``schema`` and ``version``: a change that removes or renames a field bumps the version,
+added optional fields do not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+SCHEMA_NAME = 'sam_gap_ros/instances'
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class InstanceRecord:
+    """One instance in one frame, in the form published on ``~/instances``."""
+
+    instance_id: int
+    label: str
+    score: float
+    bbox: Tuple[float, float, float, float]
+    """``(x0, y0, x1, y1)`` pixels, exclusive max corner (as mask_ops.mask_to_box)."""
+    area: int
+    centroid: Tuple[float, float]
+    position: Optional[Tuple[float, float, float]] = None
+    """Camera-frame ``(x, y, z)`` metres from depth, None without (valid) depth."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Return the JSON-ready dict of this record."""
+        return {
+            'id': int(self.instance_id),
+            'label': str(self.label),
+            'score': _finite(self.score, 'score'),
+            'bbox': [_finite(v, 'bbox') for v in self.bbox],
+            'area': int(self.area),
+            'centroid': [_finite(v, 'centroid') for v in self.centroid],
+            'position': (None if self.position is None
+                         else [_finite(v, 'position') for v in self.position]),
+        }
+
+
+def _finite(value: float, name: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        # JSON has no NaN; a NaN would also poison every consumer's arithmetic.
+        raise ValueError(f'{name} value {value} is not finite')
+    return round(value, 4)
+
+
+def build_document(records: Sequence[InstanceRecord], *, stamp_sec: int, stamp_nanosec: int,
+                   frame_id: str, width: int, height: int, mode: str, model: str,
+                   frame_index: int, concepts: Sequence[str] = ()) -> Dict[str, Any]:
+    """Return the versioned instances document for one frame."""
+    return {
+        'schema': SCHEMA_NAME,
+        'version': SCHEMA_VERSION,
+        'header': {'stamp': {'sec': int(stamp_sec), 'nanosec': int(stamp_nanosec)},
+                   'frame_id': str(frame_id)},
+        'image': {'width': int(width), 'height': int(height)},
+        'mode': str(mode),
+        'model': str(model),
+        'frame_index': int(frame_index),
+        'concepts': [str(c) for c in concepts],
+        'instances': _with_pose_index(records),
+    }
+
+
+def _with_pose_index(records: Sequence[InstanceRecord]) -> List[Dict[str, Any]]:
+    """Add ``pose_index``: the instance's index in ~/fruit_poses (None without position)."""
+    items, next_pose = [], 0
+    for record in records:
+        item = record.to_dict()
+        item['pose_index'] = None if record.position is None else next_pose
+        next_pose += record.position is not None
+        items.append(item)
+    return items
+
+
+def dumps(document: Dict[str, Any]) -> str:
+    """Serialise a document compactly (strict JSON: no NaN/inf)."""
+    return json.dumps(document, separators=(',', ':'), allow_nan=False)
+
+
+_REQUIRED_INSTANCE_KEYS = ('id', 'label', 'score', 'bbox', 'area', 'centroid', 'position')
+
+
+def loads(text: str) -> Dict[str, Any]:
+    """Parse and validate a document; raise ValueError naming the first problem."""
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f'instances document is not valid JSON: {exc}') from exc
+    validate_document(document)
+    return document
+
+
+def validate_document(document: Any) -> None:
+    """Raise ValueError unless ``document`` follows the current schema version."""
+    if not isinstance(document, dict):
+        raise ValueError('instances document must be a JSON object')
+    if document.get('schema') != SCHEMA_NAME:
+        raise ValueError(f"schema must be '{SCHEMA_NAME}', got {document.get('schema')!r}")
+    if document.get('version') != SCHEMA_VERSION:
+        raise ValueError(f'unsupported instances schema version {document.get("version")!r} '
+                         f'(this reader understands {SCHEMA_VERSION})')
+    for key in ('header', 'image', 'mode', 'model', 'frame_index', 'concepts', 'instances'):
+        if key not in document:
+            raise ValueError(f"instances document lacks '{key}'")
+    instances: List[Any] = document['instances']
+    if not isinstance(instances, list):
+        raise ValueError("'instances' must be a list")
+    for index, item in enumerate(instances):
+        missing = [key for key in _REQUIRED_INSTANCE_KEYS if key not in item]
+        if missing:
+            raise ValueError(f'instance {index} lacks {missing}')
+        if len(item['bbox']) != 4 or len(item['centroid']) != 2:
+            raise ValueError(f'instance {index} has a malformed bbox or centroid')
+        if item['position'] is not None and len(item['position']) != 3:
+            raise ValueError(f'instance {index} position must be [x, y, z] or null')

@@ -1,0 +1,671 @@
+"""Lifecycle ``segmenter`` node: SAM2 / SAM3 / hybrid fruit segmentation on a camera stream.
+
+The node is a thin shell around ``sam_gap_ros.pipeline.SegmentationPipeline``: it converts
+messages, pairs depth with colour frames, keeps only the newest frame for a worker thread,
+publishes the results stamped with the input header and reports diagnostics. No exception
+from input, prompts or inference may stop it: each is logged (throttled) and counted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+import math
+import sys
+import threading
+import time
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point, PointStamped, PolygonStamped, Pose, PoseArray
+import rclpy
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rcl_interfaces.msg import SetParametersResult
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import String, UInt32
+from std_srvs.srv import SetBool, Trigger
+from visualization_msgs.msg import Marker, MarkerArray
+
+from sam_gap_ros import image_conversion
+from sam_gap_ros import instances_json
+from sam_gap_ros.engines.concept_query import parse_concepts
+from sam_gap_ros.engines.types import ConceptError, PromptError
+from sam_gap_ros.geometry import CameraIntrinsics
+from sam_gap_ros.nodes.ros_utils import describe, input_qos, INPUT_QOS, stamp_to_ns
+from sam_gap_ros.nodes.ros_utils import stamp_to_sec
+from sam_gap_ros.overlay import id_color, render_overlay
+from sam_gap_ros.pipeline import FrameResult, is_out_of_memory, memory_stats, MODES
+from sam_gap_ros.pipeline import PipelineConfig, release_cached_memory, SegmentationPipeline
+from sam_gap_ros.streaming import LatencyWindow, LatestSlot, Paired, RateMeter, StampPairer
+
+THROTTLE_S = 2.0
+DEVICES_HELP = 'auto, cpu, cuda or cuda:N'
+
+
+def _declare_all(node: LifecycleNode) -> None:
+    """Declare every parameter with a descriptor (description, range, read-only)."""
+    ro = True  # read-only: changing these needs a model reload (cleanup + configure)
+    params: List[Tuple[str, Any, Dict[str, Any]]] = [
+        ('mode', 'hybrid', dict(description='sam2 = prompt tracking, sam3 = per-frame concept '
+                                'segmentation, hybrid = concept detection + SAM2 tracking',
+                                read_only=ro, choices=MODES)),
+        ('model_dir', '', dict(description='local transformers model directory: SAM3 for sam3/'
+                               'hybrid, SAM2 for sam2 mode', read_only=ro)),
+        ('tracker_model_dir', '', dict(description='SAM2 model directory used by hybrid mode',
+                                       read_only=ro)),
+        ('device', 'auto', dict(description=f'inference device: {DEVICES_HELP}', read_only=ro)),
+        ('dtype', 'float32', dict(description='weights/activations dtype (half precision falls '
+                                  'back to float32 on CPU)', read_only=ro,
+                                  choices=('float32', 'float16', 'bfloat16'))),
+        ('engine_path', '', dict(description='TensorRT engine for the vision encoder; empty = '
+                                 'PyTorch', read_only=ro)),
+        ('concepts', ['apple'], dict(description='concept prompts (sam3/hybrid); compositional '
+                                     'queries such as "apple but not green apple" allowed; '
+                                     'settable at runtime')),
+        ('score_threshold', 0.5, dict(description='minimum detection probability in [0, 1)',
+                                      float_range=(0.0, 0.999))),
+        ('max_instances', 50, dict(description='maximum instances per frame',
+                                   int_range=(1, 1000))),
+        ('redetect_every_n', 10, dict(description='hybrid: run concept detection every N frames',
+                                      int_range=(1, 10000))),
+        ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
+                                          read_only=ro, choices=INPUT_QOS)),
+        ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
+                                        'compressed = image/compressed', read_only=ro,
+                                        choices=('raw', 'compressed'))),
+        ('use_depth', False, dict(description='subscribe to depth (16UC1 mm / 32FC1 m) and '
+                                  'camera_info to publish 3D fruit poses', read_only=ro)),
+        ('sync_tolerance_s', 0.03, dict(description='max |stamp difference| of a colour/depth '
+                                        'pair', float_range=(0.0, 1.0), read_only=ro)),
+        ('depth_wait_s', 0.1, dict(description='how long a colour frame waits for its depth '
+                                   'before it is processed without', float_range=(0.0, 2.0),
+                                   read_only=ro)),
+        ('min_depth_pixels', 5, dict(description='valid depth pixels needed inside a mask for a '
+                                     '3D position', int_range=(1, 100000), read_only=ro)),
+        ('publish_overlay', True, dict(description='publish ~/overlay (only rendered while '
+                                       'someone subscribes)')),
+        ('publish_markers', True, dict(description='publish ~/markers for RViz')),
+        ('overlay_alpha', 0.5, dict(description='mask opacity in ~/overlay',
+                                    float_range=(0.0, 1.0))),
+        ('max_image_side', image_conversion.MAX_IMAGE_SIDE,
+         dict(description='frames with a longer side are refused as malformed',
+              int_range=(16, image_conversion.MAX_IMAGE_SIDE), read_only=ro)),
+        ('stale_image_s', 2.0, dict(description='diagnostics WARN when no image arrived for '
+                                    'this long', float_range=(0.1, 60.0))),
+        ('diagnostics_period_s', 1.0, dict(description='period of /diagnostics',
+                                           float_range=(0.05, 60.0), read_only=ro)),
+        ('autostart', True, dict(description='configure and activate on startup (for launch '
+                                 'systems without lifecycle autostart)', read_only=ro)),
+    ]
+    for name, default, options in params:
+        node.declare_parameter(name, default, describe(default=default, **options))
+
+
+class SegmenterNode(LifecycleNode):
+    """Lifecycle node wrapping a ``SegmentationPipeline`` (see module docstring)."""
+
+    def __init__(self, node_name: str = 'segmenter', **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        _declare_all(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.pipeline: Optional[SegmentationPipeline] = None
+        self.last_error = ''
+        self._enabled = True
+        self._active = False
+        self._slot: LatestSlot = LatestSlot()
+        self._pairer: Optional[StampPairer] = None
+        self._pair_lock = threading.Lock()
+        self._camera_info: Optional[CameraInfo] = None
+        self._worker: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+        self._entities: List[Any] = []
+        self._timers: List[Any] = []
+        self._pubs: Dict[str, Any] = {}
+        self._stats_lock = threading.Lock()
+        self.counters: Dict[str, int] = {}
+        self._reset_stats()
+        # (stamp ns, frame index, width, height) of recently processed frames, for prompts.
+        self._recent: Deque[Tuple[int, int, int, int]] = deque(maxlen=8)
+        # Ctrl-C/SIGTERM shut the context down under a running inference: stop the worker
+        # so it does not publish into a dead context.
+        self.context.on_shutdown(self._on_context_shutdown)
+        self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        self._diag_timer = self.create_timer(
+            self.get_parameter('diagnostics_period_s').value, self._publish_diagnostics)
+        if self.get_parameter('autostart').value:
+            if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+                self.trigger_activate()
+
+    # -- statistics ------------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        with self._stats_lock:
+            self.counters = {key: 0 for key in (
+                'frames_in', 'frames_processed', 'frames_dropped', 'bad_input', 'bad_depth',
+                'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips')}
+        self._slot = LatestSlot()
+        self._in_rate = RateMeter()
+        self._out_rate = RateMeter()
+        self.latency = LatencyWindow()
+        self.inference = LatencyWindow()
+        self._last_image_time: Optional[float] = None
+        self._active_since = time.monotonic()
+
+    def _count(self, key: str, amount: int = 1) -> None:
+        with self._stats_lock:
+            self.counters[key] = self.counters.get(key, 0) + amount
+
+    def stats(self) -> Dict[str, Any]:
+        """Return a snapshot of counters, rates and latency percentiles."""
+        now = time.monotonic()
+        with self._stats_lock:
+            snapshot: Dict[str, Any] = dict(self.counters)
+        pairer = self._pairer  # may be cleared by cleanup meanwhile
+        snapshot['frames_dropped'] = self._slot.dropped + (pairer.dropped if pairer else 0)
+        snapshot['unpaired_depth'] = pairer.unpaired if pairer else 0
+        snapshot['input_rate_hz'] = self._in_rate.rate(now)
+        snapshot['processed_rate_hz'] = self._out_rate.rate(now)
+        snapshot['latency_ms_p50'] = self.latency.percentile_ms(50)
+        snapshot['latency_ms_p95'] = self.latency.percentile_ms(95)
+        snapshot['inference_ms_p50'] = self.inference.percentile_ms(50)
+        return snapshot
+
+    def _warn(self, counter: str, message: str) -> None:
+        self._count(counter)
+        self.get_logger().warning(message, throttle_duration_sec=THROTTLE_S)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Validate parameters, load the model and create the ROS interfaces."""
+        param = self._param
+        config = PipelineConfig(
+            mode=param('mode'), model_dir=param('model_dir'),
+            tracker_model_dir=param('tracker_model_dir'), device=param('device'),
+            dtype=param('dtype'), engine_path=param('engine_path'),
+            concepts=list(param('concepts')), score_threshold=param('score_threshold'),
+            max_instances=param('max_instances'), redetect_every_n=param('redetect_every_n'),
+            min_depth_pixels=param('min_depth_pixels'))
+        try:
+            input_qos(param('input_qos'))
+            if param('image_transport') not in ('raw', 'compressed'):
+                raise ValueError(f"image_transport '{param('image_transport')}' is not raw or "
+                                 'compressed')
+            pipeline = SegmentationPipeline(config, logger=self.get_logger())
+            pipeline.load()
+        except Exception as exc:  # noqa: BLE001 - every load failure must leave us unconfigured
+            self.last_error = f'configure failed: {exc}'
+            self.get_logger().error(f'{self.last_error} (node stays unconfigured)')
+            return TransitionCallbackReturn.FAILURE
+        self.pipeline = pipeline
+        self.last_error = ''
+        if config.engine_path:
+            self.get_logger().info(f'TensorRT engine: {pipeline.tensorrt_status}')
+        self._create_interfaces()
+        self.get_logger().info(
+            f'configured: mode={config.mode} model={pipeline.model_name} '
+            f'device={pipeline.device} concepts={pipeline.concepts}')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Start the inference worker."""
+        self._reset_stats()
+        with self._pair_lock:
+            if self._pairer is not None:
+                self._pairer = StampPairer(self._pairer.tolerance, self._pairer.max_wait)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work, name='segmenter-worker', daemon=True)
+        self._worker.start()
+        self._active = True
+        self.get_logger().info('active: processing frames')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Pause processing and free cached accelerator memory."""
+        self._stop_worker()
+        release_cached_memory()
+        self.get_logger().info('inactive: processing paused')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Unload the model and destroy the ROS interfaces."""
+        self._teardown()
+        self.get_logger().info('cleaned up: model unloaded')
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Stop everything on shutdown from any state."""
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """Recover to unconfigured after an error in a transition."""
+        self._teardown()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _teardown(self) -> None:
+        self._stop_worker()
+        for entity in self._entities:
+            self._destroy(entity)
+        for timer in self._timers:
+            self.destroy_timer(timer)
+        self._entities, self._timers, self._pubs = [], [], {}
+        self._pairer = None
+        self._camera_info = None
+        if self.pipeline is not None:
+            self.pipeline.unload()
+        self.pipeline = None
+
+    def _destroy(self, entity: Any) -> None:
+        for destroy in (self.destroy_subscription, self.destroy_publisher,
+                        self.destroy_service):
+            try:
+                if destroy(entity):
+                    return
+            except (TypeError, AttributeError):
+                continue
+
+    def _on_context_shutdown(self) -> None:
+        self._active = False
+        self._stop.set()
+        self._slot.close()
+
+    def _stop_worker(self) -> None:
+        self._active = False
+        self._stop.set()
+        self._slot.close()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        self._worker = None
+        # Whatever was still waiting is dropped (and counted): nothing is silently lost.
+        self._slot.clear()
+        self._slot.reopen()
+        with self._pair_lock:
+            if self._pairer is not None:
+                self._pairer.clear()
+
+    def _param(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    # -- interfaces ------------------------------------------------------------------------
+    def _create_interfaces(self) -> None:
+        qos = input_qos(self._param('input_qos'))
+        sub = self.create_subscription
+        if self._param('image_transport') == 'compressed':
+            self._entities.append(sub(CompressedImage, 'image/compressed', self._on_image, qos))
+        else:
+            self._entities.append(sub(Image, 'image', self._on_image, qos))
+        if self._param('use_depth'):
+            self._pairer = StampPairer(self._param('sync_tolerance_s'),
+                                       self._param('depth_wait_s'))
+            self._entities.append(sub(Image, 'depth', self._on_depth, qos))
+            self._entities.append(sub(CameraInfo, 'camera_info', self._on_camera_info, qos))
+            self._timers.append(self.create_timer(0.02, self._poll_pairer))
+        self._entities.append(sub(PolygonStamped, '~/prompt_box', self._on_prompt_box, 10))
+        self._entities.append(sub(PointStamped, '~/prompt_point', self._on_prompt_point, 10))
+        self._entities.append(sub(UInt32, '~/remove_object', self._on_remove_object, 10))
+        self._entities.append(self.create_service(Trigger, '~/reset', self._on_reset))
+        self._entities.append(self.create_service(SetBool, '~/enable', self._on_enable))
+        for key, msg_type, topic in (
+                ('masks', Image, '~/masks'), ('instances', String, '~/instances'),
+                ('poses', PoseArray, '~/fruit_poses'), ('overlay', Image, '~/overlay'),
+                ('markers', MarkerArray, '~/markers')):
+            self._pubs[key] = self.create_publisher(msg_type, topic, 5)
+            self._entities.append(self._pubs[key])
+
+    # -- input callbacks: store only, never block ------------------------------------------
+    def _on_image(self, msg: Any) -> None:
+        if not self._active:
+            return
+        now = time.monotonic()
+        self._count('frames_in')
+        self._in_rate.tick(now)
+        self._last_image_time = now
+        pairer = self._pairer  # read once: cleanup may reset it from another thread
+        if pairer is None:
+            self._slot.put(Paired(stamp_to_sec(msg.header.stamp), (msg, now), None))
+            return
+        with self._pair_lock:
+            ready = pairer.add_primary(stamp_to_sec(msg.header.stamp), (msg, now), now)
+        self._deliver(ready)
+
+    def _on_depth(self, msg: Image) -> None:
+        pairer = self._pairer
+        if not self._active or pairer is None:
+            return
+        now = time.monotonic()
+        with self._pair_lock:
+            ready = pairer.add_secondary(stamp_to_sec(msg.header.stamp), msg, now)
+        self._deliver(ready)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        # Intrinsics are static for a camera, so the newest camera_info serves every frame.
+        self._camera_info = msg
+
+    def _poll_pairer(self) -> None:
+        pairer = self._pairer
+        if not self._active or pairer is None:
+            return
+        with self._pair_lock:
+            ready = pairer.poll(time.monotonic())
+        self._deliver(ready)
+
+    def _deliver(self, ready: List[Paired]) -> None:
+        # In stamp order: the slot keeps the newest and counts every older one as dropped.
+        for pair in ready:
+            self._slot.put(pair)
+
+    # -- worker ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self._slot.take(timeout=0.2)
+            if item is None or self._stop.is_set():
+                continue
+            if not self._enabled:
+                self._count('disabled_skips')
+                continue
+            try:
+                self._process(item)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
+                if self._stop.is_set() or not self.context.ok():
+                    return  # shutting down: the frame's outputs have nowhere to go
+                if is_out_of_memory(exc):
+                    release_cached_memory()
+                    self._warn('oom_skips', f'out of memory during inference, frame skipped: '
+                               f'{exc}')
+                else:
+                    self._count('errors')
+                    self.get_logger().error(f'frame failed: {type(exc).__name__}: {exc}',
+                                            throttle_duration_sec=THROTTLE_S)
+
+    def _process(self, item: Paired) -> None:
+        msg, received = item.primary
+        max_side = int(self._param('max_image_side'))
+        try:
+            if isinstance(msg, CompressedImage):
+                rgb = image_conversion.compressed_msg_to_rgb(msg, max_side=max_side)
+            else:
+                rgb = image_conversion.image_msg_to_rgb(msg, max_side=max_side)
+        except (ValueError, TypeError) as exc:
+            self._warn('bad_input', f'dropping malformed image: {exc}')
+            return
+        depth, encoding, intrinsics = self._depth_inputs(item.secondary, rgb.shape[:2])
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        result = pipeline.process(rgb, depth, encoding, intrinsics)
+        if self._stop.is_set():
+            return  # deactivated or shutting down during inference: publish nothing
+        self._publish(msg.header, rgb, result, pipeline)
+        done = time.monotonic()
+        self._count('frames_processed')
+        self._out_rate.tick(done)
+        self.latency.add(done - received)
+        self.inference.add(result.inference_s)
+        height, width = rgb.shape[:2]
+        self._recent.append((stamp_to_ns(msg.header.stamp), result.frame_index, width, height))
+
+    def _depth_inputs(self, depth_msg: Optional[Image], shape: Tuple[int, int]
+                      ) -> Tuple[Any, str, Optional[CameraIntrinsics]]:
+        if depth_msg is None:
+            return None, '16UC1', None
+        info = self._camera_info
+        if info is None:
+            self._warn('bad_depth', 'depth received but no camera_info yet: no 3D poses')
+            return None, '16UC1', None
+        try:
+            depth = image_conversion.image_msg_to_numpy(
+                depth_msg, max_side=int(self._param('max_image_side')))
+            if depth_msg.encoding not in ('16UC1', 'mono16', '32FC1'):
+                raise ValueError(f"depth encoding '{depth_msg.encoding}' is not 16UC1 or 32FC1")
+            intrinsics = CameraIntrinsics.from_k(list(info.k), info.width or shape[1],
+                                                 info.height or shape[0])
+        except (ValueError, TypeError) as exc:
+            self._warn('bad_depth', f'ignoring bad depth/camera_info: {exc}')
+            return None, '16UC1', None
+        return depth, depth_msg.encoding, intrinsics
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _publish(self, header: Any, rgb: Any, result: FrameResult,
+                 pipeline: SegmentationPipeline) -> None:
+        pubs = self._pubs
+        if not pubs:
+            return
+        height, width = result.labels.shape
+        pubs['masks'].publish(image_conversion.numpy_to_image_msg(result.labels, 'mono16',
+                                                                  header))
+        document = instances_json.build_document(
+            result.records, stamp_sec=header.stamp.sec, stamp_nanosec=header.stamp.nanosec,
+            frame_id=header.frame_id, width=width, height=height,
+            mode=pipeline.config.mode, model=pipeline.model_name,
+            frame_index=result.frame_index, concepts=pipeline.concepts)
+        pubs['instances'].publish(String(data=instances_json.dumps(document)))
+        poses = PoseArray(header=header)
+        for record in result.records:
+            if record.position is not None:
+                pose = Pose()
+                pose.position = Point(x=record.position[0], y=record.position[1],
+                                      z=record.position[2])
+                pose.orientation.w = 1.0
+                poses.poses.append(pose)
+        pubs['poses'].publish(poses)
+        if self._param('publish_markers'):
+            pubs['markers'].publish(self._markers(header, result, pipeline))
+        overlay_pub = pubs['overlay']
+        if self._param('publish_overlay') and overlay_pub.get_subscription_count() > 0:
+            overlay = render_overlay(rgb, result.labels, result.records,
+                                     float(self._param('overlay_alpha')))
+            overlay_pub.publish(image_conversion.numpy_to_image_msg(overlay, 'rgb8', header))
+
+    def _markers(self, header: Any, result: FrameResult,
+                 pipeline: SegmentationPipeline) -> MarkerArray:
+        markers = MarkerArray()
+        clear = Marker(header=header, action=Marker.DELETEALL)
+        markers.markers.append(clear)
+        info = self._camera_info
+        fx = float(info.k[0]) if info is not None and info.k[0] > 0 else None
+        for record in result.records:
+            if record.position is None:
+                continue
+            x, y, z = record.position
+            r, g, b = (c / 255.0 for c in id_color(record.instance_id))
+            # Equivalent-circle diameter of the mask, back-projected at the fruit's depth.
+            diameter = 0.08
+            if fx is not None:
+                diameter = max(0.01, 2.0 * math.sqrt(record.area / math.pi) * z / fx)
+            sphere = Marker(header=header, ns='fruit', id=int(record.instance_id),
+                            type=Marker.SPHERE, action=Marker.ADD)
+            sphere.pose.position = Point(x=x, y=y, z=z)
+            sphere.pose.orientation.w = 1.0
+            sphere.scale.x = sphere.scale.y = sphere.scale.z = diameter
+            sphere.color.r, sphere.color.g, sphere.color.b, sphere.color.a = r, g, b, 0.8
+            text = Marker(header=header, ns='labels', id=int(record.instance_id),
+                          type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
+                          text=f'{record.instance_id} {record.label}')
+            text.pose.position = Point(x=x, y=y - diameter, z=z)
+            text.pose.orientation.w = 1.0
+            text.scale.z = max(0.03, diameter / 2)
+            text.color.r = text.color.g = text.color.b = text.color.a = 1.0
+            markers.markers.extend([sphere, text])
+        return markers
+
+    # -- prompts and services --------------------------------------------------------------
+    def _prompt_image_size(self, stamp: Any) -> Optional[Tuple[int, int]]:
+        """Return the (width, height) prompts are checked against; log stale prompt stamps.
+
+        The tracker holds the features of the latest processed frame only, so every prompt
+        applies there; a prompt stamped for an older frame is applied with a note, since the
+        fruit has usually not moved much in a few frames.
+        """
+        if not self._recent:
+            return None
+        latest_ns, _, width, height = self._recent[-1]
+        wanted = stamp_to_ns(stamp)
+        if wanted and wanted != latest_ns:
+            age = (latest_ns - wanted) * 1e-9
+            self.get_logger().info(f'prompt stamp is {age:+.3f} s from the latest processed '
+                                   'frame; applying it to the latest frame',
+                                   throttle_duration_sec=THROTTLE_S)
+        return width, height
+
+    def _on_prompt_box(self, msg: PolygonStamped) -> None:
+        try:
+            if len(msg.polygon.points) != 2:
+                raise PromptError(f'box prompt needs exactly 2 corner points, got '
+                                  f'{len(msg.polygon.points)}')
+            a, b = msg.polygon.points
+            size = self._prompt_image_size(msg.header.stamp)
+            object_id = self._require_pipeline().add_box((a.x, a.y, b.x, b.y), None, size)
+        except (PromptError, ValueError) as exc:
+            self._warn('bad_prompts', f'box prompt refused: {exc}')
+            return
+        self.get_logger().info(f'box prompt added object {object_id}')
+
+    def _on_prompt_point(self, msg: PointStamped) -> None:
+        try:
+            if msg.point.z not in (0.0, 1.0):
+                raise PromptError(f'point label z must be 1 (foreground) or 0 (background), '
+                                  f'got {msg.point.z}')
+            size = self._prompt_image_size(msg.header.stamp)
+            object_id = self._require_pipeline().add_point(
+                msg.point.x, msg.point.y, msg.point.z == 1.0, None, size)
+        except (PromptError, ValueError) as exc:
+            self._warn('bad_prompts', f'point prompt refused: {exc}')
+            return
+        self.get_logger().info(f'point prompt added object {object_id}')
+
+    def _on_remove_object(self, msg: UInt32) -> None:
+        try:
+            self._require_pipeline().remove_object(int(msg.data))
+        except (PromptError, ValueError, KeyError) as exc:
+            self._warn('bad_prompts', f'remove_object {msg.data} refused: {exc}')
+            return
+        self.get_logger().info(f'removed object {msg.data}')
+
+    def _require_pipeline(self) -> SegmentationPipeline:
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise PromptError('node is not configured')
+        return pipeline
+
+    def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Any:
+        try:
+            self._require_pipeline().reset()
+            self._slot.clear()
+            self._recent.clear()
+        except Exception as exc:  # noqa: BLE001 - report every failure to the caller
+            response.success, response.message = False, str(exc)
+            return response
+        response.success, response.message = True, 'tracking state reset'
+        return response
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> Any:
+        self._enabled = bool(request.data)
+        response.success = True
+        response.message = 'processing enabled' if self._enabled else 'processing disabled'
+        self.get_logger().info(response.message)
+        return response
+
+    @property
+    def enabled(self) -> bool:
+        """Whether frames are processed while active (``~/enable``)."""
+        return self._enabled
+
+    # -- parameters ------------------------------------------------------------------------
+    def _on_set_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        pipeline = self.pipeline
+        try:
+            for param in params:
+                if param.name == 'concepts':
+                    concepts = [str(c) for c in (param.value or [])]
+                    if pipeline is not None:
+                        accepted = pipeline.set_concepts(concepts)
+                        self.get_logger().info(f'concepts set to {accepted}')
+                    elif self._param('mode') == 'sam2':
+                        raise ConceptError('concepts are not used in sam2 mode')
+                    else:
+                        parse_concepts(concepts)
+                elif pipeline is None:
+                    continue
+                elif param.name == 'score_threshold':
+                    pipeline.set_score_threshold(float(param.value))
+                elif param.name == 'max_instances':
+                    pipeline.set_max_instances(int(param.value))
+                elif param.name == 'redetect_every_n':
+                    pipeline.set_redetect_every_n(int(param.value))
+        except (ConceptError, ValueError, TypeError) as exc:
+            self.get_logger().warning(f'parameter change refused: {exc}')
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    # -- diagnostics -----------------------------------------------------------------------
+    def _publish_diagnostics(self) -> None:
+        try:
+            self._diag_pub.publish(self.diagnostics())
+        except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
+            self.get_logger().error(f'diagnostics failed: {exc}', throttle_duration_sec=10.0)
+
+    def diagnostics(self) -> DiagnosticArray:
+        """Return the current DiagnosticArray (also published periodically)."""
+        now = time.monotonic()
+        stats = self.stats()
+        pipeline = self.pipeline
+        status = DiagnosticStatus(name=f'{self.get_fully_qualified_name()}: segmenter',
+                                  hardware_id=(pipeline.device or '') if pipeline else '')
+        level, message = DiagnosticStatus.OK, 'processing'
+        stale = float(self._param('stale_image_s'))
+        if pipeline is None:
+            level, message = DiagnosticStatus.WARN, 'unconfigured'
+            if self.last_error:
+                level, message = DiagnosticStatus.ERROR, self.last_error
+        elif not self._active:
+            message = 'inactive'
+        elif not self._enabled:
+            message = 'disabled via ~/enable'
+        else:
+            last = self._last_image_time
+            since = now - (last if last is not None else self._active_since)
+            if since > stale:
+                level = DiagnosticStatus.WARN
+                message = f'no image for {since:.1f} s'
+            elif stats['oom_skips'] or stats['errors']:
+                level, message = DiagnosticStatus.WARN, 'frames skipped (see counters)'
+        status.level, status.message = level, message
+        values: Dict[str, Any] = {
+            'mode': self._param('mode'),
+            'model': pipeline.model_name if pipeline else self._param('model_dir'),
+            'device': pipeline.device if pipeline else self._param('device'),
+            'tensorrt': pipeline.tensorrt_status if pipeline else 'n/a',
+            'active_concepts': ', '.join(pipeline.concepts) if pipeline else '',
+            'enabled': self._enabled,
+        }
+        values.update(stats)
+        if pipeline is not None:
+            values.update(memory_stats(pipeline.device))
+        for key, value in values.items():
+            if isinstance(value, float):
+                value = f'{value:.2f}'
+            status.values.append(KeyValue(key=key, value='' if value is None else str(value)))
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        return array
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Run the segmenter node until shutdown."""
+    rclpy.init(args=args)
+    node = SegmenterNode()
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node._stop_worker()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main(sys.argv)

@@ -1,0 +1,168 @@
+"""``video_source`` node: publish a video file or an image folder as a camera stream.
+
+Publishes ``image`` (bgr8, as OpenCV decodes it) and, when ``fx`` > 0, ``camera_info`` with
+the same header, at ``rate_hz`` (0 = the video's own frame rate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import sys
+from typing import List, Optional
+
+import cv2
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.logging import get_logger
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, Image
+
+from sam_gap_ros import image_conversion
+from sam_gap_ros.nodes.ros_utils import describe
+
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+class FrameReader:
+    """Read BGR frames from a video file or a folder of images, optionally looping."""
+
+    def __init__(self, path: str, loop: bool = True) -> None:
+        self.path = Path(path).expanduser()
+        self.loop = loop
+        self._files: List[Path] = []
+        self._capture: Optional[cv2.VideoCapture] = None
+        self._index = 0
+        if self.path.is_dir():
+            self._files = sorted(p for p in self.path.iterdir()
+                                 if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self._files:
+                raise ValueError(f"folder '{self.path}' holds no {IMAGE_SUFFIXES} images")
+        elif self.path.is_file():
+            self._capture = cv2.VideoCapture(str(self.path))
+            if not self._capture.isOpened():
+                raise ValueError(f"OpenCV cannot open video '{self.path}'")
+        else:
+            raise ValueError(f"video source '{self.path}' does not exist")
+
+    @property
+    def fps(self) -> float:
+        """Native frame rate of a video (0.0 for folders or when unknown)."""
+        if self._capture is None:
+            return 0.0
+        fps = float(self._capture.get(cv2.CAP_PROP_FPS) or 0.0)
+        return fps if np.isfinite(fps) and fps > 0 else 0.0
+
+    def read(self) -> Optional[np.ndarray]:
+        """Return the next BGR frame, or None at the end (when not looping)."""
+        for _ in range(2):
+            frame = self._next()
+            if frame is not None:
+                return frame
+            if not self.loop:
+                return None
+            self._rewind()
+        return None
+
+    def _next(self) -> Optional[np.ndarray]:
+        if self._capture is not None:
+            ok, frame = self._capture.read()
+            return frame if ok else None
+        while self._index < len(self._files):
+            path = self._files[self._index]
+            self._index += 1
+            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if frame is not None:
+                return frame
+        return None
+
+    def _rewind(self) -> None:
+        self._index = 0
+        if self._capture is not None:
+            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+
+    def close(self) -> None:
+        """Release the video file."""
+        if self._capture is not None:
+            self._capture.release()
+
+
+class VideoSourceNode(Node):
+    """Publish frames from ``FrameReader`` at a fixed rate."""
+
+    def __init__(self, node_name: str = 'video_source', **kwargs) -> None:
+        super().__init__(node_name, **kwargs)
+        for name, default, text in (
+                ('path', '', 'video file (any OpenCV format) or folder of images'),
+                ('rate_hz', 0.0, 'publish rate; 0 = the video frame rate (10 Hz for folders)'),
+                ('loop', True, 'restart at the end instead of stopping'),
+                ('frame_id', 'camera_color_optical_frame', 'frame_id of the published headers'),
+                ('fx', 0.0, 'focal length x (px) for camera_info; 0 = no camera_info'),
+                ('fy', 0.0, 'focal length y (px); 0 = fx'),
+                ('cx', -1.0, 'principal point x (px); < 0 = image centre'),
+                ('cy', -1.0, 'principal point y (px); < 0 = image centre')):
+            self.declare_parameter(name, default, describe(text, default, read_only=True))
+        self.reader = FrameReader(self.get_parameter('path').value,
+                                  bool(self.get_parameter('loop').value))
+        rate = float(self.get_parameter('rate_hz').value) or self.reader.fps or 10.0
+        self.image_pub = self.create_publisher(Image, 'image', 5)
+        self.info_pub = self.create_publisher(CameraInfo, 'camera_info', 5)
+        self.published = 0
+        self.finished = False
+        self.timer = self.create_timer(1.0 / rate, self._tick)
+        self.get_logger().info(f"publishing '{self.reader.path}' at {rate:.1f} Hz")
+
+    def _tick(self) -> None:
+        frame = self.reader.read()
+        if frame is None:
+            if not self.finished:
+                self.get_logger().info(f'end of {self.reader.path} after {self.published} frames')
+            self.finished = True
+            return
+        stamp = self.get_clock().now().to_msg()
+        msg = image_conversion.numpy_to_image_msg(frame, 'bgr8')
+        msg.header.stamp = stamp
+        msg.header.frame_id = self.get_parameter('frame_id').value
+        self.image_pub.publish(msg)
+        fx = float(self.get_parameter('fx').value)
+        if fx > 0:
+            self.info_pub.publish(self._camera_info(msg, fx))
+        self.published += 1
+
+    def _camera_info(self, image: Image, fx: float) -> CameraInfo:
+        param = self.get_parameter
+        fy = float(param('fy').value) or fx
+        cx = float(param('cx').value)
+        cy = float(param('cy').value)
+        cx = cx if cx >= 0 else (image.width - 1) / 2.0
+        cy = cy if cy >= 0 else (image.height - 1) / 2.0
+        info = CameraInfo(header=image.header, width=image.width, height=image.height)
+        info.distortion_model = 'plumb_bob'
+        info.d = [0.0] * 5
+        info.k = [fx, 0.0, cx, 0.0, fy, cy, 0.0, 0.0, 1.0]
+        info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+        info.p = [fx, 0.0, cx, 0.0, 0.0, fy, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+        return info
+
+
+def main(args: Optional[List[str]] = None) -> None:
+    """Run the video_source node until shutdown."""
+    rclpy.init(args=args)
+    try:
+        node = VideoSourceNode()
+    except ValueError as exc:
+        get_logger('video_source').fatal(str(exc))
+        rclpy.try_shutdown()
+        sys.exit(1)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.reader.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main(sys.argv)

@@ -1,0 +1,506 @@
+"""ROS-free segmentation pipeline behind the ``segmenter`` node.
+
+``SegmentationPipeline`` builds the engine for one mode (``sam2`` prompt tracking, ``sam3``
+per-frame concept segmentation, ``hybrid`` concept detection + SAM2 tracking) from local
+model directories and turns one RGB frame (+ optional depth and intrinsics) into a
+``FrameResult``: the uint16 instance-label image, instance records and 3D positions. The
+node only converts messages and manages threads; everything testable without ROS is here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+import importlib
+import logging
+import math
+from pathlib import Path
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from sam_gap_ros.engines.concept_query import parse_concepts
+from sam_gap_ros.engines.types import ConceptError, Instance, ModelLoadError, PromptError
+from sam_gap_ros.geometry import align_depth, CameraIntrinsics, depth_to_meters
+from sam_gap_ros.geometry import instance_position
+from sam_gap_ros.instances_json import InstanceRecord
+from sam_gap_ros.mask_ops import label_image, mask_centroid, mask_iou_matrix, mask_to_box
+
+MODES = ('sam2', 'sam3', 'hybrid')
+MAX_LABEL_ID = 65535
+_ID_STRIDE = 4
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """Everything needed to build and run one pipeline; validated by ``validate``."""
+
+    mode: str = 'hybrid'
+    model_dir: str = ''
+    """SAM3 model directory in sam3/hybrid mode, SAM2 model directory in sam2 mode."""
+    tracker_model_dir: str = ''
+    """SAM2 model directory for the hybrid tracker."""
+    device: str = 'auto'
+    dtype: str = 'float32'
+    engine_path: str = ''
+    concepts: Sequence[str] = ('apple',)
+    score_threshold: float = 0.5
+    max_instances: int = 50
+    redetect_every_n: int = 10
+    min_depth_pixels: int = 5
+    track_iou: float = 0.3
+    """Minimum mask IoU to keep an ID between frames in sam3 mode."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode '{self.mode}' is not one of {MODES}")
+        if not 0.0 <= float(self.score_threshold) < 1.0:
+            raise ValueError(f'score_threshold {self.score_threshold} is outside [0, 1)')
+        if int(self.max_instances) < 1:
+            raise ValueError(f'max_instances {self.max_instances} must be >= 1')
+        if int(self.redetect_every_n) < 1:
+            raise ValueError(f'redetect_every_n {self.redetect_every_n} must be >= 1')
+        if int(self.min_depth_pixels) < 1:
+            raise ValueError(f'min_depth_pixels {self.min_depth_pixels} must be >= 1')
+        if not str(self.model_dir).strip():
+            raise ValueError('model_dir is empty: set it to a local model directory')
+        if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():
+            raise ValueError('hybrid mode needs tracker_model_dir (a SAM2 model directory)')
+
+
+@dataclass
+class FrameResult:
+    """Everything the node publishes for one frame."""
+
+    frame_index: int
+    labels: np.ndarray
+    """uint16 (H, W) instance-label image, 0 = background, value = instance ID."""
+    records: List[InstanceRecord] = field(default_factory=list)
+    masks: List[np.ndarray] = field(default_factory=list)
+    """Boolean masks in the same order as ``records``."""
+    inference_s: float = 0.0
+
+    @property
+    def positions(self) -> List[Optional[Tuple[float, float, float]]]:
+        """Return each record's camera-frame position in metres (None without depth)."""
+        return [record.position for record in self.records]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a (CUDA) out-of-memory error worth skipping a frame for."""
+    import torch
+    oom = getattr(torch.cuda, 'OutOfMemoryError', None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    return isinstance(exc, RuntimeError) and 'out of memory' in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Return cached CUDA blocks to the driver (no-op without CUDA)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def memory_stats(device: Optional[str]) -> Dict[str, float]:
+    """Return process RSS and, on CUDA, allocated/reserved memory in MiB."""
+    import psutil
+    import torch
+    stats = {'rss_mib': psutil.Process().memory_info().rss / 2**20}
+    if device and device.startswith('cuda') and torch.cuda.is_available():
+        dev = torch.device(device)
+        stats['cuda_allocated_mib'] = torch.cuda.memory_allocated(dev) / 2**20
+        stats['cuda_reserved_mib'] = torch.cuda.memory_reserved(dev) / 2**20
+        stats['cuda_max_allocated_mib'] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return stats
+
+
+def wrap_label_id(instance_id: int) -> int:
+    """Map any positive ID into the mono16 label range 1..65535 (wraps after 65535)."""
+    return (int(instance_id) - 1) % MAX_LABEL_ID + 1
+
+
+class IouIdAssigner:
+    """Give per-frame detections IDs that persist while masks overlap between frames.
+
+    Used in sam3 mode, where the engine returns per-frame detections without identities;
+    Hungarian matching on mask IoU against the previous frame is cheap next to inference.
+    """
+
+    def __init__(self, min_iou: float = 0.3) -> None:
+        self.min_iou = float(min_iou)
+        self._prev_masks: List[np.ndarray] = []
+        self._prev_ids: List[int] = []
+        self._next_id = 1
+
+    def assign(self, masks: Sequence[np.ndarray]) -> List[int]:
+        """Return one ID per mask, reusing the previous frame's IDs for matched masks."""
+        ids: List[Optional[int]] = [None] * len(masks)
+        # Matching needs only approximate IoU: a 4x subsampled grid is 16x cheaper.
+        small = [np.ascontiguousarray(m[::_ID_STRIDE, ::_ID_STRIDE]) for m in masks]
+        if small and self._prev_masks:
+            iou = mask_iou_matrix(small, self._prev_masks)
+            rows, cols = linear_sum_assignment(-iou)
+            for row, col in zip(rows, cols, strict=True):
+                if iou[row, col] >= self.min_iou:
+                    ids[row] = self._prev_ids[col]
+        for index, value in enumerate(ids):
+            if value is None:
+                ids[index] = self._next_id
+                self._next_id += 1
+        self._prev_masks = small
+        self._prev_ids = [int(i) for i in ids]
+        return [int(i) for i in ids]
+
+    def reset(self) -> None:
+        """Forget all identities."""
+        self._prev_masks, self._prev_ids, self._next_id = [], [], 1
+
+
+class SegmentationPipeline:
+    """Build the engine for a mode and process frames into ``FrameResult`` objects.
+
+    All public methods are serialised by one lock, so the node's parameter callbacks and
+    prompt subscriptions can run while its worker thread is inside ``process``.
+    """
+
+    def __init__(self, config: PipelineConfig, logger: Any = None) -> None:
+        config.validate()
+        self._logger = logger if logger is not None else _LOG
+        self.config = replace(config, concepts=list(config.concepts))
+        self._lock = threading.RLock()
+        self._engine: Any = None
+        self._tracker: Any = None
+        self._ids = IouIdAssigner(config.track_iou)
+        self._frame_index = -1
+        self._next_object_id = 1
+        self._pending_prompts: List[Dict[str, Any]] = []
+        self._image_size: Optional[Tuple[int, int]] = None
+        self.device: Optional[str] = None
+        self.tensorrt_status = 'not requested'
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the model(s); raise ModelLoadError / ValueError with a clear reason."""
+        from sam_gap_ros.engines.loading import resolve_device
+        with self._lock:
+            cfg = self.config
+            device = resolve_device(cfg.device)
+            self.device = str(device)
+            if cfg.mode == 'sam2':
+                self._tracker = self._load_tracker(cfg.model_dir, device)
+                self._engine = self._tracker
+            else:
+                concept_engine = self._load_concepts(cfg.model_dir, device)
+                try:
+                    concept_engine.set_concepts(list(cfg.concepts))
+                except ConceptError as exc:
+                    raise ValueError(f'invalid concepts {list(cfg.concepts)}: {exc}') from exc
+                if cfg.mode == 'sam3':
+                    self._engine = concept_engine
+                else:
+                    from sam_gap_ros.engines.hybrid import HybridTracker
+                    self._tracker = self._load_tracker(cfg.tracker_model_dir, device)
+                    self._engine = HybridTracker(concept_engine, self._tracker,
+                                                 redetect_every_n=int(cfg.redetect_every_n))
+            self.tensorrt_status = self._install_tensorrt()
+            self._frame_index = -1
+
+    def _load_tracker(self, model_dir: str, device: Any) -> Any:
+        from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+        return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype)
+
+    def _load_concepts(self, model_dir: str, device: Any) -> Any:
+        from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+        engine = Sam3ConceptEngine.load(model_dir, device=device, dtype=self.config.dtype)
+        engine.score_threshold = float(self.config.score_threshold)
+        engine.max_instances = int(self.config.max_instances)
+        return engine
+
+    def _install_tensorrt(self) -> str:
+        """Hand ``engine_path`` to the TensorRT runtime when that module provides it."""
+        path = str(self.config.engine_path).strip()
+        if not path:
+            return 'not requested'
+        try:
+            runtime = importlib.import_module('sam_gap_ros.tensorrt.runtime')
+        except ImportError as exc:
+            return f'unavailable ({exc}); using PyTorch'
+        install = getattr(runtime, 'install', None)
+        if install is None:
+            return 'unavailable (sam_gap_ros.tensorrt.runtime has no install()); using PyTorch'
+        try:
+            choice = install(self._engine, path, logger=self._logger)
+        except Exception as exc:  # noqa: BLE001 - any TensorRT failure falls back to PyTorch
+            return f'failed ({exc}); using PyTorch'
+        backend = getattr(choice, 'backend', 'unknown')
+        reason = getattr(choice, 'reason', '')
+        return f'{backend}: {reason}' if reason else str(backend)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether a model is loaded."""
+        return self._engine is not None
+
+    def unload(self) -> None:
+        """Drop the model(s) and free cached accelerator memory."""
+        with self._lock:
+            self._engine = None
+            self._tracker = None
+            self._pending_prompts.clear()
+            self._ids.reset()
+            self._frame_index = -1
+        release_cached_memory()
+
+    @property
+    def model_name(self) -> str:
+        """Short model description for diagnostics and the instances document."""
+        names = [Path(self.config.model_dir).name or str(self.config.model_dir)]
+        if self.config.mode == 'hybrid':
+            names.append(Path(self.config.tracker_model_dir).name)
+        return '+'.join(names)
+
+    @property
+    def frame_index(self) -> int:
+        """Index of the last processed frame (-1 before the first)."""
+        return self._frame_index
+
+    # -- runtime settings ------------------------------------------------------------------
+    @property
+    def concepts(self) -> List[str]:
+        """Active concept strings (empty in sam2 mode)."""
+        return [] if self.config.mode == 'sam2' else list(self.config.concepts)
+
+    def set_concepts(self, concepts: Sequence[str]) -> List[str]:
+        """Replace the concept set; raise ConceptError and keep the old set when invalid."""
+        concepts = [str(c) for c in concepts]
+        with self._lock:
+            if self.config.mode == 'sam2':
+                raise ConceptError('concepts are not used in sam2 mode (prompt objects instead)')
+            if self._engine is None:
+                # Same grammar check the engine applies; the model is not needed for it.
+                accepted = [query.text for query in parse_concepts(concepts)]
+                self.config.concepts = accepted
+                return accepted
+            accepted = list(self._engine.set_concepts(concepts))
+            self.config.concepts = accepted
+            return accepted
+
+    def set_score_threshold(self, value: float) -> None:
+        """Change the detection score threshold (sam3/hybrid)."""
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f'score_threshold {value} is outside [0, 1)')
+        with self._lock:
+            self.config.score_threshold = float(value)
+            self._set_on_concept_engine('score_threshold', float(value))
+
+    def set_max_instances(self, value: int) -> None:
+        """Change the maximum number of instances per frame (sam3/hybrid)."""
+        if value < 1:
+            raise ValueError(f'max_instances {value} must be >= 1')
+        with self._lock:
+            self.config.max_instances = int(value)
+            self._set_on_concept_engine('max_instances', int(value))
+
+    def set_redetect_every_n(self, value: int) -> None:
+        """Change how often hybrid mode re-runs concept detection."""
+        if value < 1:
+            raise ValueError(f'redetect_every_n {value} must be >= 1')
+        with self._lock:
+            self.config.redetect_every_n = int(value)
+            if self.config.mode == 'hybrid' and self._engine is not None:
+                self._engine.redetect_every_n = int(value)
+
+    def _set_on_concept_engine(self, name: str, value: Any) -> None:
+        if self._engine is None or self.config.mode == 'sam2':
+            return
+        target = self._engine
+        if self.config.mode == 'hybrid':
+            target = getattr(self._engine, 'concept_engine', None)
+        if target is not None:
+            setattr(target, name, value)
+
+    # -- SAM2 prompts ----------------------------------------------------------------------
+    def add_box(self, box: Sequence[float], frame_index: Optional[int] = None,
+                image_size: Optional[Tuple[int, int]] = None) -> int:
+        """Add a box-prompted object (sam2 mode); return its new object ID."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, x1 = min(x0, x1), max(x0, x1)
+        y0, y1 = min(y0, y1), max(y0, y1)
+        _check_in_image([(x0, y0), (x1, y1)], image_size)
+        if x1 - x0 < 1 or y1 - y0 < 1:
+            raise PromptError(f'box {box} is empty (needs >= 1 px width and height)')
+        return self._add_prompt({'boxes': [[x0, y0, x1, y1]]}, frame_index)
+
+    def add_point(self, x: float, y: float, positive: bool = True,
+                  frame_index: Optional[int] = None,
+                  image_size: Optional[Tuple[int, int]] = None) -> int:
+        """Add a point-prompted object (sam2 mode); return its new object ID."""
+        _check_in_image([(float(x), float(y))], image_size)
+        return self._add_prompt(
+            {'points': [[[float(x), float(y)]]], 'labels': [[1 if positive else 0]]}, frame_index)
+
+    def _add_prompt(self, prompt: Dict[str, Any], frame_index: Optional[int]) -> int:
+        with self._lock:
+            if self.config.mode != 'sam2':
+                raise PromptError(f'prompts need mode sam2 (current mode {self.config.mode})')
+            if self._tracker is None:
+                raise PromptError('no model loaded')
+            known = [int(i) for i in self._tracker.object_ids]
+            known += [i for p in self._pending_prompts for i in p['object_ids']]
+            object_id = max([self._next_object_id] + [i + 1 for i in known])
+            if self._tracker.frame_index < 0:
+                # The tracker needs a frame to attach a prompt to: keep it for the first frame.
+                self._pending_prompts.append(dict(prompt, object_ids=[object_id]))
+            else:
+                self._tracker.add_objects(frame_index, object_ids=[object_id], **prompt)
+            self._next_object_id = object_id + 1
+            return object_id
+
+    def remove_object(self, object_id: int) -> None:
+        """Remove a prompted object (sam2 mode); raise PromptError for an unknown ID."""
+        with self._lock:
+            if self.config.mode != 'sam2':
+                # Hybrid tracks are owned by the re-detection logic; sam3 has no tracks.
+                raise PromptError(f'remove_object needs mode sam2 (current mode '
+                                  f'{self.config.mode})')
+            if self._tracker is None:
+                raise PromptError('no model loaded')
+            pending = [p for p in self._pending_prompts if object_id in p['object_ids']]
+            if pending:
+                self._pending_prompts.remove(pending[0])
+                return
+            self._tracker.remove_object(int(object_id))
+
+    @property
+    def object_ids(self) -> List[int]:
+        """Return the IDs of the objects tracked now (sam2 prompts or hybrid tracks)."""
+        with self._lock:
+            if self.config.mode == 'hybrid' and self._engine is not None:
+                return [int(i) for i in self._engine.track_ids]
+            if self._tracker is None:
+                return []
+            pending = [i for p in self._pending_prompts for i in p['object_ids']]
+            return [int(i) for i in self._tracker.object_ids] + pending
+
+    def reset(self) -> None:
+        """Forget all tracked objects and identities; keep the model and concepts."""
+        with self._lock:
+            if self.config.mode == 'hybrid' and self._engine is not None:
+                self._engine.reset()  # also resets its SAM2 tracker
+            elif self._tracker is not None:
+                self._tracker.reset()
+            self._ids.reset()
+            self._pending_prompts.clear()
+            self._frame_index = -1
+
+    # -- processing ------------------------------------------------------------------------
+    def process(self, rgb: np.ndarray, depth: Optional[np.ndarray] = None,
+                depth_encoding: str = '16UC1',
+                intrinsics: Optional[CameraIntrinsics] = None) -> FrameResult:
+        """Segment one RGB uint8 (H, W, 3) frame; add 3D positions when depth is given."""
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f'frame must be RGB uint8 (H, W, 3), got {rgb.shape} {rgb.dtype}')
+        height, width = rgb.shape[:2]
+        depth_m = None
+        if depth is not None:
+            depth_m = align_depth(depth_to_meters(depth, depth_encoding), (height, width))
+        with self._lock:
+            if self._engine is None:
+                raise RuntimeError('pipeline is not loaded')
+            if self._image_size not in (None, (height, width)) and self.config.mode != 'sam3':
+                # Tracker memories and prompts are tied to one resolution: start over.
+                self._logger.warning(f'input size changed from {self._image_size} to '
+                                     f'{(height, width)}: tracking state reset')
+                self.reset()
+            self._image_size = (height, width)
+            start = time.perf_counter()
+            ids, labels_txt, scores, masks = self._run(rgb)
+            inference_s = time.perf_counter() - start
+            self._frame_index += 1
+            frame_index = self._frame_index
+        records: List[InstanceRecord] = []
+        for object_id, text, score, mask in zip(ids, labels_txt, scores, masks,
+                                                strict=True):
+            records.append(self._record(object_id, text, score, mask, depth_m, intrinsics))
+        labels = label_image(masks, ids, (height, width), scores)
+        return FrameResult(frame_index, labels, records, masks, inference_s)
+
+    def _record(self, object_id: int, text: str, score: float, mask: np.ndarray,
+                depth_m: Optional[np.ndarray],
+                intrinsics: Optional[CameraIntrinsics]) -> InstanceRecord:
+        """Describe one mask; pixel statistics run on its box crop (masks are mostly empty)."""
+        box = mask_to_box(mask)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        crop = mask[y0:y1, x0:x1]
+        cx, cy = mask_centroid(crop)
+        position = None
+        if depth_m is not None and intrinsics is not None:
+            position = instance_position(mask, depth_m, intrinsics,
+                                         int(self.config.min_depth_pixels),
+                                         crop_box=(x0, y0, x1, y1))
+        return InstanceRecord(object_id, text, score, box, int(np.count_nonzero(crop)),
+                              (cx + x0, cy + y0), position)
+
+    def _run(self, rgb: np.ndarray) -> Tuple[List[int], List[str], List[float], List[np.ndarray]]:
+        """Run the engine; return non-empty instances as (ids, labels, scores, masks)."""
+        mode = self.config.mode
+        if mode == 'sam2':
+            result = self._track_sam2(rgb)
+            objects = [o for o in result.objects if o.present and o.area > 0]
+            return ([wrap_label_id(o.object_id) for o in objects], ['object'] * len(objects),
+                    [_sigmoid(o.score) for o in objects], [o.mask for o in objects])
+        if mode == 'sam3':
+            instances = [i for i in self._engine.segment(rgb) if i.area > 0]
+            ids = self._ids.assign([i.mask for i in instances])
+        else:
+            instances = [i for i in self._engine.step(rgb) if i.area > 0]
+            ids = [_require_id(i) for i in instances]
+        return ([wrap_label_id(i) for i in ids], [i.concept for i in instances],
+                [float(i.score) for i in instances], [i.mask for i in instances])
+
+    def _track_sam2(self, rgb: np.ndarray) -> Any:
+        result = self._tracker.track(rgb)
+        if self._pending_prompts:
+            # Prompts that arrived before the first frame attach to this one; the tracker
+            # applies them on the cached features and updates its last result.
+            pending, self._pending_prompts = self._pending_prompts, []
+            for prompt in pending:
+                self._tracker.add_objects(None, **prompt)
+            result = self._tracker.last_result
+        return result
+
+
+def _require_id(instance: Instance) -> int:
+    if instance.instance_id is None:
+        raise RuntimeError('hybrid engine returned an instance without instance_id')
+    return int(instance.instance_id)
+
+
+def _sigmoid(logit: float) -> float:
+    logit = float(logit)
+    if logit >= 0:
+        return 1.0 / (1.0 + math.exp(-logit))
+    exp = math.exp(logit)
+    return exp / (1.0 + exp)
+
+
+def _check_in_image(points: Sequence[Tuple[float, float]],
+                    image_size: Optional[Tuple[int, int]]) -> None:
+    for x, y in points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise PromptError(f'prompt coordinate ({x}, {y}) is not finite')
+        if image_size is not None:
+            width, height = image_size
+            if not (0 <= x <= width and 0 <= y <= height):
+                raise PromptError(f'prompt point ({x:.1f}, {y:.1f}) lies outside the '
+                                  f'{width}x{height} image')
+
+
+__all__ = ['FrameResult', 'IouIdAssigner', 'MODES', 'ModelLoadError', 'PipelineConfig',
+           'SegmentationPipeline', 'is_out_of_memory', 'memory_stats', 'release_cached_memory',
+           'wrap_label_id']

@@ -1,0 +1,221 @@
+"""ROS-free streaming helpers for the segmenter node.
+
+* ``StampPairer``: pairs colour frames with depth frames by header stamp within a bounded
+  tolerance (message_filters' ApproximateTime role, without the dependency).
+* ``LatestSlot``: a one-element mailbox; a newer item replaces an unprocessed older one,
+  which is counted as dropped, so inference latency never accumulates behind a queue.
+* ``RateMeter`` and ``LatencyWindow``: sliding-window statistics for diagnostics.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+import threading
+from typing import Any, Deque, Generic, List, Optional, Tuple, TypeVar
+
+import numpy as np
+
+T = TypeVar('T')
+
+
+@dataclass
+class Paired:
+    """A colour item with its matched depth item (None when unmatched or depth disabled)."""
+
+    stamp: float
+    primary: Any
+    secondary: Any = None
+
+
+class StampPairer:
+    """Pair primary (colour) and secondary (depth) items whose stamps differ <= ``tolerance``.
+
+    A primary is released as soon as a secondary within tolerance is known. It is released
+    unpaired (and counted) when waiting is pointless: a secondary newer than
+    ``stamp + tolerance`` has arrived (streams are stamp-ordered), or it waited
+    ``max_wait`` seconds of receive time (depth stream stalled). Only the newest
+    ``max_pending`` primaries wait; older ones are dropped and counted.
+    """
+
+    def __init__(self, tolerance: float, max_wait: float, max_pending: int = 4,
+                 max_secondary: int = 8) -> None:
+        if tolerance < 0 or max_wait < 0:
+            raise ValueError('tolerance and max_wait must be >= 0')
+        self.tolerance = float(tolerance)
+        self.max_wait = float(max_wait)
+        self._pending: Deque[Tuple[float, float, Any]] = deque()
+        self._max_pending = max(1, int(max_pending))
+        self._secondary: Deque[Tuple[float, Any]] = deque(maxlen=max(1, int(max_secondary)))
+        self.unpaired = 0
+        self.dropped = 0
+
+    def add_primary(self, stamp: float, item: Any, now: float) -> List[Paired]:
+        """Offer a colour item received at ``now``; return the pairs that became ready."""
+        match = self._best_secondary(stamp)
+        if match is not None:
+            return self._expire(now) + [Paired(stamp, item, match)]
+        self._pending.append((stamp, now, item))
+        while len(self._pending) > self._max_pending:
+            self._pending.popleft()
+            self.dropped += 1
+        return self._expire(now)
+
+    def add_secondary(self, stamp: float, item: Any, now: float) -> List[Paired]:
+        """Offer a depth item; return the pending colour items it completes or expires."""
+        self._secondary.append((stamp, item))
+        ready: List[Paired] = []
+        still: Deque[Tuple[float, float, Any]] = deque()
+        for p_stamp, received, p_item in self._pending:
+            match = self._best_secondary(p_stamp)
+            if match is not None:
+                ready.append(Paired(p_stamp, p_item, match))
+            else:
+                still.append((p_stamp, received, p_item))
+        self._pending = still
+        return ready + self._expire(now)
+
+    def poll(self, now: float) -> List[Paired]:
+        """Release primaries whose wait for depth has run out."""
+        return self._expire(now)
+
+    def clear(self) -> None:
+        """Forget everything pending (e.g. on deactivate); pending colour items are dropped."""
+        self.dropped += len(self._pending)
+        self._pending.clear()
+        self._secondary.clear()
+
+    @property
+    def pending(self) -> int:
+        """Return the number of colour items waiting for depth."""
+        return len(self._pending)
+
+    def _best_secondary(self, stamp: float) -> Any:
+        best, best_dt = None, None
+        for s_stamp, s_item in self._secondary:
+            dt = abs(s_stamp - stamp)
+            if dt <= self.tolerance and (best_dt is None or dt < best_dt):
+                best, best_dt = s_item, dt
+        return best
+
+    def _expire(self, now: float) -> List[Paired]:
+        newest = max((s for s, _ in self._secondary), default=None)
+        ready: List[Paired] = []
+        still: Deque[Tuple[float, float, Any]] = deque()
+        for p_stamp, received, p_item in self._pending:
+            passed = newest is not None and newest > p_stamp + self.tolerance
+            if passed or now - received >= self.max_wait:
+                self.unpaired += 1
+                ready.append(Paired(p_stamp, p_item, None))
+            else:
+                still.append((p_stamp, received, p_item))
+        self._pending = still
+        return ready
+
+
+class LatestSlot(Generic[T]):
+    """Thread-safe single-item mailbox: ``put`` overwrites, ``take`` blocks until an item."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Optional[T] = None
+        self._has_item = False
+        self._closed = False
+        self.put_count = 0
+        self.dropped = 0
+
+    def put(self, item: T) -> None:
+        """Store ``item``; an older item not yet taken is dropped and counted."""
+        with self._cond:
+            if self._has_item:
+                self.dropped += 1
+            self._item, self._has_item = item, True
+            self.put_count += 1
+            self._cond.notify()
+
+    def take(self, timeout: Optional[float] = None) -> Optional[T]:
+        """Return the newest item, or None on timeout or after ``close``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._has_item or self._closed, timeout):
+                return None
+            if not self._has_item:
+                return None
+            item, self._item, self._has_item = self._item, None, False
+            return item
+
+    def clear(self) -> bool:
+        """Discard a waiting item (counted as dropped); return whether there was one."""
+        with self._cond:
+            had = self._has_item
+            if had:
+                self.dropped += 1
+            self._item, self._has_item = None, False
+            return had
+
+    def close(self) -> None:
+        """Wake every waiting ``take`` and make further takes return None."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def reopen(self) -> None:
+        """Allow takes again after ``close``."""
+        with self._cond:
+            self._closed = False
+
+
+class RateMeter:
+    """Events per second over a sliding time window."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self.window = float(window)
+        self._times: Deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def tick(self, now: float) -> None:
+        """Record one event at time ``now`` (seconds, monotonic)."""
+        with self._lock:
+            self._times.append(now)
+            self._trim(now)
+
+    def rate(self, now: float) -> float:
+        """Return the event rate in Hz over the window ending at ``now``."""
+        with self._lock:
+            self._trim(now)
+            if len(self._times) < 2:
+                return 0.0
+            span = max(now - self._times[0], self._times[-1] - self._times[0])
+            return (len(self._times) - 1) / span if span > 0 else 0.0
+
+    def last(self) -> Optional[float]:
+        """Return the time of the newest event, or None if none in the window."""
+        with self._lock:
+            return self._times[-1] if self._times else None
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+
+
+class LatencyWindow:
+    """Percentiles over the last ``size`` latency samples (seconds in, ms out)."""
+
+    def __init__(self, size: int = 200) -> None:
+        self._values: Deque[float] = deque(maxlen=max(1, int(size)))
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        """Record one latency sample in seconds."""
+        with self._lock:
+            self._values.append(float(seconds))
+
+    def percentile_ms(self, q: float) -> Optional[float]:
+        """Return the q-th percentile in milliseconds, or None without samples."""
+        with self._lock:
+            if not self._values:
+                return None
+            return float(np.percentile(np.fromiter(self._values, dtype=np.float64), q) * 1e3)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._values)

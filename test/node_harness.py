@@ -1,0 +1,130 @@
+"""Shared helpers for the in-process node tests: isolated rclpy context + probe node."""
+
+import time
+import uuid
+
+import numpy as np
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+
+from sam_gap_ros.image_conversion import numpy_to_image_msg
+
+H, W = 96, 128
+K = [100.0, 0.0, 64.0, 0.0, 100.0, 48.0, 0.0, 0.0, 1.0]
+# Discovery inside one context is immediate, but the 2-core CI box can be very loaded.
+TIMEOUT_S = 30.0
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+
+
+def make_frame(index, seed=0):
+    """Return an RGB frame with a bright square moving right over textured noise."""
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
+    x = 20 + 2 * (index % 20)
+    frame[30:60, x:x + 30] = 250
+    return frame
+
+
+def make_depth(mm=1500):
+    depth = np.full((H, W), mm, dtype=np.uint16)
+    depth[:, :8] = 0  # a strip without returns
+    return depth
+
+
+class Harness:
+    """An isolated rclpy context with an executor and a probe node for pub/sub."""
+
+    def __init__(self):
+        self.context = Context()
+        rclpy.init(context=self.context)
+        self.ns = '/t' + uuid.uuid4().hex[:10]
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.probe = rclpy.create_node('probe', namespace=self.ns, context=self.context)
+        self.executor.add_node(self.probe)
+        self.nodes = []
+        self.received = {}
+        self._pubs = {}
+
+    def add(self, node):
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def make_segmenter(self, name='segmenter', **params):
+        from sam_gap_ros.nodes.segmenter import SegmenterNode
+        overrides = [Parameter(key, value=value) for key, value in params.items()]
+        node = SegmenterNode(name, namespace=self.ns, context=self.context,
+                             parameter_overrides=overrides)
+        return self.add(node)
+
+    def subscribe(self, msg_type, topic, qos=RELIABLE):
+        store = self.received.setdefault(topic, [])
+        self.probe.create_subscription(msg_type, topic, store.append, qos)
+        return store
+
+    def publisher(self, msg_type, topic, qos=RELIABLE):
+        if topic not in self._pubs:
+            self._pubs[topic] = self.probe.create_publisher(msg_type, topic, qos)
+        return self._pubs[topic]
+
+    def publish_frame(self, index, stamp_ns, depth=None, encoding='rgb8', frame=None):
+        frame = make_frame(index) if frame is None else frame
+        msg = numpy_to_image_msg(frame, encoding)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        msg.header.frame_id = 'cam'
+        self.publisher(Image, f'{self.ns}/image').publish(msg)
+        if depth is not None:
+            depth_msg = numpy_to_image_msg(depth, '16UC1' if depth.dtype == np.uint16 else '32FC1',
+                                           msg.header)
+            info = CameraInfo(header=msg.header, width=W, height=H)
+            info.k = K
+            self.publisher(CameraInfo, f'{self.ns}/camera_info').publish(info)
+            self.publisher(Image, f'{self.ns}/depth').publish(depth_msg)
+        return msg
+
+    def spin_until(self, condition, timeout=TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            self.executor.spin_once(timeout_sec=0.02)
+        return bool(condition())
+
+    def call(self, client, request, timeout=TIMEOUT_S):
+        assert self.spin_until(lambda: client.service_is_ready(), timeout), 'service not ready'
+        future = client.call_async(request)
+        assert self.spin_until(future.done, timeout), 'service call timed out'
+        return future.result()
+
+    def close(self):
+        for node in self.nodes:
+            teardown = getattr(node, '_teardown', None)
+            if teardown is not None:
+                teardown()
+        self.executor.shutdown()
+        for node in self.nodes + [self.probe]:
+            node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def save_present_sam2(path, seed=0):
+    """Save a tiny SAM2 whose object-score head judges every object present.
+
+    Random weights give an arbitrary presence decision; the bias makes prompted objects
+    produce masks, so the outputs have content (the architecture and code path are real).
+    """
+    import torch
+
+    from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor, build_tiny_sam2
+    model = build_tiny_sam2(seed=seed, image_size=64)
+    with torch.no_grad():
+        head = model.mask_decoder.pred_obj_score_head.proj_out
+        head.weight.zero_()
+        head.bias.fill_(3.0)
+    model.save_pretrained(path, safe_serialization=True)
+    build_sam2_video_processor(model.config.image_size).save_pretrained(path)
+    return path

@@ -1,0 +1,28 @@
+"""`make demo` path: a short run writes summary.json and overlay images."""
+
+import json
+
+import torch
+
+from sam_gap_ros import demo
+
+
+def test_short_demo_run_writes_summary_and_overlays(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = demo.run_demo(tmp_path, duration=4.0, mode='sam2', rate_hz=5.0, width=128,
+                                height=96, concepts=['apple'])
+    finally:
+        torch.set_num_threads(threads)
+    written = json.loads((tmp_path / 'summary.json').read_text())
+    assert written == json.loads(json.dumps(summary))
+    for key in ('frames_in', 'frames_processed', 'frames_dropped', 'latency_ms_p50',
+                'latency_ms_p95', 'instances_per_frame_mean', 'model'):
+        assert key in written, key
+    assert written['frames_processed'] >= 3
+    assert written['frames_in'] == written['frames_processed'] + written['frames_dropped']
+    assert written['errors'] == 0 and written['bad_input'] == 0
+    assert 'RANDOM' in written['model'] or 'trained' in written['model']
+    assert (tmp_path / 'overlay_strip.png').is_file()
+    assert list(tmp_path.glob('overlay_0*.png'))

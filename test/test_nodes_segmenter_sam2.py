@@ -1,0 +1,301 @@
+"""Segmenter node end to end in sam2 mode: outputs, prompts, services, bad input, lifecycle."""
+
+import math
+
+from diagnostic_msgs.msg import DiagnosticStatus
+from geometry_msgs.msg import Point32, PointStamped, PolygonStamped, PoseArray
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
+import numpy as np
+import pytest
+from rcl_interfaces.srv import SetParameters
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
+from std_msgs.msg import String, UInt32
+from std_srvs.srv import SetBool, Trigger
+import torch
+
+from node_harness import H, Harness, make_depth, save_present_sam2, W
+from sam_gap_ros import instances_json
+from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_image_msg
+
+
+@pytest.fixture(scope='module')
+def sam2_dir(tmp_path_factory):
+    return str(save_present_sam2(tmp_path_factory.mktemp('sam2') / 'tiny-sam2'))
+
+
+@pytest.fixture
+def ros():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    harness = Harness()
+    yield harness
+    harness.close()
+    torch.set_num_threads(threads)
+
+
+def _box(ros, x0, y0, x1, y1):
+    msg = PolygonStamped()
+    msg.polygon.points = [Point32(x=float(x0), y=float(y0)), Point32(x=float(x1), y=float(y1))]
+    ros.publisher(PolygonStamped, f'{ros.ns}/segmenter/prompt_box').publish(msg)
+
+
+def _stamp_ns(msg):
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=1.0)
+    assert node.pipeline is not None and node._active
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    poses = ros.subscribe(PoseArray, f'{ros.ns}/segmenter/fruit_poses')
+    overlay = ros.subscribe(Image, f'{ros.ns}/segmenter/overlay')
+    base = 1_000_000_000
+    ros.publish_frame(0, base, depth=make_depth())
+    assert ros.spin_until(lambda: len(docs) >= 1), 'no output for the first frame'
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [1])
+    sent = []
+    for i in range(1, 4):
+        # One frame at a time: this test is about content, not about dropping.
+        sent.append(ros.publish_frame(i, base + i * 50_000_000, depth=make_depth()))
+        assert ros.spin_until(lambda n=i + 1: node.stats()['frames_processed'] >= n)
+    assert ros.spin_until(lambda: len(docs) >= 4 and len(masks) >= 4 and len(poses) >= 4
+                          and len(overlay) >= 1)
+    sent_stamps = {_stamp_ns(m) for m in sent}
+    last_mask = masks[-1]
+    assert _stamp_ns(last_mask) in sent_stamps and last_mask.header.frame_id == 'cam'
+    assert (last_mask.height, last_mask.width, last_mask.encoding) == (H, W, 'mono16')
+    labels = image_msg_to_numpy(last_mask)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['header']['stamp']['sec'] * 10**9 + doc['header']['stamp']['nanosec'] \
+        == _stamp_ns(last_mask)
+    assert doc['mode'] == 'sam2' and doc['image'] == {'width': W, 'height': H}
+    assert [inst['id'] for inst in doc['instances']] == [1]
+    inst = doc['instances'][0]
+    assert inst['area'] == int((labels == 1).sum()) > 0
+    assert set(np.unique(labels)) <= {0, 1}
+    # 1.5 m everywhere except an invalid strip: the median must ignore the zeros.
+    assert inst['position'][2] == pytest.approx(1.5)
+    x, y, z = inst['position']
+    # JSON keeps 4 decimals (0.1 mm), so the reprojection matches to ~0.01 px.
+    reprojected = (x * 100.0 / z + 64.0, y * 100.0 / z + 48.0)
+    assert reprojected == pytest.approx(inst['centroid'], abs=0.01)
+    last_poses = poses[-1]
+    assert _stamp_ns(last_poses) == _stamp_ns(last_mask)
+    assert len(last_poses.poses) == 1 and last_poses.poses[0].position.z == pytest.approx(1.5)
+    assert overlay[-1].encoding == 'rgb8' and (overlay[-1].height, overlay[-1].width) == (H, W)
+    stats = node.stats()
+    assert stats['frames_processed'] >= 4 and stats['bad_input'] == 0
+    assert stats['latency_ms_p50'] is not None
+
+
+def test_prompts_remove_reset_enable_and_refused_concepts(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    _box(ros, 20, 30, 50, 60)
+    point = PointStamped()
+    point.point.x, point.point.y, point.point.z = 90.0, 40.0, 1.0
+    ros.publisher(PointStamped, f'{ros.ns}/segmenter/prompt_point').publish(point)
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [1, 2])
+    ros.publisher(UInt32, f'{ros.ns}/segmenter/remove_object').publish(UInt32(data=1))
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [2])
+    ros.publish_frame(1, 2 * 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 2)
+    assert [i['id'] for i in instances_json.loads(docs[-1].data)['instances']] == [2]
+
+    # Unknown ID, a point outside the image and a bad label: refused, counted, node alive.
+    ros.publisher(UInt32, f'{ros.ns}/segmenter/remove_object').publish(UInt32(data=77))
+    _box(ros, 100, 10, 400, 50)
+    point.point.z = 0.5
+    ros.publisher(PointStamped, f'{ros.ns}/segmenter/prompt_point').publish(point)
+    assert ros.spin_until(lambda: node.stats()['bad_prompts'] == 3)
+    assert node.pipeline.object_ids == [2]
+
+    enable = ros.probe.create_client(SetBool, f'{ros.ns}/segmenter/enable')
+    assert ros.call(enable, SetBool.Request(data=False)).success
+    ros.publish_frame(2, 3 * 10**9)
+    assert ros.spin_until(lambda: node.stats()['disabled_skips'] >= 1)
+    assert len(docs) == 2
+    assert ros.call(enable, SetBool.Request(data=True)).success
+    ros.publish_frame(3, 4 * 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 3)
+
+    reset = ros.probe.create_client(Trigger, f'{ros.ns}/segmenter/reset')
+    assert ros.call(reset, Trigger.Request()).success
+    assert node.pipeline.object_ids == []
+
+    # Concepts mean nothing in sam2 mode: the parameter service refuses with a reason.
+    set_params = ros.probe.create_client(SetParameters, f'{ros.ns}/segmenter/set_parameters')
+    request = SetParameters.Request(
+        parameters=[Parameter('concepts', value=['apple']).to_parameter_msg()])
+    result = ros.call(set_params, request).results[0]
+    assert not result.successful and 'sam2' in result.reason
+    # Read-only parameters cannot change at runtime either.
+    request = SetParameters.Request(
+        parameters=[Parameter('mode', value='sam3').to_parameter_msg()])
+    assert not ros.call(set_params, request).results[0].successful
+    assert node.get_parameter('mode').value == 'sam2'
+
+
+def _bad_image(kind):
+    msg = Image(height=H, width=W, encoding='rgb8', step=W * 3)
+    msg.data = bytes(H * W * 3)
+    if kind == 'size':
+        msg.data = bytes(H * W * 3 - 5)
+    elif kind == 'encoding':
+        msg.encoding = 'yuv422_weird'
+    elif kind == 'empty':
+        msg.height = msg.width = msg.step = 0
+        msg.data = b''
+    elif kind == 'huge':
+        msg.width, msg.step = 9000, 9000 * 3
+        msg.data = bytes(1)
+    return msg
+
+
+def test_bad_input_is_counted_and_the_node_keeps_running(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=0.5)
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    pub = ros.publisher(Image, f'{ros.ns}/image')
+    for count, kind in enumerate(('size', 'encoding', 'empty', 'huge'), start=1):
+        pub.publish(_bad_image(kind))
+        # One at a time so that latest-frame dropping cannot hide a bad frame.
+        counted = ros.spin_until(lambda n=count: node.stats()['bad_input'] == n)
+        assert counted, (kind, node.stats())
+    # NaN depth everywhere: frame processed, no 3D position, nothing crashes.
+    nan_depth = np.full((H, W), np.nan, dtype=np.float32)
+    ros.publish_frame(0, 10**9, depth=nan_depth)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [1])
+    ros.publish_frame(1, 2 * 10**9, depth=nan_depth)
+    assert ros.spin_until(lambda: len(docs) >= 2)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['instances'] and all(i['position'] is None for i in doc['instances'])
+    # A depth image of the wrong encoding is ignored and counted; the frame still goes out.
+    colour = ros.publish_frame(2, 3 * 10**9)
+    wrong = numpy_to_image_msg(np.zeros((H, W, 3), np.uint8), 'rgb8', colour.header)
+    ros.publisher(Image, f'{ros.ns}/depth').publish(wrong)
+    assert ros.spin_until(lambda: len(docs) >= 3 and node.stats()['bad_depth'] >= 1)
+    assert node.stats()['errors'] == 0
+    diag = node.diagnostics().status[0]
+    values = {kv.key: kv.value for kv in diag.values}
+    assert values['bad_input'] == '4' and values['mode'] == 'sam2'
+    assert diag.level == DiagnosticStatus.OK
+
+
+def test_lifecycle_via_change_state_service(ros, sam2_dir, tmp_path):
+    broken = ros.make_segmenter('broken', mode='sam2', model_dir=str(tmp_path / 'missing'),
+                                device='cpu')
+    assert broken.pipeline is None
+    assert broken._state_machine.current_state[1] == 'unconfigured'
+    assert 'does not exist' in broken.last_error
+    assert broken.diagnostics().status[0].level == DiagnosticStatus.ERROR
+
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', autostart=False,
+                              stale_image_s=0.1)
+    change = ros.probe.create_client(ChangeState, f'{ros.ns}/segmenter/change_state')
+    get = ros.probe.create_client(GetState, f'{ros.ns}/segmenter/get_state')
+    assert ros.call(get, GetState.Request()).current_state.id == State.PRIMARY_STATE_UNCONFIGURED
+
+    def transition(tid):
+        return ros.call(change, ChangeState.Request(transition=Transition(id=tid))).success
+
+    assert transition(Transition.TRANSITION_CONFIGURE)
+    assert node.pipeline is not None and node.pipeline.loaded and not node._active
+    assert ros.call(get, GetState.Request()).current_state.id == State.PRIMARY_STATE_INACTIVE
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    assert node._active and node._worker.is_alive()
+    # No image since activation -> WARN after stale_image_s.
+    assert ros.spin_until(lambda: node.diagnostics().status[0].level == DiagnosticStatus.WARN)
+    assert 'no image' in node.diagnostics().status[0].message
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    assert not node._active and node._worker is None and node.pipeline.loaded
+    assert transition(Transition.TRANSITION_CLEANUP)
+    assert node.pipeline is None
+    # Cleanup destroyed the inputs: a configure/activate cycle brings them back.
+    assert transition(Transition.TRANSITION_CONFIGURE)
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    assert not math.isnan(node.stats()['input_rate_hz'])
+
+
+def test_latest_frame_only_drops_a_burst_and_latency_stays_bounded(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [1])
+    burst = 40
+    stamps = [10**9 + i * 1_000_000 for i in range(1, burst + 1)]
+    for i, stamp in enumerate(stamps):
+        # Faster than inference: the executor hands each frame to the slot at once.
+        ros.publish_frame(i, stamp)
+        ros.executor.spin_once(timeout_sec=0.0)
+
+    def newest_done():
+        doc = instances_json.loads(docs[-1].data)
+        return doc['header']['stamp']['nanosec'] == stamps[-1] % 10**9
+
+    # The newest frame is always processed, never an old one left behind.
+    assert ros.spin_until(newest_done), node.stats()
+    stats = node.stats()
+    # Every frame that reached the node was either processed or counted as dropped (the
+    # KEEP_LAST reader queue may also discard some before the node sees them).
+    assert stats['frames_processed'] + stats['frames_dropped'] == stats['frames_in'], stats
+    assert stats['frames_dropped'] > 0, stats
+    assert stats['frames_processed'] < stats['frames_in']
+    # Latency (receive -> publish) stays near one inference: nothing queues up.
+    assert stats['latency_ms_p95'] < 20 * max(stats['inference_ms_p50'], 10.0), stats
+
+
+def test_compressed_transport_and_out_of_memory_skip(ros, sam2_dir, monkeypatch):
+    from sensor_msgs.msg import CompressedImage
+
+    from node_harness import make_frame
+    from sam_gap_ros.image_conversion import numpy_to_compressed_msg
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable', image_transport='compressed')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    pub = ros.publisher(CompressedImage, f'{ros.ns}/image/compressed')
+
+    def send(index):
+        msg = numpy_to_compressed_msg(make_frame(index), 'png')
+        msg.header.stamp.sec = index + 1
+        pub.publish(msg)
+
+    send(0)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    assert instances_json.loads(docs[-1].data)['image'] == {'width': W, 'height': H}
+
+    # Fault injection (the model itself stays real): the next inference runs out of memory.
+    real_process = node.pipeline.process
+    calls = []
+
+    def out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(node.pipeline, 'process', out_of_memory_once)
+    send(1)
+    assert ros.spin_until(lambda: node.stats()['oom_skips'] == 1)
+    status = node.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.WARN and 'skipped' in status.message
+    send(2)
+    assert ros.spin_until(lambda: len(docs) >= 2)  # still alive, next frame processed
+    assert instances_json.loads(docs[-1].data)['header']['stamp']['sec'] == 3
+    assert node.stats()['errors'] == 0

@@ -1,0 +1,132 @@
+"""Segmenter node in sam3 mode: concepts through the parameter service, outputs, markers."""
+
+from diagnostic_msgs.msg import DiagnosticArray
+import numpy as np
+import pytest
+from rcl_interfaces.srv import SetParameters
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+import torch
+from visualization_msgs.msg import Marker, MarkerArray
+
+from node_harness import Harness, make_depth
+from sam_gap_ros import instances_json
+from sam_gap_ros.image_conversion import image_msg_to_numpy
+
+
+@pytest.fixture(scope='module')
+def sam3_dir(tmp_path_factory):
+    from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
+    return str(save_tiny_sam3(tmp_path_factory.mktemp('sam3') / 'tiny-sam3', seed=0))
+
+
+@pytest.fixture
+def ros():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    harness = Harness()
+    yield harness
+    harness.close()
+    torch.set_num_threads(threads)
+
+
+def _set_concepts(ros, client, concepts):
+    request = SetParameters.Request(
+        parameters=[Parameter('concepts', value=concepts).to_parameter_msg()])
+    return ros.call(client, request).results[0]
+
+
+def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
+    # Threshold 0: a random tiny SAM3 scores ~0.25, so every query returns instances.
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', score_threshold=0.0, max_instances=4,
+                              depth_wait_s=1.0, concepts=['apple'])
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    markers = ros.subscribe(MarkerArray, f'{ros.ns}/segmenter/markers')
+    diagnostics = ros.subscribe(DiagnosticArray, '/diagnostics')
+    client = ros.probe.create_client(SetParameters, f'{ros.ns}/segmenter/set_parameters')
+
+    ros.publish_frame(0, 10**9, depth=make_depth(2000))
+    assert ros.spin_until(lambda: len(docs) >= 1 and len(masks) >= 1 and len(markers) >= 1)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['concepts'] == ['apple'] and doc['mode'] == 'sam3'
+    assert 1 <= len(doc['instances']) <= 4
+    assert {i['label'] for i in doc['instances']} == {'apple'}
+    labels = image_msg_to_numpy(masks[-1])
+    for inst in doc['instances']:
+        # Each instance owns exactly its painted pixels of the label image (or fewer where a
+        # higher-scoring overlapping instance won).
+        assert 0 < (labels == inst['id']).sum() <= inst['area']
+        assert inst['position'] is not None and inst['position'][2] == pytest.approx(2.0)
+    spheres = [m for m in markers[-1].markers if m.type == Marker.SPHERE]
+    assert markers[-1].markers[0].action == Marker.DELETEALL
+    assert sorted(m.id for m in spheres) == sorted(i['id'] for i in doc['instances'])
+
+    compositional = ['apple but not green apple', 'damaged apple near trunk']
+    result = _set_concepts(ros, client, compositional)
+    assert result.successful, result.reason
+    assert node.pipeline.concepts == compositional
+    ros.publish_frame(1, 2 * 10**9, depth=make_depth(2000))
+    assert ros.spin_until(lambda: len(docs) >= 2)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['concepts'] == compositional
+    assert {i['label'] for i in doc['instances']} <= set(compositional)
+
+    for bad in (['apple ('], [], ['apple or pear'], ['x'] * 40):
+        result = _set_concepts(ros, client, bad)
+        assert not result.successful and result.reason, bad
+        assert node.pipeline.concepts == compositional
+    assert list(node.get_parameter('concepts').value) == compositional
+
+    # Runtime threshold change through the same service reaches the engine.
+    request = SetParameters.Request(parameters=[
+        Parameter('score_threshold', value=0.99).to_parameter_msg()])
+    assert ros.call(client, request).results[0].successful
+    ros.publish_frame(2, 3 * 10**9, depth=make_depth(2000))
+    assert ros.spin_until(lambda: len(docs) >= 3 and len(masks) >= 3)
+    assert instances_json.loads(docs[-1].data)['instances'] == []
+    assert not np.any(image_msg_to_numpy(masks[-1]))
+    request = SetParameters.Request(parameters=[
+        Parameter('score_threshold', value=1.5).to_parameter_msg()])
+    assert not ros.call(client, request).results[0].successful  # outside the declared range
+
+    name = node.get_fully_qualified_name()
+    assert ros.spin_until(lambda: any(s.name.startswith(name) for d in diagnostics
+                                      for s in d.status))
+    status = [s for d in diagnostics for s in d.status if s.name.startswith(name)][-1]
+    values = {kv.key: kv.value for kv in status.values}
+    for key in ('input_rate_hz', 'processed_rate_hz', 'frames_dropped', 'latency_ms_p50',
+                'latency_ms_p95', 'device', 'rss_mib', 'mode', 'model', 'active_concepts'):
+        assert key in values, key
+    assert values['mode'] == 'sam3' and values['device'] == 'cpu'
+
+
+def test_concepts_set_while_unconfigured_are_validated_and_used(ros, sam3_dir):
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', autostart=False)
+    assert node.pipeline is None
+    bad = node.set_parameters([Parameter('concepts', value=['apple ('])])[0]
+    assert not bad.successful
+    good = node.set_parameters([Parameter('concepts', value=['yellow apple'])])[0]
+    assert good.successful
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert node.pipeline.concepts == ['yellow apple']
+
+
+def test_hybrid_node_publishes_persistent_ids(ros, sam3_dir, tmp_path):
+    from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
+    sam2_dir = str(save_tiny_sam2(tmp_path / 'sam2', seed=0, image_size=64))
+    node = ros.make_segmenter(mode='hybrid', model_dir=sam3_dir, tracker_model_dir=sam2_dir,
+                              device='cpu', input_qos='reliable', score_threshold=0.0,
+                              max_instances=3, redetect_every_n=2)
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    for count in range(1, 4):
+        ros.publish_frame(0, count * 10**9)  # a static scene
+        assert ros.spin_until(lambda n=count: len(docs) >= n)
+    ids = [[inst['id'] for inst in instances_json.loads(d.data)['instances']] for d in docs]
+    assert ids[0] and ids[2] == ids[0]
+    values = {kv.key: kv.value for kv in node.diagnostics().status[0].values}
+    assert values['mode'] == 'hybrid' and values['active_concepts'] == 'apple'
+    assert '+' in values['model']

@@ -1,0 +1,138 @@
+"""SegmentationPipeline on the real tiny engines: sam2 prompts, sam3, hybrid, depth, errors."""
+
+import numpy as np
+import pytest
+import torch
+
+from node_harness import K, make_depth, make_frame, save_present_sam2
+from sam_gap_ros.engines.types import ConceptError, ModelLoadError, PromptError
+from sam_gap_ros.geometry import CameraIntrinsics
+from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
+    from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
+    root = tmp_path_factory.mktemp('models')
+    return {'sam2': str(save_present_sam2(root / 'sam2')),
+            # Unbiased random SAM2 for hybrid: it does not overwrite the tracks' last masks
+            # with arbitrary masks, so re-detections of a static scene match them.
+            'sam2_plain': str(save_tiny_sam2(root / 'sam2_plain', seed=0, image_size=64)),
+            'sam3': str(save_tiny_sam3(root / 'sam3', seed=0))}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _pipeline(mode, models, **kwargs):
+    model_dir = models['sam2'] if mode == 'sam2' else models['sam3']
+    config = PipelineConfig(mode=mode, model_dir=model_dir,
+                            tracker_model_dir=models['sam2_plain'],
+                            device='cpu', **kwargs)
+    pipeline = SegmentationPipeline(config)
+    pipeline.load()
+    return pipeline
+
+
+def _check_consistent(result):
+    ids = [r.instance_id for r in result.records]
+    assert len(set(ids)) == len(ids)
+    for record, mask in zip(result.records, result.masks, strict=True):
+        assert record.area == int(mask.sum()) > 0
+        assert (result.labels[mask] > 0).all()  # a masked pixel always carries some ID
+        assert 0 < (result.labels == record.instance_id).sum() <= record.area
+    assert set(np.unique(result.labels)) <= {0, *ids}
+
+
+def test_sam2_prompt_before_first_frame_and_depth_positions(models):
+    pipeline = _pipeline('sam2', models)
+    assert pipeline.add_box((20, 30, 50, 60)) == 1  # no frame yet: kept for the first
+    assert pipeline.object_ids == [1]
+    intr = CameraIntrinsics.from_k(K, 128, 96)
+    result = pipeline.process(make_frame(0), make_depth(1800), '16UC1', intr)
+    assert [r.instance_id for r in result.records] == [1]
+    assert result.records[0].label == 'object' and 0.5 < result.records[0].score < 1.0
+    assert result.records[0].position[2] == pytest.approx(1.8)
+    _check_consistent(result)
+    assert pipeline.add_point(90, 40, True, image_size=(128, 96)) == 2
+    result = pipeline.process(make_frame(1))
+    assert [r.instance_id for r in result.records] == [1, 2]
+    assert all(r.position is None for r in result.records)  # no depth given
+    with pytest.raises(PromptError):
+        pipeline.add_point(200, 40, image_size=(128, 96))
+    with pytest.raises(PromptError):
+        pipeline.add_box((10, 10, 10, 40))
+    with pytest.raises(PromptError):
+        pipeline.remove_object(99)
+    with pytest.raises(ConceptError):
+        pipeline.set_concepts(['apple'])
+    pipeline.remove_object(1)
+    assert pipeline.object_ids == [2]
+    # A new camera resolution cannot continue the old tracks: they are reset, no crash.
+    bigger = pipeline.process(np.zeros((120, 160, 3), np.uint8))
+    assert bigger.labels.shape == (120, 160) and pipeline.object_ids == []
+    pipeline.reset()
+    assert pipeline.object_ids == [] and pipeline.frame_index == -1
+
+
+def test_sam3_ids_persist_on_a_static_scene_and_concepts_are_validated(models):
+    pipeline = _pipeline('sam3', models, score_threshold=0.0, max_instances=3)
+    first = pipeline.process(make_frame(0))
+    second = pipeline.process(make_frame(0))
+    assert first.records and [r.instance_id for r in first.records] == \
+        [r.instance_id for r in second.records]
+    _check_consistent(second)
+    with pytest.raises(ConceptError):
+        pipeline.set_concepts(['apple or pear'])
+    assert pipeline.concepts == ['apple']
+    assert pipeline.set_concepts(['Apple  but not green apple']) == ['apple but not green apple']
+    pipeline.set_score_threshold(0.99)
+    assert pipeline.process(make_frame(0)).records == []
+    with pytest.raises(ValueError):
+        pipeline.set_score_threshold(1.0)
+    with pytest.raises(ValueError):
+        pipeline.set_max_instances(0)
+
+
+def test_hybrid_tracks_keep_ids_between_redetections(models):
+    pipeline = _pipeline('hybrid', models, score_threshold=0.0, max_instances=3,
+                         redetect_every_n=2)
+    results = [pipeline.process(make_frame(0)) for _ in range(4)]
+    ids = [[r.instance_id for r in res.records] for res in results]
+    assert ids[0], 'hybrid found nothing on the first (re-detection) frame'
+    # Same frame again: re-detections match the live tracks, so no new IDs appear.
+    assert ids[2] == ids[0]
+    assert pipeline.object_ids == sorted(ids[0])
+    for result in results:
+        _check_consistent(result)
+    pipeline.set_redetect_every_n(5)
+    assert pipeline._engine.redetect_every_n == 5
+    with pytest.raises(PromptError):
+        pipeline.add_box((1, 1, 20, 20))
+    pipeline.reset()
+    assert pipeline.object_ids == []
+
+
+def test_load_errors_and_tensorrt_fallback(models, tmp_path):
+    bad = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'none')))
+    with pytest.raises(ModelLoadError):
+        bad.load()
+    wrong = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=models['sam2']))
+    with pytest.raises(ModelLoadError):
+        wrong.load()
+    pipeline = _pipeline('sam3', models, engine_path=str(tmp_path / 'missing.engine'))
+    assert pipeline.loaded
+    assert pipeline.tensorrt_status.startswith('pytorch')
+    assert pipeline.process(make_frame(0)).labels.shape == (96, 128)
+    with pytest.raises(ValueError):
+        pipeline.process(make_frame(0)[..., 0])
+    pipeline.unload()
+    assert not pipeline.loaded
+    with pytest.raises(RuntimeError):
+        pipeline.process(make_frame(0))

@@ -1,0 +1,110 @@
+"""Instances JSON schema, overlay rendering and sam3-mode ID persistence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sam_gap_ros import instances_json
+from sam_gap_ros.instances_json import InstanceRecord
+from sam_gap_ros.mask_ops import label_image
+from sam_gap_ros.overlay import id_color, render_overlay
+from sam_gap_ros.pipeline import IouIdAssigner, PipelineConfig, wrap_label_id
+
+
+def _doc(records):
+    return instances_json.build_document(
+        records, stamp_sec=12, stamp_nanosec=345, frame_id='cam', width=128, height=96,
+        mode='hybrid', model='tiny', frame_index=7, concepts=['apple'])
+
+
+def test_document_round_trip_and_fields():
+    records = [InstanceRecord(3, 'apple', 0.9, (1, 2, 11, 12), 80, (5.5, 6.5), (0.1, -0.2, 1.3)),
+               InstanceRecord(5, 'apple', 0.7, (20, 20, 30, 30), 90, (25.0, 25.0), None)]
+    text = instances_json.dumps(_doc(records))
+    doc = instances_json.loads(text)
+    assert doc['schema'] == instances_json.SCHEMA_NAME
+    assert doc['version'] == instances_json.SCHEMA_VERSION
+    assert doc['header'] == {'stamp': {'sec': 12, 'nanosec': 345}, 'frame_id': 'cam'}
+    assert doc['image'] == {'width': 128, 'height': 96}
+    assert [i['id'] for i in doc['instances']] == [3, 5]
+    assert doc['instances'][0]['position'] == [0.1, -0.2, 1.3]
+    assert doc['instances'][0]['pose_index'] == 0
+    assert doc['instances'][1]['position'] is None
+    assert doc['instances'][1]['pose_index'] is None
+
+
+def test_non_finite_values_are_refused():
+    bad = InstanceRecord(1, 'apple', float('nan'), (0, 0, 1, 1), 1, (0.5, 0.5))
+    with pytest.raises(ValueError):
+        instances_json.dumps(_doc([bad]))
+
+
+@pytest.mark.parametrize('mutate', [
+    lambda d: d.update(version=99),
+    lambda d: d.update(schema='other'),
+    lambda d: d.pop('instances'),
+    lambda d: d['instances'][0].pop('bbox'),
+    lambda d: d['instances'][0].update(position=[1.0]),
+])
+def test_validation_names_problems(mutate):
+    doc = _doc([InstanceRecord(1, 'apple', 0.5, (0, 0, 4, 4), 16, (2.0, 2.0))])
+    doc = json.loads(instances_json.dumps(doc))
+    mutate(doc)
+    with pytest.raises(ValueError):
+        instances_json.validate_document(doc)
+    with pytest.raises(ValueError):
+        instances_json.loads('{not json')
+
+
+def test_overlay_colours_exactly_the_labelled_pixels():
+    rgb = np.full((96, 128, 3), 40, dtype=np.uint8)
+    mask = np.zeros((96, 128), dtype=bool)
+    mask[50:70, 60:90] = True
+    labels = label_image([mask], [4], (96, 128))
+    record = InstanceRecord(4, 'apple', 0.8, (60, 50, 90, 70), int(mask.sum()), (74.5, 59.5))
+    out = render_overlay(rgb, labels, [record], alpha=0.5)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    expected = np.round(0.5 * 40 + 0.5 * np.array(id_color(4))).astype(int)
+    inner = out[55:65, 65:85].reshape(-1, 3).astype(int)
+    assert np.abs(inner - expected).max() <= 1
+    assert (out[0:40, 0:50] == 40).all()  # far from mask and text: untouched
+    assert (rgb == 40).all()  # input not modified
+    with pytest.raises(ValueError):
+        render_overlay(rgb, labels[:10], [record])
+
+
+def test_id_colours_are_stable_and_distinct():
+    assert id_color(7) == id_color(7)
+    colours = {id_color(i) for i in range(1, 20)}
+    assert len(colours) == 19
+
+
+def test_iou_ids_persist_across_frames_and_new_objects_get_new_ids():
+    def box(x):
+        mask = np.zeros((40, 60), dtype=bool)
+        mask[10:20, x:x + 10] = True
+        return mask
+    ids = IouIdAssigner(min_iou=0.3)
+    first = ids.assign([box(0), box(30)])
+    second = ids.assign([box(31), box(1), box(48)])  # swapped order, slight motion, new one
+    assert second[0] == first[1] and second[1] == first[0]
+    assert second[2] not in first
+    ids.reset()
+    assert ids.assign([box(0)]) == [1]
+
+
+def test_label_ids_wrap_into_mono16_range():
+    assert wrap_label_id(1) == 1 and wrap_label_id(65535) == 65535
+    assert wrap_label_id(65536) == 1
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match='mode'):
+        PipelineConfig(mode='yolo', model_dir='x').validate()
+    with pytest.raises(ValueError, match='model_dir'):
+        PipelineConfig(mode='sam3', model_dir=' ').validate()
+    with pytest.raises(ValueError, match='tracker_model_dir'):
+        PipelineConfig(mode='hybrid', model_dir='x').validate()
+    with pytest.raises(ValueError, match='score_threshold'):
+        PipelineConfig(mode='sam3', model_dir='x', score_threshold=1.5).validate()

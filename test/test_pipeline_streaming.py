@@ -1,0 +1,112 @@
+"""Stamp pairing, latest-frame mailbox and diagnostics statistics (ROS-free)."""
+
+import threading
+import time
+
+import pytest
+
+from sam_gap_ros.streaming import LatencyWindow, LatestSlot, RateMeter, StampPairer
+
+
+def test_pairs_within_tolerance_in_either_arrival_order():
+    pairer = StampPairer(tolerance=0.01, max_wait=1.0)
+    assert pairer.add_secondary(1.000, 'd1', now=0.0) == []
+    ready = pairer.add_primary(1.005, 'c1', now=0.0)
+    assert [(p.primary, p.secondary) for p in ready] == [('c1', 'd1')]
+    # colour first, depth later
+    assert pairer.add_primary(2.0, 'c2', now=0.1) == []
+    assert pairer.pending == 1
+    ready = pairer.add_secondary(2.008, 'd2', now=0.12)
+    assert [(p.primary, p.secondary, p.stamp) for p in ready] == [('c2', 'd2', 2.0)]
+    assert pairer.unpaired == 0
+
+
+def test_closest_depth_wins():
+    pairer = StampPairer(tolerance=0.05, max_wait=1.0)
+    for stamp, name in ((0.96, 'far'), (0.99, 'near'), (1.03, 'mid')):
+        pairer.add_secondary(stamp, name, now=0.0)
+    assert pairer.add_primary(1.0, 'c', now=0.0)[0].secondary == 'near'
+
+
+def test_out_of_tolerance_is_released_unpaired_when_newer_depth_arrives():
+    pairer = StampPairer(tolerance=0.01, max_wait=10.0)
+    assert pairer.add_primary(1.0, 'c', now=0.0) == []
+    ready = pairer.add_secondary(1.5, 'late', now=0.1)
+    assert [(p.primary, p.secondary) for p in ready] == [('c', None)]
+    assert pairer.unpaired == 1
+
+
+def test_stalled_depth_times_out():
+    pairer = StampPairer(tolerance=0.01, max_wait=0.2)
+    assert pairer.add_primary(1.0, 'c', now=5.0) == []
+    assert pairer.poll(now=5.1) == []
+    ready = pairer.poll(now=5.2)
+    assert [(p.primary, p.secondary) for p in ready] == [('c', None)]
+    assert pairer.pending == 0 and pairer.unpaired == 1
+
+
+def test_pending_is_bounded_and_overflow_counted():
+    pairer = StampPairer(tolerance=0.01, max_wait=100.0, max_pending=2)
+    for i in range(5):
+        pairer.add_primary(float(i), i, now=0.0)
+    assert pairer.pending == 2 and pairer.dropped == 3
+
+
+def test_invalid_settings_refused():
+    with pytest.raises(ValueError):
+        StampPairer(tolerance=-1.0, max_wait=0.1)
+
+
+def test_latest_slot_keeps_newest_and_counts_drops():
+    slot = LatestSlot()
+    for i in range(5):
+        slot.put(i)
+    assert slot.take(timeout=0.0) == 4
+    assert slot.dropped == 4 and slot.put_count == 5
+    assert slot.take(timeout=0.01) is None
+    slot.put(7)
+    assert slot.clear() and slot.dropped == 5
+    assert not slot.clear()
+
+
+def test_latest_slot_wakes_blocked_taker_and_close():
+    slot = LatestSlot()
+    got = []
+    taker = threading.Thread(target=lambda: got.append(slot.take(timeout=5.0)))
+    taker.start()
+    slot.put('frame')
+    taker.join(timeout=5.0)
+    assert got == ['frame']
+    closer = threading.Thread(target=lambda: got.append(slot.take(timeout=5.0)))
+    start = time.monotonic()
+    closer.start()
+    slot.close()
+    closer.join(timeout=5.0)
+    assert got == ['frame', None] and time.monotonic() - start < 4.0
+    slot.reopen()
+    slot.put(1)
+    assert slot.take(timeout=0.0) == 1
+
+
+def test_rate_meter_and_latency_percentiles():
+    rate = RateMeter(window=2.0)
+    assert rate.rate(0.0) == 0.0
+    for i in range(21):
+        rate.tick(i * 0.1)
+    assert rate.rate(2.0) == pytest.approx(10.0, rel=0.01)
+    assert rate.rate(10.0) == 0.0  # all events left the window
+    window = LatencyWindow(size=100)
+    assert window.percentile_ms(50) is None
+    for i in range(1, 101):
+        window.add(i / 1000.0)
+    assert window.percentile_ms(50) == pytest.approx(50.5)
+    assert window.percentile_ms(95) == pytest.approx(95.05)
+    window.add(1.0)  # evicts the oldest sample
+    assert len(window) == 100 and window.percentile_ms(100) == pytest.approx(1000.0)
+
+
+def test_clear_counts_waiting_colour_frames_as_dropped():
+    pairer = StampPairer(tolerance=0.01, max_wait=10.0)
+    pairer.add_primary(1.0, 'c', now=0.0)
+    pairer.clear()
+    assert pairer.pending == 0 and pairer.dropped == 1

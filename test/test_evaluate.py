@@ -1,0 +1,105 @@
+"""SAM2-vs-SAM3 evaluation: scoring checks and an end-to-end run on tiny real models."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
+from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
+from sam_gap_ros.synthetic import OrchardSceneConfig, write_coco_dataset
+from training import evaluate
+from training.coco_data import CocoInstances
+
+SCENE = OrchardSceneConfig(width=96, height=64, n_apples=(2, 3), cluster_size=(1, 1),
+                           hfov_deg=30.0, apple_radius_m=(0.045, 0.055), n_front_leaves=(0, 1))
+
+
+@pytest.fixture(scope='module')
+def coco_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('coco')
+    write_coco_dataset(root, 1, seed=3, config=SCENE, min_area=10)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _run_from(dataset, predict):
+    run = evaluate.FamilyRun('test', prompts=7)
+    sample = dataset[0]
+    run.predictions.append([evaluate.Prediction(p, predict(m), 0.9)
+                            for m, p in zip(sample.masks, sample.noun_phrases, strict=True)])
+    return run
+
+
+def test_scoring_perfect_half_and_missing_predictions(coco_dir):
+    dataset = CocoInstances(coco_dir)
+    phrases = dataset.noun_phrases
+    n_gt = len(dataset[0])
+    perfect = evaluate.score_run(dataset, _run_from(dataset, lambda m: m), phrases, 0.5)
+    overall = perfect['overall']
+    assert overall['instances'] == n_gt
+    assert overall['miou'] == pytest.approx(1.0)
+    assert overall['recall'] == 1.0 and overall['precision'] == 1.0
+    assert overall['ap'] == pytest.approx(1.0) and overall['ap50'] == pytest.approx(1.0)
+    assert overall['prompts'] == 7 and overall['prompts_per_object'] == pytest.approx(7 / n_gt)
+
+    def top_rows(mask):
+        # keep the upper half of each mask's rows: IoU = kept area / full area
+        rows = np.flatnonzero(mask.any(1))
+        cut = rows[0] + (len(rows) + 1) // 2
+        out = mask.copy()
+        out[cut:] = False
+        return out
+
+    sample = dataset[0]
+    expected = np.mean([top_rows(m).sum() / m.sum() for m in sample.masks])
+    half = evaluate.score_run(dataset, _run_from(dataset, top_rows), phrases, 0.5)
+    assert half['overall']['miou'] == pytest.approx(expected)
+
+    # Predictions below the operating threshold are not kept: nothing is found.
+    missed = evaluate.score_run(dataset, _run_from(dataset, lambda m: m), phrases, 0.95)
+    assert missed['overall']['recall'] == 0.0 and missed['overall']['miou'] == 0.0
+
+
+def test_evaluate_end_to_end_with_tiny_models(coco_dir, tmp_path):
+    sam2_dir = save_tiny_sam2(tmp_path / 'sam2', image_size=64)
+    sam3_dir = save_tiny_sam3(tmp_path / 'sam3')
+    out = tmp_path / 'report'
+    code = evaluate.main(['--coco', str(coco_dir), '--sam2', str(sam2_dir), '--sam3',
+                          str(sam3_dir), '--out', str(out), '--device', 'cpu',
+                          '--sam2-prompt', 'box+points', '--ap-score-threshold', '0.0'])
+    assert code == 0
+    report = json.loads((out / 'evaluation.json').read_text())
+    phrases = CocoInstances(coco_dir).noun_phrases
+    assert report['phrases'] == phrases
+    n_gt = report['results']['sam2']['overall']['instances']
+    assert n_gt == len(CocoInstances(coco_dir)[0])
+    # Annotation effort: a box and a click per instance vs one phrase per concept.
+    assert report['results']['sam2']['overall']['prompts'] == 2 * n_gt
+    assert report['results']['sam3']['overall']['prompts'] == len(phrases)
+    for family in ('sam2', 'sam3'):
+        for phrase in phrases + ['overall']:
+            row = report['results'][family][phrase]
+            for key in ('miou', 'ap', 'ap50', 'recall', 'precision'):
+                assert 0.0 <= row[key] <= 1.0
+    markdown = (out / 'evaluation.md').read_text()
+    assert '| concept | model | instances | mIoU | AP | AP50 | recall | precision |' in markdown
+    assert all(f'| {p} | SAM3 |' in markdown for p in phrases)
+    chart = cv2.imread(str(out / 'evaluation.png'))
+    assert chart is not None and chart.shape[0] > 100 and chart.shape[1] > 300
+
+
+def test_evaluate_rejects_bad_requests(coco_dir, tmp_path):
+    with pytest.raises(ValueError, match='nothing to evaluate'):
+        evaluate.evaluate(coco_dir, tmp_path)
+    with pytest.raises(ValueError, match='do not occur'):
+        evaluate.evaluate(coco_dir, tmp_path, phrases=['pear'], sam2_dir=tmp_path)

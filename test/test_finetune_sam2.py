@@ -1,0 +1,153 @@
+"""SAM2 fine-tuning on CPU: a tiny real Sam2VideoModel on synthetic orchard videos."""
+
+import json
+from pathlib import Path
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor, build_tiny_sam2
+from training import common, finetune_sam2, sam2_data
+
+SMOKE = Path(__file__).resolve().parents[1] / 'training' / 'configs' / 'smoke_sam2.yaml'
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _cfg(tmp_path, name, **train):
+    cfg = common.load_config(SMOKE)
+    cfg['output_dir'] = str(tmp_path / name)
+    cfg['train'].update(train)
+    return cfg
+
+
+def _disk_clip(num_frames=2, size=(48, 64)):
+    """Two coloured disks moving right on grey: a tiny clip with exact masks."""
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    frames = np.full((num_frames, h, w, 3), 90, dtype=np.uint8)
+    masks = np.zeros((num_frames, 2, h, w), dtype=bool)
+    for t in range(num_frames):
+        for k, (cx, cy, colour) in enumerate([(16, 20, (220, 30, 30)), (44, 28, (230, 210, 40))]):
+            masks[t, k] = (xx - cx - 2 * t) ** 2 + (yy - cy) ** 2 <= 64
+            frames[t][masks[t, k]] = colour
+    return sam2_data.VideoClip(frames, masks, [3, 8], 'disks')
+
+
+def test_prompts_come_from_the_ground_truth():
+    clip = _disk_clip()
+    rng = np.random.default_rng(0)
+    mask = clip.masks[0, 0]
+    for _ in range(20):
+        prompt = sam2_data.sample_prompt(mask, rng, {'probabilities': {'points': 1.0},
+                                                     'num_positive': 2, 'max_negative': 2})
+        xs, ys = prompt.points[:, 0].astype(int), prompt.points[:, 1].astype(int)
+        assert np.all(mask[ys[prompt.labels == 1], xs[prompt.labels == 1]])
+        assert not np.any(mask[ys[prompt.labels == 0], xs[prompt.labels == 0]])
+        box = sam2_data.sample_prompt(mask, rng, {'probabilities': {'box': 1.0},
+                                                  'box_noise': 0.5, 'box_noise_max_px': 3}).box
+        assert np.all(np.abs(box - np.array([8, 12, 25, 29])) <= 3 + 1e-6)
+    with pytest.raises(ValueError, match='absent'):
+        sam2_data.sample_prompt(np.zeros_like(mask), rng, {})
+    assert sam2_data.human_prompt(mask, 'points').points.tolist() == [[16.5, 20.5]]
+
+
+def test_video_folder_matches_the_generator(tmp_path):
+    from sam_gap_ros.synthetic import OrchardSceneConfig, read_video_frame, write_video_dataset
+    config = OrchardSceneConfig(width=64, height=48, n_apples=(2, 3))
+    write_video_dataset(tmp_path, 1, 3, seed=1, config=config)
+    clips = sam2_data.load_video_folder(tmp_path)
+    assert len(clips) == 1 and clips[0].num_frames == 3
+    index = json.loads((tmp_path / 'index.json').read_text())
+    video = index['videos'][0]
+    apples = [t['track_id'] for t in video['tracks'] if t['category'] == 'apple']
+    assert clips[0].track_ids == apples
+    rgb, labels, _ = read_video_frame(tmp_path, video, 2)
+    assert np.array_equal(clips[0].frames[2], rgb)
+    for k, track_id in enumerate(apples):
+        assert np.array_equal(clips[0].masks[2, k], labels == track_id)
+
+
+def test_forward_clip_trains_the_memory_path():
+    model = build_tiny_sam2(image_size=64).train()
+    processor = build_sam2_video_processor(64)
+    clip = _disk_clip(num_frames=3)
+    session = processor.init_video_session(video=list(clip.frames), inference_device='cpu',
+                                           max_vision_features_cache_size=3)
+    prompts = [sam2_data.human_prompt(clip.masks[0, 0], 'mask'),
+               sam2_data.human_prompt(clip.masks[0, 1], 'box')]
+    sam2_data.add_prompts_to_session(processor, session, 0, clip.track_ids, prompts, clip.size)
+    frames = finetune_sam2.forward_clip(model, session, clip.track_ids, clip.num_frames)
+    assert len(frames) == 3
+    # The mask-prompted object is copied on frame 0 (nothing to learn), the boxed one is not.
+    assert frames[0]['supervised'].tolist() == [False, True]
+    assert frames[1]['supervised'].tolist() == [True, True]
+    assert frames[1]['multimask_logits'].shape[:2] == (2, 3)
+    targets = finetune_sam2.resize_masks(clip.masks, 64, torch.device('cpu'))
+    loss, terms = finetune_sam2.clip_loss(frames, targets, {})
+    assert set(terms) == {'mask_focal', 'mask_dice', 'iou', 'object_score'}
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    # Frames 1-2 are predicted from memory: the memory encoder and attention must learn.
+    for prefix in ('memory_attention.', 'memory_encoder.', 'mask_decoder.', 'vision_encoder.'):
+        assert any(g is not None and g.abs().sum() > 0
+                   for n, g in grads.items() if n.startswith(prefix)), prefix
+
+
+def test_tiny_model_prompt_and_image_share_one_positional_basis():
+    model, processor = finetune_sam2.build_model({'tiny': {'image_size': 64, 'seed': 1}})
+    assert torch.equal(model.prompt_encoder.shared_embedding.positional_embedding,
+                       model.shared_image_embedding.positional_embedding)
+    assert processor.target_size == 64
+
+
+def test_clip_loss_is_small_for_perfect_logits():
+    target = torch.zeros(1, 1, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1
+    logits = (target[0] * 40 - 20)[:, None].repeat(1, 3, 1, 1)
+    frame = {'multimask_logits': logits, 'iou_scores': torch.ones(1, 3),
+             'object_score_logits': torch.tensor([20.0]), 'supervised': torch.tensor([True])}
+    loss, terms = finetune_sam2.clip_loss([frame], target, {})
+    assert loss.item() < 1e-3
+    bad = dict(frame, multimask_logits=-logits)
+    assert finetune_sam2.clip_loss([bad], target, {})[0].item() > 1.0
+
+
+def test_smoke_training_resume_and_tracker_load(tmp_path):
+    # Interrupted run: 10 of 50 steps, then resumed to the end.
+    first = finetune_sam2.train(_cfg(tmp_path, 'run', stop_at_step=10), verbose=False)
+    assert first['steps'] == 10
+    ckpt10 = tmp_path / 'ckpt10'
+    shutil.copytree(tmp_path / 'run' / 'last', ckpt10)
+    full = finetune_sam2.train(_cfg(tmp_path, 'run'), resume=str(ckpt10), verbose=False)
+    assert full['steps'] == 50 and len(full['losses']) == 50
+    assert full['loss_drop_pct'] >= 30.0, full['losses']
+    last = Path(full['checkpoint'])
+    for name in ('model.safetensors', 'config.json', 'training_state.pt', 'trainer_state.json',
+                 'processor_config.json'):
+        assert (last / name).is_file(), name
+    assert list((tmp_path / 'run' / 'eval').glob('step_*.png'))
+    assert list((tmp_path / 'run' / 'tensorboard').glob('events.out.tfevents.*'))
+
+    # Exact resume: an uninterrupted run to step 11 sees the same 11 losses.
+    straight = finetune_sam2.train(_cfg(tmp_path, 'straight', stop_at_step=11),
+                                   verbose=False)
+    assert straight['losses'] == full['losses'][:11]
+
+    # The trained directory is a model the streaming tracker loads and runs.
+    tracker = Sam2Tracker.load(last, device='cpu')
+    clip = _disk_clip()
+    tracker.track(clip.frames[0])
+    ids = tracker.add_objects(boxes=np.array([[8, 12, 25, 29]], dtype=np.float32))
+    result = tracker.track(clip.frames[1])
+    assert [obj.object_id for obj in result.objects] == ids
+    assert result.objects[0].mask.shape == clip.size

@@ -1,0 +1,320 @@
+"""SAM3 fine-tuning on CPU: tiny real Sam3Model, synthetic orchard data, real losses."""
+
+import copy
+import json
+from pathlib import Path
+import re
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+import torch
+import yaml
+
+from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
+from training import common
+from training.coco_data import CocoInstances
+from training.finetune_sam3 import (apply_sam3_freezing, build_targets, choose_phrases,
+                                    enable_activation_checkpointing, estimate_peak_memory,
+                                    load_sam3, main, Sam3FineTuner, write_synthetic_dataset)
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / 'training' / 'configs' / 'smoke_sam3.yaml'
+
+
+@pytest.fixture(scope='module')
+def assets(tmp_path_factory):
+    """Tiny model directory, synthetic dataset and the smoke config pointing at both."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp('sam3')
+    model_dir = save_tiny_sam3(root / 'model', seed=0)
+    cfg = common.load_config(SMOKE)
+    write_synthetic_dataset(str(root / 'data'), cfg['data']['synthetic'])
+    cfg['data'].pop('synthetic')
+    cfg['data']['root'] = str(root / 'data')
+    cfg['model'] = {'pretrained_dir': str(model_dir)}
+    cfg['tensorboard'] = False
+    cfg['num_threads'] = 1
+    return {'root': root, 'model_dir': model_dir, 'cfg': cfg}
+
+
+def _cfg(assets, **overrides):
+    cfg = copy.deepcopy(assets['cfg'])
+    common.apply_overrides(cfg, [f'{k}={v}' for k, v in overrides.items()])
+    return cfg
+
+
+def _history(directory):
+    state = json.loads((Path(directory) / common.TRAINER_STATE).read_text())
+    return state['step'], state['extra']['loss_history']
+
+
+@pytest.fixture(scope='module')
+def smoke_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp('smoke_out')
+    path = out / 'cfg.yaml'
+    path.write_text(yaml.safe_dump(assets['cfg']))
+    return out, path
+
+
+def test_smoke_cli_trains_loss_drops_and_writes_loadable_checkpoint(assets, smoke_run, capsys):
+    out, cfg_path = smoke_run
+    assert main(['--config', str(cfg_path), '--output-dir', str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r'loss_drop_pct=(-?[0-9.]+) checkpoint=(\S+)', lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(1)) >= 30.0
+    assert any(line.startswith('validation before training:') for line in lines)
+    assert any('estimated GPU peak memory' in line for line in lines)
+    assert any(line.startswith('metric') and 'before' in line for line in lines)
+    best = Path(match.group(2))
+    assert best == out / 'best'
+    for name in ('model.safetensors', 'config.json', 'processor_config.json',
+                 'tokenizer.json', common.TRAINING_STATE):
+        assert (best / name).is_file(), name
+    step, history = _history(out / 'last')
+    assert step == 50 and len(history) == 50
+    assert np.mean(history[-8:]) < 0.7 * np.mean(history[:8])
+    # The frozen parts are bit-identical to the starting model, the trained ones moved.
+    start = load_file(str(assets['model_dir'] / 'model.safetensors'))
+    trained = load_file(str(out / 'last' / 'model.safetensors'))
+    assert torch.equal(start['text_encoder.text_model.embeddings.token_embedding.weight'],
+                       trained['text_encoder.text_model.embeddings.token_embedding.weight'])
+    assert torch.equal(start['vision_encoder.backbone.layers.0.mlp.fc1.weight'],
+                       trained['vision_encoder.backbone.layers.0.mlp.fc1.weight'])
+    assert not torch.equal(start['detr_decoder.presence_head.layer3.weight'],
+                           trained['detr_decoder.presence_head.layer3.weight'])
+    # The deliverable: the best directory loads in the runtime engine and segments.
+    engine = Sam3ConceptEngine.load(best, device='cpu')
+    engine.set_concepts(['ripe red apple', 'leaf'])
+    frame = CocoInstances(assets['cfg']['data']['root'], 'annotations_val.json')[0].image
+    instances = engine.segment(frame, score_threshold=0.0, max_instances=3)
+    assert all(i.mask.shape == frame.shape[:2] for i in instances)
+    best_weights = load_file(str(best / 'model.safetensors'))
+    torch.testing.assert_close(engine.model.detr_decoder.presence_head.layer3.weight,
+                               best_weights['detr_decoder.presence_head.layer3.weight'])
+    assert (out / 'eval' / 'step_000000.png').is_file()
+    assert (out / 'eval' / 'step_000050.png').is_file()
+
+
+def test_resume_continues_from_the_same_step_with_the_same_losses(assets, smoke_run,
+                                                                  tmp_path):
+    reference_dir, _ = smoke_run
+    _, reference = _history(reference_dir / 'last')
+    cfg = _cfg(assets, **{'train.stop_at_step': 25})
+    Sam3FineTuner(cfg, str(tmp_path)).train()
+    step, first_half = _history(tmp_path / 'last')
+    assert step == 25
+    resumed = Sam3FineTuner(_cfg(assets), str(tmp_path)).train(resume=str(tmp_path / 'last'))
+    assert len(resumed['loss_history']) == 50
+    # The first resumed step is step 26 and sees the same data, weights and RNG.
+    np.testing.assert_allclose(resumed['loss_history'][25:], reference[25:], rtol=1e-4)
+    np.testing.assert_allclose(first_half, reference[:25], rtol=1e-5)
+
+
+def test_prompts_are_per_annotation_noun_phrases_with_matching_targets(assets):
+    cfg = _cfg(assets, **{'data.max_positive_phrases': 'null'})
+    trainer = Sam3FineTuner(cfg, str(assets['root'] / 'prompts'))
+    seen = []
+    original = trainer.text_inputs
+
+    def record(phrases):
+        seen.append(list(phrases))
+        return original(phrases)
+
+    trainer.text_inputs = record
+    dataset = trainer.train_set
+    for step in range(8):
+        index, phrases = trainer.train_item(step, 0)
+        sample = dataset[index]
+        targets = build_targets(sample, phrases, 32)
+        trainer.compute_losses(trainer.forward(('train', index), sample, phrases), targets)
+        # Each annotation's own noun phrase is a prompt (not just its category name).
+        assert set(sample.noun_phrases) <= set(phrases)
+        assert seen[-1] == phrases
+        for phrase, masks in zip(phrases, targets.masks, strict=True):
+            # Targets of a prompt are exactly the instances that answer to that phrase.
+            expected = [i for i, names in enumerate(sample.phrases) if phrase in names]
+            assert masks.shape[0] == len(expected)
+            if not expected:  # a negative prompt: no instance carries it
+                assert phrase not in sample.present_phrases
+    prompted = {p for call in seen for p in call}
+    assert {'ripe red apple', 'unripe green apple'} <= prompted
+    assert prompted <= set(trainer.all_phrases)
+
+
+def test_two_phrases_of_one_category_are_distinct_prompts(tmp_path):
+    # One 'apple' category, two noun phrases: each is its own prompt with its own targets.
+    import cv2
+    (tmp_path / 'images').mkdir()
+    cv2.imwrite(str(tmp_path / 'images' / 'a.png'), np.zeros((20, 20, 3), np.uint8))
+    square = lambda x: [[x, 2, x + 6, 2, x + 6, 8, x, 8]]  # noqa: E731
+    data = {'images': [{'id': 1, 'file_name': 'a.png', 'width': 20, 'height': 20}],
+            'categories': [{'id': 1, 'name': 'apple'}, {'id': 2, 'name': 'leaf'}],
+            'annotations': [
+                {'id': 1, 'image_id': 1, 'category_id': 1, 'segmentation': square(1),
+                 'noun_phrase': 'ripe red apple'},
+                {'id': 2, 'image_id': 1, 'category_id': 1, 'segmentation': square(11),
+                 'noun_phrase': 'unripe green apple'}]}
+    (tmp_path / 'annotations.json').write_text(json.dumps(data))
+    sample = CocoInstances(tmp_path)[0]
+    rng = np.random.default_rng(0)
+    phrases = choose_phrases(sample.noun_phrases, sample.present_phrases,
+                             ['apple', 'leaf', 'ripe red apple', 'unripe green apple'], 5, None,
+                             rng)
+    assert phrases[:2] == ['ripe red apple', 'unripe green apple']
+    assert set(phrases[2:]) == {'apple', 'leaf'}
+    targets = build_targets(sample, phrases, 20)
+    assert [int(m.shape[0]) for m in targets.masks] == [1, 1, 0, 0]
+    assert targets.boxes[0][0].tolist() == pytest.approx([1 / 20, 2 / 20, 7 / 20, 8 / 20])
+    assert targets.boxes[1][0, 0] > 0.5  # the green apple is the right-hand one
+    # 'absent' phrases restrict negatives to the ones known to be absent.
+    assert choose_phrases(sample.noun_phrases, sample.present_phrases, ['leaf', 'pear'], 5,
+                          None, rng, absent=['pear'])[2:] == ['pear']
+    # An image without instances always gets a prompt, even with an empty absent list.
+    assert choose_phrases([], [], ['leaf'], 2, None, rng, absent=[]) == ['leaf']
+
+
+def test_negative_prompt_only_trains_presence(assets):
+    trainer = Sam3FineTuner(_cfg(assets), str(assets['root'] / 'neg'))
+    sample = trainer.train_set[0]
+    negatives = [p for p in trainer.all_phrases if p not in sample.present_phrases][:1]
+    assert negatives
+    targets = build_targets(sample, negatives, trainer.mask_loss_size)
+    terms = trainer.compute_losses(trainer.forward(('train', 0), sample, negatives), targets)
+    assert float(terms['loss_presence'].detach()) > 0
+    for name in ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_mask', 'loss_dice'):
+        assert float(terms[name].detach()) == 0.0
+    trainer.total_loss(terms).backward()
+    presence_grad = trainer.model.detr_decoder.presence_head.layer3.weight.grad
+    assert presence_grad is not None and presence_grad.abs().sum() > 0
+    box_grad = trainer.model.detr_decoder.box_head.layer3.weight.grad
+    assert box_grad is None or box_grad.abs().sum() == 0
+
+
+def test_freeze_presets(assets):
+    model, _ = load_sam3(str(assets['model_dir']))
+
+    def trainable(prefix):
+        return any(p.requires_grad for n, p in model.named_parameters() if n.startswith(prefix))
+
+    apply_sam3_freezing(model, 'heads_only')
+    assert trainable('dot_product_scoring') and trainable('detr_decoder.box_head')
+    assert not trainable('detr_decoder.layers') and not trainable('detr_encoder')
+    assert not trainable('mask_decoder.pixel_decoder') and trainable('mask_decoder.mask_embedder')
+    apply_sam3_freezing(model, 'decoder')
+    assert trainable('detr_decoder.layers') and not trainable('detr_encoder')
+    apply_sam3_freezing(model, 'detector')
+    assert trainable('detr_encoder') and trainable('geometry_encoder')
+    assert not trainable('vision_encoder') and not trainable('text_encoder')
+    apply_sam3_freezing(model, 'detector+last_n_backbone_blocks', last_n_blocks=1)
+    layers = len(model.vision_encoder.backbone.layers)
+    assert trainable(f'vision_encoder.backbone.layers.{layers - 1}.')
+    assert not trainable('vision_encoder.backbone.layers.0.') or layers == 1
+    assert not trainable('vision_encoder.backbone.embeddings') and trainable('vision_encoder.neck')
+    apply_sam3_freezing(model, 'all')
+    assert trainable('vision_encoder.backbone.embeddings') and not trainable('text_encoder')
+    apply_sam3_freezing(model, 'all', train_text_encoder=True)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError):
+        apply_sam3_freezing(model, 'everything')
+    with pytest.raises(ValueError):
+        apply_sam3_freezing(model, 'detector+last_n_backbone_blocks', last_n_blocks=0)
+
+
+def test_activation_checkpointing_and_feature_cache_give_identical_losses(assets):
+    def loss_and_grad(checkpointing, preset):
+        cfg = _cfg(assets, **{'freeze.preset': preset,
+                              'train.activation_checkpointing': checkpointing})
+        trainer = Sam3FineTuner(cfg, str(assets['root'] / f'ckpt_{checkpointing}_{preset}'))
+        trainer.model.train()
+        index, phrases = trainer.train_item(0, 0)
+        sample = trainer.train_set[index]
+        targets = build_targets(sample, phrases, trainer.mask_loss_size)
+        losses = []
+        for _ in range(2):  # the second pass reads the cached vision features if frozen
+            trainer.model.zero_grad()
+            torch.manual_seed(0)
+            loss = trainer.total_loss(trainer.compute_losses(
+                trainer.forward(('train', index), sample, phrases), targets))
+            loss.backward()
+            losses.append(float(loss.detach()))
+        grad = trainer.model.detr_encoder.layers[0].mlp.fc1.weight.grad.clone()
+        return losses, grad, trainer
+
+    plain, grad_plain, trainer = loss_and_grad(False, 'detector')
+    assert trainer.cache_features and len(trainer._vision_cache) == 1
+    assert plain[0] == pytest.approx(plain[1], rel=1e-6)
+    ckpt, grad_ckpt, trainer = loss_and_grad(True, 'all')
+    assert trainer.checkpointed_layers > 0 and not trainer.cache_features
+    plain_all, grad_all, _ = loss_and_grad(False, 'all')
+    assert ckpt[0] == pytest.approx(plain_all[0], rel=1e-5)
+    torch.testing.assert_close(grad_ckpt, grad_all, rtol=1e-4, atol=1e-6)
+    assert enable_activation_checkpointing(load_sam3(str(assets['model_dir']))[0]) > 0
+
+
+def test_starting_model_stays_best_when_training_does_not_help(assets, tmp_path, capsys):
+    # f1 is 0 before and after a few steps of a random tiny model: no improvement, so
+    # best/ must hold the untouched starting weights.
+    cfg = _cfg(assets, **{'train.steps': 4, 'train.eval_every': 2, 'eval.metric': 'f1',
+                          'eval.score_threshold': 0.99,
+                          'eval.retention_phrases': '[unripe green apple, yellow apple]'})
+    summary = Sam3FineTuner(cfg, str(tmp_path)).train()
+    assert summary['best_step'] == 0
+    start = load_file(str(assets['model_dir'] / 'model.safetensors'))
+    best = load_file(str(tmp_path / 'best' / 'model.safetensors'))
+    assert all(torch.equal(start[k], best[k]) for k in start)
+    text = capsys.readouterr().out
+    assert 'best checkpoint is the starting model' in text
+    assert 'retention check on held-out phrases' in text
+    assert set(summary['retention_before']) == set(summary['retention_after'])
+
+
+def test_memory_estimate_and_resolution(assets):
+    model, processor = load_sam3(str(assets['model_dir']), image_size=56)
+    assert processor.image_processor.size == {'height': 56, 'width': 56}
+    inputs = processor(images=np.zeros((30, 40, 3), np.uint8), text=['leaf'], return_tensors='pt')
+    assert inputs['pixel_values'].shape[-1] == 56
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.pred_masks.shape[-1] == 4 * 56 // 14
+    apply_sam3_freezing(model, 'all')
+    small = estimate_peak_memory(model, 56, 4, 'fp32')
+    large = estimate_peak_memory(model, 1008, 4, 'fp32')
+    checkpointed = estimate_peak_memory(model, 1008, 4, 'fp32', activation_checkpointing=True)
+    assert large['total'] > small['total']
+    assert checkpointed['vit_activations'] < large['vit_activations']
+    apply_sam3_freezing(model, 'detector')
+    frozen = estimate_peak_memory(model, 1008, 4, 'fp32')
+    assert frozen['gradients+adamw'] < large['gradients+adamw']
+    with pytest.raises(ValueError):
+        load_sam3(str(assets['model_dir']), image_size=50)
+
+
+def test_aux_losses_cover_every_decoder_layer(assets, tmp_path):
+    model_dir = save_tiny_sam3(tmp_path / 'model2', seed=1, detr_decoder_layers=2)
+    cfg = _cfg(assets)
+    cfg['model'] = {'pretrained_dir': str(model_dir)}
+    trainer = Sam3FineTuner(cfg, str(tmp_path / 'out'))
+    index, phrases = trainer.train_item(0, 0)
+    sample = trainer.train_set[index]
+    outputs = trainer.forward(('train', index), sample, phrases)
+    layers = trainer.decoder_layer_outputs(outputs)
+    assert len(layers) == 2
+    # The reconstructed last layer is exactly what the model returns.
+    torch.testing.assert_close(layers[-1][0], outputs.pred_logits.float())
+    torch.testing.assert_close(layers[-1][1], outputs.pred_boxes.float())
+    assert not torch.allclose(layers[0][1], layers[1][1])
+    targets = build_targets(sample, phrases, trainer.mask_loss_size)
+    terms = trainer.compute_losses(outputs, targets)
+    assert all(float(terms[k].detach()) > 0 for k in ('aux_ce', 'aux_bbox', 'aux_giou'))
+    trainer.total_loss(terms).backward()
+    with_aux = trainer.model.detr_decoder.layers[0].mlp.fc1.weight.grad.clone()
+    trainer.model.zero_grad()
+    trainer.aux_loss = False
+    plain = trainer.compute_losses(trainer.forward(('train', index), sample, phrases), targets)
+    assert 'aux_ce' not in plain
+    trainer.total_loss(plain).backward()
+    # Deep supervision changes what the first decoder layer learns.
+    assert not torch.allclose(with_aux, trainer.model.detr_decoder.layers[0].mlp.fc1.weight.grad)

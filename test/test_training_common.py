@@ -1,0 +1,203 @@
+"""Shared training infrastructure: config, freezing, optimiser, schedule, checkpoints, logging."""
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from training import common
+
+
+class _Net(torch.nn.Module):
+    """Small model with dropout so that resume must restore the torch RNG stream too."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(4, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.drop = torch.nn.Dropout(0.3)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.drop(self.norm(self.encoder(x))))
+
+
+def _write_yaml(tmp_path, text):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text(text)
+    return path
+
+
+def test_load_config_with_overrides(tmp_path):
+    path = _write_yaml(tmp_path, 'seed: 1\noptim:\n  lr: 0.001\nname: a\n')
+    cfg = common.load_config(path, ['optim.lr=0.5', 'seed=7', 'optim.betas=[0.8, 0.9]',
+                                    'name=run b'])
+    assert cfg == {'seed': 7, 'optim': {'lr': 0.5, 'betas': [0.8, 0.9]}, 'name': 'run b'}
+    with pytest.raises(KeyError, match='unknown config key'):
+        common.load_config(path, ['sed=3'])
+    with pytest.raises(ValueError, match='key=value'):
+        common.load_config(path, ['seed'])
+    with pytest.raises(FileNotFoundError):
+        common.load_config(tmp_path / 'missing.yaml')
+
+
+def test_seed_everything_reproduces_streams():
+    common.seed_everything(5)
+    first = (np.random.rand(), torch.rand(1).item())
+    common.seed_everything(5)
+    assert (np.random.rand(), torch.rand(1).item()) == first
+
+
+def test_apply_freezing_patterns_and_presets():
+    net = _Net()
+    common.register_freeze_preset('test_encoder', ['encoder.*'])
+    frozen, trainable = common.apply_freezing(net, ['preset:test_encoder', 're:^norm\\.'])
+    assert frozen == 4 * 8 + 8 + 8 + 8
+    assert trainable == 8 + 1
+    assert not net.encoder.weight.requires_grad and net.head.weight.requires_grad
+    with pytest.raises(ValueError, match='matched no parameter'):
+        common.apply_freezing(_Net(), ['decoder.*'])
+    with pytest.raises(KeyError, match='unknown freeze preset'):
+        common.apply_freezing(_Net(), ['preset:nope'])
+
+
+def test_build_optimizer_groups_and_no_decay():
+    net = _Net()
+    cfg = {'lr': 1e-3, 'weight_decay': 0.1,
+           'param_groups': [{'name': 'enc', 'patterns': ['encoder'], 'lr': 1e-4}]}
+    opt = common.build_optimizer(net, cfg)
+    by_param = {}
+    for group in opt.param_groups:
+        for param in group['params']:
+            by_param[id(param)] = (group['lr'], group['weight_decay'])
+    assert by_param[id(net.encoder.weight)] == (1e-4, 0.1)
+    assert by_param[id(net.encoder.bias)] == (1e-4, 0.0)
+    assert by_param[id(net.head.weight)] == (1e-3, 0.1)
+    assert by_param[id(net.norm.weight)] == (1e-3, 0.0)
+    common.apply_freezing(net, ['encoder', 'norm', 'head'])
+    with pytest.raises(ValueError, match='no trainable'):
+        common.build_optimizer(net, cfg)
+
+
+def test_scheduler_warmup_then_cosine():
+    assert common.lr_factor(0, 4, 14) == pytest.approx(0.25)
+    assert common.lr_factor(3, 4, 14) == pytest.approx(1.0)
+    assert common.lr_factor(9, 4, 14) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert common.lr_factor(14, 4, 14) == pytest.approx(0.0)
+    assert common.lr_factor(14, 4, 14, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert common.lr_factor(100, 4, 14, schedule='constant') == 1.0
+    opt = torch.optim.AdamW(_Net().parameters(), lr=2.0)
+    sched = common.build_scheduler(opt, {'warmup_steps': 2, 'total_steps': 10})
+    assert opt.param_groups[0]['lr'] == pytest.approx(1.0)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]['lr'] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match='schedule'):
+        common.build_scheduler(opt, {'total_steps': 10, 'schedule': 'step'})
+
+
+def test_amp_is_off_on_cpu_and_precision_is_validated():
+    cpu = torch.device('cpu')
+    assert common.amp_dtype(cpu, 'bf16') is None
+    with pytest.raises(ValueError, match='precision'):
+        common.amp_dtype(cpu, 'int8')
+
+
+def _train_steps(net, stepper, n, data):
+    out = []
+    for i in range(n):
+        x, y = data[i]
+        loss = torch.nn.functional.mse_loss(net(x), y)
+        stepper.backward(loss)
+        out.append(loss.item())
+    return out
+
+
+def test_gradient_accumulation_steps_every_n():
+    net = _Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    stepper = common.GradientStepper(net, opt, accumulation_steps=2, clip_grad_norm=1.0)
+    before = net.head.weight.detach().clone()
+    x, y = torch.randn(3, 4), torch.randn(3, 1)
+    assert stepper.backward(torch.nn.functional.mse_loss(net(x), y)) is False
+    assert torch.equal(net.head.weight, before)
+    assert stepper.backward(torch.nn.functional.mse_loss(net(x), y)) is True
+    assert not torch.equal(net.head.weight, before)
+    assert stepper.last_grad_norm is not None
+    with pytest.raises(FloatingPointError):
+        stepper.backward(torch.tensor(float('nan')))
+
+
+def test_checkpoint_exact_resume(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 4, generator=gen), torch.randn(5, 1, generator=gen))
+            for _ in range(6)]
+
+    def make():
+        common.seed_everything(3)
+        net = _Net()
+        opt = common.build_optimizer(net, {'lr': 1e-2})
+        sched = common.build_scheduler(opt, {'warmup_steps': 2, 'total_steps': 6})
+        return net, opt, sched, common.GradientStepper(net, opt, sched)
+
+    net, opt, sched, stepper = make()
+    _train_steps(net, stepper, 3, data)
+    manager = common.CheckpointManager(tmp_path / 'run', metric='miou')
+    saved = manager.save(net, opt, sched, step=3, metrics={'miou': 0.5},
+                         extra={'gen': {'big': 2 ** 100}}, stepper=stepper)
+    assert set(saved) == {'last', 'best'}
+    expected = _train_steps(net, stepper, 3, data[3:])
+
+    net2, opt2, sched2, stepper2 = make()
+    torch.rand(7)  # disturb the RNG: the checkpoint must restore it
+    info = common.load_checkpoint(tmp_path / 'run' / 'last', net2, opt2, sched2, stepper2)
+    assert info['step'] == 3 and info['metrics'] == {'miou': 0.5}
+    assert info['extra']['gen']['big'] == 2 ** 100
+    assert sched2.last_epoch == sched.last_epoch - 3
+    assert _train_steps(net2, stepper2, 3, data[3:]) == expected
+
+    # best/ only moves on improvement
+    manager.save(net, opt, sched, step=6, metrics={'miou': 0.4})
+    best = json.loads((tmp_path / 'run' / 'best' / common.TRAINER_STATE).read_text())
+    assert best['step'] == 3
+    reopened = common.CheckpointManager(tmp_path / 'run', metric='miou')
+    assert reopened.best_value == 0.5
+
+
+def test_load_checkpoint_rejects_non_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match='not a training checkpoint'):
+        common.load_checkpoint(tmp_path)
+
+
+def test_mask_comparison_png(tmp_path):
+    image = np.zeros((20, 30, 3), dtype=np.uint8)
+    true = np.zeros((20, 30), dtype=bool)
+    true[5:10, 5:10] = True
+    pred = np.zeros((20, 30), dtype=bool)
+    pred[5:10, 20:25] = True
+    path = common.save_mask_comparison(tmp_path / 'cmp.png', [image], [pred], [true], ['a'])
+    grid = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    # Rows are enlarged 8x (nearest) to 160 px: image | truth | prediction.
+    assert grid.shape == (18 + 160, 3 * 240, 3)
+    # truth drawn green in the middle panel, prediction magenta in the right panel.
+    assert tuple(grid[18 + 8 * 7, 240 + 8 * 7]) == (0, 127, 0)
+    assert tuple(grid[18 + 8 * 7, 480 + 8 * 22]) == (127, 0, 127)
+    assert tuple(grid[18 + 8 * 7, 480 + 8 * 7]) == (0, 0, 0)
+    with pytest.raises(ValueError, match='shapes'):
+        common.save_mask_comparison(tmp_path / 'x.png', [image], [pred[:5]], [true])
+
+
+def test_loss_drop_pct():
+    assert common.loss_drop_pct([4.0, 4.0, 3.0, 1.0, 1.0], window=2) == pytest.approx(75.0)
+    with pytest.raises(ValueError):
+        common.loss_drop_pct([1.0], window=1)
+
+
+def test_scalar_logger_writes_event_file(tmp_path):
+    logger = common.ScalarLogger(tmp_path / 'tb')
+    logger.log({'loss': 1.5}, step=1, prefix='train')
+    logger.close()
+    assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))

@@ -1,0 +1,651 @@
+"""Infrastructure shared by the SAM2 and SAM3 fine-tuning scripts.
+
+Config loading with ``--set key=value`` overrides, seeding, selective freezing by parameter
+name (with named presets), AdamW with per-group learning rates, warm-up + cosine/constant
+schedules, AMP, gradient accumulation and clipping, safetensors checkpoints with exact
+resume, and logging (tqdm, TensorBoard, predicted-vs-true mask PNGs).
+
+Checkpoint layout (one directory each for ``last/`` and ``best/``)::
+
+    model.safetensors, config.json   model.save_pretrained (loads with the engines)
+    training_state.pt                optimizer / scheduler / scaler / torch RNG tensors,
+                                     read back with torch.load(weights_only=True)
+    trainer_state.json               step, metrics, python + numpy RNG, caller extras
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fnmatch
+import json
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+from safetensors.torch import load_file, save_file
+import torch
+import yaml
+
+from sam_gap_ros.engines.loading import resolve_device
+
+PathLike = Union[str, Path]
+
+MODEL_WEIGHTS = 'model.safetensors'
+TRAINING_STATE = 'training_state.pt'
+TRAINER_STATE = 'trainer_state.json'
+
+# ----------------------------------------------------------------------------- config
+
+
+def _parse_override_value(text: str) -> Any:
+    # YAML parsing gives '3' -> 3, 'true' -> True, '[1, 2]' -> list, 'null' -> None.
+    return yaml.safe_load(text) if text.strip() else ''
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a config in place.
+
+    Unknown top-level keys are rejected so that a typo does not silently do nothing;
+    new nested keys below an existing mapping are allowed.
+    """
+    for item in overrides:
+        if '=' not in item:
+            raise ValueError(f"override '{item}' is not of the form key=value")
+        key, value = item.split('=', 1)
+        parts = [p for p in key.strip().split('.') if p]
+        if not parts:
+            raise ValueError(f"override '{item}' has an empty key")
+        if parts[0] not in cfg:
+            raise KeyError(f"override '{item}': unknown config key '{parts[0]}' "
+                           f'(known: {sorted(cfg)})')
+        node = cfg
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override '{item}': '{part}' is not a mapping")
+            node = child
+        node[parts[-1]] = _parse_override_value(value)
+    return cfg
+
+
+def load_config(path: PathLike, overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
+    """Load a YAML training config (a mapping) and apply ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file '{path}' does not exist")
+    with path.open() as handle:
+        cfg = yaml.safe_load(handle)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"config '{path}' must be a YAML mapping, got {type(cfg).__name__}")
+    return apply_overrides(cfg, overrides or [])
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """Return the command-line parser both trainers share."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--config', required=True, help='YAML training config')
+    parser.add_argument('--set', dest='overrides', action='append', default=[],
+                        metavar='KEY=VALUE', help='override a config value (repeatable)')
+    parser.add_argument('--resume', default=None, metavar='DIR',
+                        help='checkpoint directory (e.g. OUTPUT/last) to resume exactly from')
+    parser.add_argument('--output-dir', default=None, help='override output_dir of the config')
+    return parser
+
+
+def training_device(cfg: Mapping[str, Any]) -> torch.device:
+    """Return the torch device named by ``cfg['device']`` (default ``auto``)."""
+    return resolve_device(cfg.get('device', 'auto'))
+
+
+# ----------------------------------------------------------------------------- seeding + RNG
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Return the python/numpy/torch RNG states (torch part as tensors, rest JSON-able)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: Dict[str, Any] = {
+        'python': [py_version, list(py_state), py_gauss],
+        'numpy': [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore RNG states captured by :func:`capture_rng_state`."""
+    version, py_state, gauss = state['python']
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'].cpu())
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+
+
+# ----------------------------------------------------------------------------- freezing
+
+# Named lists of parameter-name patterns; a freeze list may say 'preset:<name>'.
+FREEZE_PRESETS: Dict[str, List[str]] = {
+    'sam2_image_encoder': ['vision_encoder.*'],
+    'sam2_prompt_encoder': ['prompt_encoder.*', 'shared_image_embedding.*'],
+    'sam2_memory': ['memory_attention.*', 'memory_encoder.*',
+                    'memory_temporal_positional_encoding', 'no_memory_embedding',
+                    'no_memory_positional_encoding', 'mask_downsample.*',
+                    'object_pointer_proj.*', 'no_object_pointer',
+                    'temporal_positional_encoding_projection_layer.*',
+                    'occlusion_spatial_embedding_parameter'],
+    'sam2_mask_decoder': ['mask_decoder.*'],
+}
+
+
+def register_freeze_preset(name: str, patterns: Sequence[str]) -> None:
+    """Add (or replace) a named freeze preset, e.g. from the SAM3 trainer."""
+    if not patterns:
+        raise ValueError(f"freeze preset '{name}' needs at least one pattern")
+    FREEZE_PRESETS[name] = list(patterns)
+
+
+def expand_freeze_patterns(patterns: Iterable[str]) -> List[str]:
+    """Replace every ``preset:<name>`` entry by that preset's patterns."""
+    expanded: List[str] = []
+    for pattern in patterns:
+        if pattern.startswith('preset:'):
+            name = pattern[len('preset:'):]
+            if name not in FREEZE_PRESETS:
+                raise KeyError(f"unknown freeze preset '{name}' (known: {sorted(FREEZE_PRESETS)})")
+            expanded.extend(FREEZE_PRESETS[name])
+        else:
+            expanded.append(pattern)
+    return expanded
+
+
+def _compile_pattern(pattern: str) -> Callable[[str], bool]:
+    if pattern.startswith('re:'):
+        regex = re.compile(pattern[3:])
+        return lambda name: regex.search(name) is not None
+    # A bare module name ('vision_encoder') means that whole module.
+    return lambda name: (fnmatch.fnmatchcase(name, pattern)
+                         or name.startswith(pattern.rstrip('.') + '.'))
+
+
+def apply_freezing(model: torch.nn.Module, patterns: Iterable[str]) -> Tuple[int, int]:
+    """Freeze parameters whose names match any pattern; return ``(n_frozen, n_trainable)``.
+
+    Patterns are fnmatch globs on the full parameter name (``mask_decoder.*``), a bare
+    module prefix (``vision_encoder``), ``re:<regex>`` (searched), or ``preset:<name>``.
+    Counts are numbers of parameter elements. An entry that matches nothing raises
+    ValueError: a misspelt pattern would otherwise silently train the wrong weights.
+    """
+    entries = [(entry, [_compile_pattern(p) for p in expand_freeze_patterns([entry])])
+               for entry in patterns]
+    used = set()
+    for name, param in model.named_parameters():
+        for entry, matchers in entries:
+            if any(match(name) for match in matchers):
+                param.requires_grad_(False)
+                used.add(entry)
+    unused = [entry for entry, _ in entries if entry not in used]
+    if unused:
+        raise ValueError(f'freeze patterns matched no parameter: {unused}')
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return n_frozen, n_trainable
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Return AdamW over the trainable parameters with per-group learning rates.
+
+    ``cfg`` keys: ``lr``, ``weight_decay`` (default 0.01), ``betas``, ``eps`` and
+    ``param_groups``: a list of ``{patterns: [...], lr: float, weight_decay: float}``
+    (first matching group wins, e.g. a lower lr for the vision encoder). Biases, norms and
+    other 1-D parameters never get weight decay.
+    """
+    if 'lr' not in cfg:
+        raise KeyError("optimizer config needs 'lr'")
+    base_lr = float(cfg['lr'])
+    base_wd = float(cfg.get('weight_decay', 0.01))
+    group_specs = []
+    for spec in cfg.get('param_groups', []) or []:
+        pats = spec.get('patterns')
+        if not pats:
+            raise ValueError(f"param group {spec} needs a non-empty 'patterns' list")
+        group_specs.append((spec, [_compile_pattern(p) for p in expand_freeze_patterns(pats)]))
+    buckets: Dict[Tuple[int, bool], List[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group_index = -1
+        for index, (_, matchers) in enumerate(group_specs):
+            if any(m(name) for m in matchers):
+                group_index = index
+                break
+        no_decay = param.ndim <= 1 or name.endswith('.bias')
+        buckets.setdefault((group_index, no_decay), []).append(param)
+    if not buckets:
+        raise ValueError('no trainable parameters: everything is frozen')
+    groups = []
+    for (group_index, no_decay), params in sorted(buckets.items()):
+        spec = group_specs[group_index][0] if group_index >= 0 else {}
+        lr = float(spec.get('lr', base_lr))
+        wd = 0.0 if no_decay else float(spec.get('weight_decay', base_wd))
+        groups.append({'params': params, 'lr': lr, 'weight_decay': wd,
+                       'group_name': spec.get('name', f'group{group_index}')})
+    betas = tuple(cfg.get('betas', (0.9, 0.999)))
+    return torch.optim.AdamW(groups, lr=base_lr, betas=betas, eps=float(cfg.get('eps', 1e-8)))
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = 'cosine',
+              min_lr_ratio: float = 0.0) -> float:
+    """Return the lr multiplier at ``step``: linear warm-up, then cosine/linear/constant."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == 'constant':
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    if schedule == 'cosine':
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == 'linear':
+        decay = 1.0 - progress
+    else:
+        raise ValueError(f"unknown lr schedule '{schedule}': use cosine, linear or constant")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer,
+                    cfg: Mapping[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    """Return a LambdaLR for ``warmup_steps``, ``total_steps``, ``schedule``, ``min_lr_ratio``."""
+    warmup = int(cfg.get('warmup_steps', 0))
+    total = int(cfg['total_steps'])
+    schedule = str(cfg.get('schedule', 'cosine'))
+    min_ratio = float(cfg.get('min_lr_ratio', 0.0))
+    lr_factor(0, warmup, total, schedule, min_ratio)  # validate the schedule name now
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup, total, schedule, min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def amp_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """Return the autocast dtype for ``precision`` (fp32|bf16|fp16) or None (AMP off).
+
+    AMP is off on CPU: CPU autocast is slow for these convolution/attention shapes and
+    the smoke runs must be bit-reproducible for resume tests.
+    """
+    precision = str(precision).lower()
+    if precision in ('fp32', 'float32', 'none', 'off'):
+        return None
+    if precision not in ('bf16', 'bfloat16', 'fp16', 'float16'):
+        raise ValueError(f"unknown precision '{precision}': use fp32, bf16 or fp16")
+    if device.type != 'cuda':
+        return None
+    return torch.bfloat16 if precision.startswith('bf') else torch.float16
+
+
+def amp_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Return an autocast context for ``precision`` on CUDA, a no-op elsewhere."""
+    dtype = amp_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class GradientStepper:
+    """Backward with AMP loss scaling, gradient accumulation, clipping and lr stepping.
+
+    Call :meth:`backward` once per micro-batch; it returns True when that call completed
+    an optimizer step (every ``accumulation_steps`` micro-batches).
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+                 accumulation_steps: int = 1, clip_grad_norm: Optional[float] = None,
+                 device: Optional[torch.device] = None, precision: str = 'fp32') -> None:
+        if accumulation_steps < 1:
+            raise ValueError(f'accumulation_steps must be >= 1, got {accumulation_steps}')
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulation_steps = int(accumulation_steps)
+        self.clip_grad_norm = clip_grad_norm
+        device = device or torch.device('cpu')
+        # Only fp16 needs loss scaling; bf16 has the fp32 exponent range.
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=amp_dtype(device, precision) == torch.float16)
+        self.micro_step = 0
+        self.last_grad_norm: Optional[float] = None
+
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Accumulate ``loss``'s gradient; step the optimizer when a full batch is done."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f'non-finite training loss {float(loss)}')
+        self.scaler.scale(loss / self.accumulation_steps).backward()
+        self.micro_step += 1
+        if self.micro_step % self.accumulation_steps:
+            return False
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
+        else:
+            norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.detach().norm() for p in params])) if params else None
+        self.last_grad_norm = None if norm is None else float(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return True
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Return the scaler state and micro-step counter for checkpoints."""
+        return {'scaler': self.scaler.state_dict(), 'micro_step': self.micro_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])
+        self.micro_step = int(state.get('micro_step', 0))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def save_checkpoint(directory: PathLike, model: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Optional[Any] = None, step: int = 0,
+                    rng_state: Optional[Mapping[str, Any]] = None,
+                    metrics: Optional[Mapping[str, float]] = None,
+                    extra: Optional[Mapping[str, Any]] = None,
+                    stepper: Optional[GradientStepper] = None,
+                    processor: Optional[Any] = None) -> Path:
+    """Write a complete, resumable checkpoint to ``directory`` and return its path.
+
+    Written into a temporary sibling first and renamed, so an interruption mid-save never
+    leaves a half-written ``last/``. ``extra`` must be JSON-serialisable (e.g. the data
+    generator's RNG state). With ``processor`` (a transformers processor) the directory is
+    also a complete model directory the engines can load.
+    """
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + '.tmp')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if hasattr(model, 'save_pretrained'):
+        model.save_pretrained(tmp, safe_serialization=True)
+    else:  # plain nn.Module (tests, small heads): weights only, still safetensors
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / MODEL_WEIGHTS))
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    rng_state = rng_state if rng_state is not None else capture_rng_state()
+    tensor_state = {
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'stepper': stepper.state_dict() if stepper is not None else None,
+        'torch_rng': rng_state['torch'],
+        'cuda_rng': rng_state.get('cuda'),
+    }
+    torch.save(tensor_state, tmp / TRAINING_STATE)
+    json_state = {
+        'step': int(step),
+        'metrics': _json_safe(dict(metrics or {})),
+        'rng': {'python': rng_state['python'], 'numpy': rng_state['numpy']},
+        'extra': _json_safe(dict(extra or {})),
+    }
+    (tmp / TRAINER_STATE).write_text(json.dumps(json_state))
+    old = directory.with_name(directory.name + '.old')
+    if directory.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        shutil.rmtree(old)
+    return directory
+
+
+def load_model_weights(directory: PathLike, model: torch.nn.Module) -> None:
+    """Load ``model.safetensors`` from a checkpoint into ``model`` (strict)."""
+    path = Path(directory) / MODEL_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{directory}' has no {MODEL_WEIGHTS}")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Buffers that are not persisted (e.g. rotary tables) are rebuilt by the model itself.
+    persistent = set(model.state_dict().keys())
+    missing = [k for k in missing if k in persistent]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint '{directory}' does not match the model: "
+                           f'missing={missing[:8]} unexpected={unexpected[:8]}')
+
+
+def load_checkpoint(directory: PathLike, model: Optional[torch.nn.Module] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None,
+                    scheduler: Optional[Any] = None,
+                    stepper: Optional[GradientStepper] = None,
+                    restore_rng: bool = True) -> Dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; return step/metrics/extra.
+
+    Only safetensors and ``torch.load(weights_only=True)`` are used, so a checkpoint
+    cannot execute code when loaded.
+    """
+    directory = Path(directory)
+    for name in (TRAINING_STATE, TRAINER_STATE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a training checkpoint: no {name}")
+    if model is not None:
+        load_model_weights(directory, model)
+    tensor_state = torch.load(directory / TRAINING_STATE, map_location='cpu', weights_only=True)
+    json_state = json.loads((directory / TRAINER_STATE).read_text())
+    if optimizer is not None:
+        if tensor_state['optimizer'] is None:
+            raise RuntimeError(f"checkpoint '{directory}' has no optimizer state")
+        optimizer.load_state_dict(tensor_state['optimizer'])
+    if scheduler is not None and tensor_state['scheduler'] is not None:
+        scheduler.load_state_dict(tensor_state['scheduler'])
+    if stepper is not None and tensor_state.get('stepper') is not None:
+        stepper.load_state_dict(tensor_state['stepper'])
+    if restore_rng:
+        rng = dict(json_state['rng'])
+        rng['torch'] = tensor_state['torch_rng']
+        if tensor_state.get('cuda_rng') is not None:
+            rng['cuda'] = tensor_state['cuda_rng']
+        restore_rng_state(rng)
+    return {'step': int(json_state['step']), 'metrics': json_state.get('metrics', {}),
+            'extra': json_state.get('extra', {})}
+
+
+class CheckpointManager:
+    """Keep ``<output>/last`` (every save) and ``<output>/best`` (best validation metric)."""
+
+    def __init__(self, output_dir: PathLike, metric: str, mode: str = 'max') -> None:
+        if mode not in ('max', 'min'):
+            raise ValueError(f"mode must be 'max' or 'min', got '{mode}'")
+        self.output_dir = Path(output_dir)
+        self.metric = metric
+        self.mode = mode
+        self.best_value: Optional[float] = None
+        best_state = self.best_dir / TRAINER_STATE
+        if best_state.is_file():
+            value = json.loads(best_state.read_text()).get('metrics', {}).get(metric)
+            self.best_value = None if value is None else float(value)
+
+    @property
+    def last_dir(self) -> Path:
+        """Return the directory of the latest checkpoint."""
+        return self.output_dir / 'last'
+
+    @property
+    def best_dir(self) -> Path:
+        """Return the directory of the best checkpoint."""
+        return self.output_dir / 'best'
+
+    def is_better(self, value: float) -> bool:
+        """Return True if ``value`` beats the best metric seen so far."""
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.mode == 'max' else value < self.best_value
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             step: int, metrics: Optional[Mapping[str, float]] = None,
+             extra: Optional[Mapping[str, Any]] = None,
+             stepper: Optional[GradientStepper] = None,
+             processor: Optional[Any] = None) -> Dict[str, Path]:
+        """Save ``last/``; also ``best/`` when ``metrics[metric]`` improved. Return paths."""
+        rng = capture_rng_state()
+        saved = {'last': save_checkpoint(self.last_dir, model, optimizer, scheduler, step, rng,
+                                         metrics, extra, stepper, processor)}
+        value = (metrics or {}).get(self.metric)
+        if value is not None and self.is_better(float(value)):
+            self.best_value = float(value)
+            tmp = self.best_dir.with_name('best.tmp')
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            shutil.copytree(self.last_dir, tmp)
+            if self.best_dir.exists():
+                shutil.rmtree(self.best_dir)
+            os.replace(tmp, self.best_dir)
+            saved['best'] = self.best_dir
+        return saved
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class ScalarLogger:
+    """TensorBoard scalar logging (a no-op when ``log_dir`` is None)."""
+
+    def __init__(self, log_dir: Optional[PathLike]) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, scalars: Mapping[str, float], step: int, prefix: str = '') -> None:
+        """Write each scalar under ``prefix/name`` at ``step``."""
+        if self.writer is None:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(f'{prefix}/{name}' if prefix else name, float(value), step)
+
+    def close(self) -> None:
+        """Flush and close the writer."""
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def progress_bar(total: int, desc: str, initial: int = 0, disable: Optional[bool] = None):
+    """Return a tqdm bar (on stderr, so stdout keeps the machine-readable summary lines)."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True,
+                leave=False)
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, color: Tuple[int, int, int]) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(color, dtype=np.float32)
+    return out.astype(np.uint8)
+
+
+def save_mask_comparison(path: PathLike, images: Sequence[np.ndarray],
+                         pred_masks: Sequence[np.ndarray], true_masks: Sequence[np.ndarray],
+                         titles: Optional[Sequence[str]] = None, max_rows: int = 8) -> Path:
+    """Write a PNG grid: one row per sample with image | ground truth | prediction.
+
+    ``images`` are RGB uint8 ``(H, W, 3)``; masks boolean ``(H, W)`` (or ``(K, H, W)``
+    stacks, drawn merged).
+    """
+    if not (len(images) == len(pred_masks) == len(true_masks)):
+        raise ValueError('save_mask_comparison needs as many predictions and targets as images')
+    if not images:
+        raise ValueError('save_mask_comparison got no images')
+    rows = []
+    # Small training frames are enlarged (nearest neighbour) so masks stay readable.
+    cell_h = max(160, max(img.shape[0] for img in images[:max_rows]))
+    for index in range(min(len(images), max_rows)):
+        image = images[index]
+        true = np.asarray(true_masks[index], dtype=bool)
+        pred = np.asarray(pred_masks[index], dtype=bool)
+        true = true.any(0) if true.ndim == 3 else true
+        pred = pred.any(0) if pred.ndim == 3 else pred
+        if true.shape != image.shape[:2] or pred.shape != image.shape[:2]:
+            raise ValueError(f'row {index}: mask shapes {true.shape}/{pred.shape} do not match '
+                             f'image {image.shape[:2]}')
+        cells = [image, _overlay(image, true, (0, 255, 0)), _overlay(image, pred, (255, 0, 255))]
+        row = np.concatenate(cells, axis=1)
+        if row.shape[0] != cell_h:
+            scale = cell_h / row.shape[0]
+            row = cv2.resize(row, (int(round(row.shape[1] * scale)), cell_h),
+                             interpolation=cv2.INTER_NEAREST)
+        label = titles[index] if titles is not None else f'#{index}'
+        header = np.full((18, row.shape[1], 3), 255, dtype=np.uint8)
+        cv2.putText(header, f'{label}: image | truth (green) | prediction (magenta)', (4, 13),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        rows.append(np.concatenate([header, row], axis=0))
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255)
+            for r in rows]
+    grid = np.concatenate(rows, axis=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write '{path}'")
+    return path
+
+
+def loss_drop_pct(losses: Sequence[float], window: int) -> float:
+    """Return the % drop from the mean of the first to the mean of the last ``window`` losses."""
+    if len(losses) < 2:
+        raise ValueError('loss_drop_pct needs at least two losses')
+    window = max(1, min(int(window), len(losses) // 2))
+    first = float(np.mean(losses[:window]))
+    last = float(np.mean(losses[-window:]))
+    if first <= 0:
+        raise ValueError(f'first-window mean loss is {first}: cannot express a relative drop')
+    return 100.0 * (first - last) / first
+
+
+def deep_copy_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return an independent copy of a config (safe to mutate per run)."""
+    return copy.deepcopy(dict(cfg))

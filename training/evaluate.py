@@ -1,0 +1,380 @@
+"""Compare SAM2 (prompted per object) with SAM3 (given only noun phrases) on a COCO set.
+
+Usage::
+
+    python -m training.evaluate --coco data/val --sam2 runs/sam2.1_tiny/best
+        --sam3 runs/sam3/best --out reports/sam2_vs_sam3 [--sam2-prompt box|points|box+points]
+
+(one command line).
+
+SAM2 gets the prompts a human would give for every ground-truth instance (its tight box
+and/or one click at the mask's interior centre) through ``Sam2Tracker`` on a single frame.
+SAM3 gets each noun phrase of the dataset once, through ``Sam3ConceptEngine``. Both are
+scored per noun phrase and overall with
+
+* ``miou``: mean over ground-truth instances of the IoU with its matched prediction
+  (one-to-one Hungarian matching on mask IoU among predictions of the same phrase above
+  the operating score threshold; unmatched instances count 0);
+* ``recall``: fraction of instances matched with IoU >= 0.5;
+* ``precision``: fraction of kept predictions matched with IoU >= 0.5;
+* ``ap`` / ``ap50``: COCO mask AP (pycocotools) with the phrase as the category, over all
+  predictions above ``--ap-score-threshold``;
+* annotation effort: prompts per object. SAM2 needs >= 1 per instance (a box or a click
+  each), SAM3 one noun phrase per concept for the whole dataset.
+
+Writes ``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` (bar chart) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass, field
+import io
+import json
+from pathlib import Path
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+import torch
+
+from sam_gap_ros.mask_ops import mask_iou_matrix
+from training.coco_data import CocoInstances
+from training.matching import hungarian_match
+from training.sam2_data import center_click
+
+PathLike = Union[str, Path]
+SAM2_PROMPTS = ('box', 'points', 'box+points')
+MATCH_IOU = 0.5
+
+
+@dataclass
+class Prediction:
+    """One predicted instance mask of a phrase in an image."""
+
+    phrase: str
+    mask: np.ndarray
+    score: float
+
+
+@dataclass
+class FamilyRun:
+    """All predictions of one model family over the dataset, with its annotation effort."""
+
+    name: str
+    predictions: List[List[Prediction]] = field(default_factory=list)
+    """Per image, in dataset order."""
+    prompts: int = 0
+    seconds: float = 0.0
+
+
+def _rle(mask: np.ndarray) -> Dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle['counts'] = rle['counts'].decode('ascii')
+    return rle
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def run_sam2(tracker: Any, dataset: CocoInstances, phrases: Sequence[str], prompt: str,
+             max_images: Optional[int] = None) -> FamilyRun:
+    """Segment every instance of ``phrases`` with SAM2 from its human-style prompt."""
+    if prompt not in SAM2_PROMPTS:
+        raise ValueError(f"unknown SAM2 prompt '{prompt}': use one of {SAM2_PROMPTS}")
+    run = FamilyRun('SAM2')
+    started = time.time()
+    wanted = set(phrases)
+    for index in range(_count(dataset, max_images)):
+        sample = dataset[index]
+        keep = [i for i, p in enumerate(sample.noun_phrases) if p in wanted]
+        preds: List[Prediction] = []
+        if keep:
+            tracker.reset()
+            tracker.track(sample.image)  # stores the frame; prompts apply to it
+            kwargs: Dict[str, Any] = {}
+            if 'box' in prompt:
+                kwargs['boxes'] = sample.boxes[keep].astype(np.float32)
+            if 'points' in prompt:
+                kwargs['points'] = np.array([[center_click(sample.masks[i])] for i in keep],
+                                            dtype=np.float32)
+                kwargs['labels'] = np.ones((len(keep), 1), dtype=np.int64)
+            ids = tracker.add_objects(**kwargs)
+            run.prompts += len(keep) * (2 if prompt == 'box+points' else 1)
+            by_id = {obj.object_id: obj for obj in tracker.last_result.objects}
+            for obj_id, i in zip(ids, keep, strict=True):
+                obj = by_id.get(obj_id)
+                if obj is None or not obj.present or not obj.mask.any():
+                    continue  # judged absent: no prediction, the instance counts as missed
+                score = float(torch.sigmoid(torch.tensor(obj.score)))
+                preds.append(Prediction(sample.noun_phrases[i], obj.mask, score))
+        run.predictions.append(preds)
+    run.seconds = time.time() - started
+    return run
+
+
+def run_sam3(engine: Any, dataset: CocoInstances, phrases: Sequence[str],
+             score_threshold: float, max_images: Optional[int] = None) -> FamilyRun:
+    """Segment all instances of every phrase with SAM3 given only the phrases."""
+    run = FamilyRun('SAM3')
+    started = time.time()
+    engine.set_concepts(list(phrases))
+    run.prompts = len(phrases)  # each noun phrase is typed once for the whole dataset
+    for index in range(_count(dataset, max_images)):
+        detections = engine.detect(dataset[index].image, score_threshold=score_threshold)
+        run.predictions.append([Prediction(phrase, inst.mask, float(inst.score))
+                                for phrase in phrases for inst in detections.get(phrase, [])])
+    run.seconds = time.time() - started
+    return run
+
+
+def _count(dataset: CocoInstances, max_images: Optional[int]) -> int:
+    return len(dataset) if max_images is None else min(len(dataset), int(max_images))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _match(gt_masks: List[np.ndarray], preds: List[Prediction]) -> Tuple[List[float], int]:
+    """Return each GT's matched IoU (0 if unmatched) and the number of true positives."""
+    if not gt_masks:
+        return [], 0
+    if not preds:
+        return [0.0] * len(gt_masks), 0
+    iou = mask_iou_matrix([p.mask for p in preds], gt_masks)
+    pred_idx, gt_idx = hungarian_match(torch.from_numpy(-iou))
+    best = [0.0] * len(gt_masks)
+    for p, g in zip(pred_idx.tolist(), gt_idx.tolist(), strict=True):
+        best[g] = float(iou[p, g])
+    return best, sum(1 for v in best if v >= MATCH_IOU)
+
+
+def _coco_ap(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
+             num_images: int) -> Dict[str, Tuple[float, float]]:
+    """Return ``{phrase or 'overall': (AP, AP50)}`` from pycocotools' mask evaluation."""
+    cat_ids = {p: i + 1 for i, p in enumerate(phrases)}
+    images, anns, dets = [], [], []
+    for index in range(num_images):
+        sample = dataset[index]
+        height, width = sample.image.shape[:2]
+        images.append({'id': index + 1, 'height': height, 'width': width})
+        for mask, phrase in zip(sample.masks, sample.noun_phrases, strict=True):
+            if phrase in cat_ids:
+                anns.append({'id': len(anns) + 1, 'image_id': index + 1,
+                             'category_id': cat_ids[phrase], 'segmentation': _rle(mask),
+                             'area': float(mask.sum()), 'iscrowd': 0,
+                             'bbox': list(mask_utils.toBbox(_rle(mask)))})
+        for pred in run.predictions[index]:
+            dets.append({'image_id': index + 1, 'category_id': cat_ids[pred.phrase],
+                         'segmentation': _rle(pred.mask), 'score': pred.score})
+    result = {p: (0.0, 0.0) for p in phrases}
+    result['overall'] = (0.0, 0.0)
+    if not anns or not dets:
+        return result
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        gt = COCO()
+        gt.dataset = {'images': images, 'annotations': anns,
+                      'categories': [{'id': i, 'name': p} for p, i in cat_ids.items()]}
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        evaluator = COCOeval(gt, dt, iouType='segm')
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # precision: [IoU thresholds, recall points, categories, area ranges, max dets]
+    precision = evaluator.eval['precision'][:, :, :, 0, -1]
+    for phrase, cat in cat_ids.items():
+        k = evaluator.params.catIds.index(cat)
+        pr = precision[:, :, k]
+        if (pr > -1).any():
+            result[phrase] = (float(pr[pr > -1].mean()),
+                              float(pr[0][pr[0] > -1].mean()) if (pr[0] > -1).any() else 0.0)
+    result['overall'] = (max(0.0, float(evaluator.stats[0])), max(0.0, float(evaluator.stats[1])))
+    return result
+
+
+def score_run(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
+              score_threshold: float) -> Dict[str, Dict[str, float]]:
+    """Return per-phrase and overall metrics of one family's predictions."""
+    num_images = len(run.predictions)
+    ious: Dict[str, List[float]] = {p: [] for p in phrases}
+    true_pos = {p: 0 for p in phrases}
+    kept = {p: 0 for p in phrases}
+    for index in range(num_images):
+        sample = dataset[index]
+        for phrase in phrases:
+            gts = [m for m, p in zip(sample.masks, sample.noun_phrases, strict=True)
+                   if p == phrase]
+            preds = [q for q in run.predictions[index]
+                     if q.phrase == phrase and q.score >= score_threshold]
+            matched, tp = _match(gts, preds)
+            ious[phrase] += matched
+            true_pos[phrase] += tp
+            kept[phrase] += len(preds)
+    ap = _coco_ap(dataset, run, phrases, num_images)
+    total_gt = sum(len(v) for v in ious.values())
+    table: Dict[str, Dict[str, float]] = {}
+    for phrase in list(phrases) + ['overall']:
+        if phrase == 'overall':
+            values = [v for vs in ious.values() for v in vs]
+            tp, n_pred = sum(true_pos.values()), sum(kept.values())
+        else:
+            values, tp, n_pred = ious[phrase], true_pos[phrase], kept[phrase]
+        n_gt = len(values)
+        table[phrase] = {
+            'instances': n_gt,
+            'miou': float(np.mean(values)) if values else 0.0,
+            'recall': tp / n_gt if n_gt else 0.0,
+            'precision': tp / n_pred if n_pred else 0.0,
+            'ap': ap[phrase][0],
+            'ap50': ap[phrase][1],
+        }
+    effort = run.prompts / total_gt if total_gt else 0.0
+    table['overall']['prompts'] = run.prompts
+    table['overall']['prompts_per_object'] = effort
+    table['overall']['seconds_per_image'] = run.seconds / max(1, num_images)
+    return table
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def write_markdown(report: Dict[str, Any], path: PathLike) -> Path:
+    """Write the comparison as a Markdown table (one row per phrase and family)."""
+    lines = ['# SAM2 (prompted) vs SAM3 (noun phrases)', '',
+             f"Dataset: `{report['dataset']}`, {report['num_images']} images, "
+             f"SAM2 prompt: {report['sam2_prompt']}, SAM3 score threshold "
+             f"{report['score_threshold']}.", '',
+             '| concept | model | instances | mIoU | AP | AP50 | recall | precision |',
+             '|---|---|---:|---:|---:|---:|---:|---:|']
+    for phrase in report['phrases'] + ['overall']:
+        for family in ('sam2', 'sam3'):
+            if family not in report['results']:
+                continue
+            row = report['results'][family][phrase]
+            name = f'**{phrase}**' if phrase == 'overall' else phrase
+            lines.append(f"| {name} | {family.upper()} | {row['instances']} | {row['miou']:.3f} "
+                         f"| {row['ap']:.3f} | {row['ap50']:.3f} | {row['recall']:.3f} "
+                         f"| {row['precision']:.3f} |")
+    lines += ['', '| model | prompts | prompts per object | s / image |', '|---|---:|---:|---:|']
+    for family, rows in report['results'].items():
+        row = rows['overall']
+        lines.append(f"| {family.upper()} | {row['prompts']} | {row['prompts_per_object']:.3f} "
+                     f"| {row['seconds_per_image']:.3f} |")
+    path = Path(path)
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
+def write_bar_chart(report: Dict[str, Any], path: PathLike) -> Path:
+    """Write grouped bars of mIoU / AP / recall per concept for both families."""
+    import matplotlib
+    matplotlib.use('Agg')  # no display on robots and CI
+    import matplotlib.pyplot as plt
+
+    groups = report['phrases'] + ['overall']
+    metrics = ('miou', 'ap', 'recall')
+    families = [f for f in ('sam2', 'sam3') if f in report['results']]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 + 1.6 * len(groups), 4), sharey=True)
+    width = 0.8 / max(1, len(families))
+    x = np.arange(len(groups))
+    for ax, metric in zip(np.atleast_1d(axes), metrics, strict=True):
+        for i, family in enumerate(families):
+            values = [report['results'][family][g][metric] for g in groups]
+            ax.bar(x + (i - (len(families) - 1) / 2) * width, values, width,
+                   label=family.upper())
+        ax.set_title(metric)
+        ax.set_xticks(x)
+        ax.set_xticklabels(groups, rotation=30, ha='right', fontsize=8)
+        ax.set_ylim(0, 1)
+    np.atleast_1d(axes)[0].legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathLike] = None,
+             sam3_dir: Optional[PathLike] = None, ann_file: Optional[PathLike] = None,
+             sam2_prompt: str = 'box', phrases: Optional[Sequence[str]] = None,
+             max_images: Optional[int] = None, device: str = 'auto',
+             score_threshold: float = 0.5, ap_score_threshold: float = 0.05,
+             sam2_tracker: Any = None, sam3_engine: Any = None) -> Dict[str, Any]:
+    """Run both families (model dirs, or ready engines for tests) and write the reports.
+
+    Returns the report dict that is also written as ``evaluation.json``.
+    """
+    dataset = CocoInstances(coco_root, ann_file)
+    phrases = sorted(set(phrases)) if phrases else dataset.noun_phrases
+    unknown = sorted(set(phrases) - set(dataset.noun_phrases))
+    if unknown:
+        raise ValueError(f'phrases {unknown} do not occur in the dataset '
+                         f'(it has {dataset.noun_phrases})')
+    if sam2_tracker is None and sam2_dir is not None:
+        from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+        sam2_tracker = Sam2Tracker.load(sam2_dir, device=device)
+    if sam3_engine is None and sam3_dir is not None:
+        from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+        sam3_engine = Sam3ConceptEngine.load(sam3_dir, device=device)
+    if sam2_tracker is None and sam3_engine is None:
+        raise ValueError('nothing to evaluate: give a SAM2 and/or a SAM3 model')
+    results: Dict[str, Any] = {}
+    if sam2_tracker is not None:
+        run = run_sam2(sam2_tracker, dataset, phrases, sam2_prompt, max_images)
+        # SAM2 predicts exactly one mask per prompted object: every one is "kept".
+        results['sam2'] = score_run(dataset, run, phrases, 0.0)
+    if sam3_engine is not None:
+        run = run_sam3(sam3_engine, dataset, phrases, ap_score_threshold, max_images)
+        results['sam3'] = score_run(dataset, run, phrases, score_threshold)
+    report = {'dataset': str(coco_root), 'num_images': _count(dataset, max_images),
+              'phrases': list(phrases), 'sam2_prompt': sam2_prompt,
+              'score_threshold': score_threshold, 'ap_score_threshold': ap_score_threshold,
+              'match_iou': MATCH_IOU, 'sam2_model': str(sam2_dir) if sam2_dir else None,
+              'sam3_model': str(sam3_dir) if sam3_dir else None, 'results': results}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'evaluation.json').write_text(json.dumps(report, indent=1))
+    write_markdown(report, out / 'evaluation.md')
+    write_bar_chart(report, out / 'evaluation.png')
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--coco', required=True, help='COCO dataset folder (images/ + json)')
+    parser.add_argument('--ann-file', default=None, help='annotation file relative to --coco')
+    parser.add_argument('--sam2', default=None, help='local SAM2 model directory')
+    parser.add_argument('--sam3', default=None, help='local SAM3 model directory')
+    parser.add_argument('--out', required=True, help='output folder for the reports')
+    parser.add_argument('--sam2-prompt', default='box', choices=SAM2_PROMPTS)
+    parser.add_argument('--phrases', nargs='*', default=None,
+                        help='noun phrases to evaluate (default: all in the dataset)')
+    parser.add_argument('--max-images', type=int, default=None)
+    parser.add_argument('--device', default='auto')
+    parser.add_argument('--score-threshold', type=float, default=0.5,
+                        help='SAM3 operating point for mIoU / recall / precision')
+    parser.add_argument('--ap-score-threshold', type=float, default=0.05,
+                        help='lowest SAM3 score kept for AP')
+    args = parser.parse_args(argv)
+    report = evaluate(args.coco, args.out, sam2_dir=args.sam2, sam3_dir=args.sam3,
+                      ann_file=args.ann_file, sam2_prompt=args.sam2_prompt,
+                      phrases=args.phrases, max_images=args.max_images, device=args.device,
+                      score_threshold=args.score_threshold,
+                      ap_score_threshold=args.ap_score_threshold)
+    for family, rows in report['results'].items():
+        row = rows['overall']
+        print(f"{family}: miou={row['miou']:.4f} ap={row['ap']:.4f} recall={row['recall']:.4f} "
+              f"prompts_per_object={row['prompts_per_object']:.3f}")
+    print(f'report={Path(args.out) / "evaluation.md"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Segmentation metrics for validation: region similarity J, boundary F (DAVIS) and J&F."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import cv2
+import numpy as np
+
+from sam_gap_ros.mask_ops import mask_iou
+
+
+def region_similarity(pred: np.ndarray, true: np.ndarray) -> float:
+    """Return J, the IoU of two masks; 1.0 when both are empty (correctly predicted absence)."""
+    if not pred.any() and not true.any():
+        return 1.0
+    return mask_iou(pred, true)
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    # One-pixel inner boundary: mask pixels with at least one 4-neighbour outside.
+    eroded = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8),
+                       borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask & ~eroded.astype(bool)
+
+
+def boundary_f_measure(pred: np.ndarray, true: np.ndarray, bound_th: float = 0.008) -> float:
+    """Return the DAVIS boundary F-measure of two boolean masks.
+
+    Boundary pixels match when within ``bound_th`` times the image diagonal (at least one
+    pixel) of the other boundary. Both empty gives 1.0, exactly one empty gives 0.0.
+    """
+    if pred.shape != true.shape:
+        raise ValueError(f'mask shapes differ: {pred.shape} vs {true.shape}')
+    pred_b = _boundary(pred.astype(bool))
+    true_b = _boundary(true.astype(bool))
+    n_pred, n_true = int(pred_b.sum()), int(true_b.sum())
+    if n_pred == 0 and n_true == 0:
+        return 1.0
+    if n_pred == 0 or n_true == 0:
+        return 0.0
+    radius = max(1, int(round(bound_th * float(np.hypot(*pred.shape)))))
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    pred_dil = cv2.dilate(pred_b.astype(np.uint8), disk).astype(bool)
+    true_dil = cv2.dilate(true_b.astype(np.uint8), disk).astype(bool)
+    precision = float((pred_b & true_dil).sum()) / n_pred
+    recall = float((true_b & pred_dil).sum()) / n_true
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def video_j_and_f(pred: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Dict[str, float]:
+    """Return mean J, mean F and J&F over matching lists of ``(K, H, W)`` mask stacks.
+
+    Every (frame, object) pair counts once, including frames where the object is absent
+    (an empty prediction there scores 1, a false positive 0).
+    """
+    if len(pred) != len(true):
+        raise ValueError(f'{len(pred)} predicted frames for {len(true)} true frames')
+    j_values, f_values = [], []
+    for p_frame, t_frame in zip(pred, true, strict=True):
+        if p_frame.shape != t_frame.shape:
+            raise ValueError(f'prediction {p_frame.shape} vs truth {t_frame.shape}')
+        for p_mask, t_mask in zip(p_frame, t_frame, strict=True):
+            j_values.append(region_similarity(p_mask, t_mask))
+            f_values.append(boundary_f_measure(p_mask, t_mask))
+    if not j_values:
+        raise ValueError('no (frame, object) pairs to score')
+    j_mean, f_mean = float(np.mean(j_values)), float(np.mean(f_values))
+    return {'j': j_mean, 'f': f_mean, 'j_and_f': (j_mean + f_mean) / 2}

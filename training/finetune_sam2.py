@@ -373,6 +373,19 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         print(f'model: {n_trainable:,} trainable / {n_frozen:,} frozen parameters; '
               f'{len(train_videos)} train videos, {len(val_clips)} val clips; device {device}',
               file=sys.stderr)
+    if step == 0 and train_cfg.get('eval_at_start', False):
+        # Score the starting weights (e.g. released SAM2.1) so best/ is never worse.
+        metrics, samples = validate(model, processor, val_clips,
+                                    str(cfg.get('val_prompt', 'box')), device)
+        logger.log(metrics, 0, 'val')
+        common.save_mask_comparison(output_dir / 'eval' / 'step_000000.png', samples['images'],
+                                    samples['pred'], samples['true'], samples['titles'])
+        manager.save(model, optimizer, scheduler, 0, metrics=metrics,
+                     extra={'data_rng': _data_rng_state(data_rng), 'losses': []},
+                     stepper=stepper, processor=processor)
+        if verbose:
+            shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
+            print(f'step 0 (starting weights): {shown}', file=sys.stderr)
     bar = common.progress_bar(total_steps, 'sam2 fine-tune', initial=step,
                               disable=None if verbose else True)
     started = time.time()

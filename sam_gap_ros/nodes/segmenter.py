@@ -142,7 +142,8 @@ class SegmenterNode(LifecycleNode):
         with self._stats_lock:
             self.counters = {key: 0 for key in (
                 'frames_in', 'frames_processed', 'frames_dropped', 'bad_input', 'bad_depth',
-                'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips')}
+                'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips',
+                'frames_aborted')}
         self._slot = LatestSlot()
         self._in_rate = RateMeter()
         self._out_rate = RateMeter()
@@ -161,7 +162,8 @@ class SegmenterNode(LifecycleNode):
         with self._stats_lock:
             snapshot: Dict[str, Any] = dict(self.counters)
         pairer = self._pairer  # may be cleared by cleanup meanwhile
-        snapshot['frames_dropped'] = self._slot.dropped + (pairer.dropped if pairer else 0)
+        snapshot['frames_dropped'] = (self._slot.dropped + (pairer.dropped if pairer else 0)
+                                      + snapshot['frames_aborted'])
         snapshot['unpaired_depth'] = pairer.unpaired if pairer else 0
         snapshot['input_rate_hz'] = self._in_rate.rate(now)
         snapshot['processed_rate_hz'] = self._out_rate.rate(now)
@@ -358,7 +360,10 @@ class SegmenterNode(LifecycleNode):
     def _work(self) -> None:
         while not self._stop.is_set():
             item = self._slot.take(timeout=0.2)
-            if item is None or self._stop.is_set():
+            if item is None:
+                continue
+            if self._stop.is_set():
+                self._count('frames_aborted')  # taken just as processing stopped
                 continue
             if not self._enabled:
                 self._count('disabled_skips')
@@ -394,7 +399,10 @@ class SegmenterNode(LifecycleNode):
             return
         result = pipeline.process(rgb, depth, encoding, intrinsics)
         if self._stop.is_set():
-            return  # deactivated or shutting down during inference: publish nothing
+            # Deactivated or shutting down during inference: publish nothing, but account
+            # for the frame so frames_in == processed + dropped still holds.
+            self._count('frames_aborted')
+            return
         self._publish(msg.header, rgb, result, pipeline)
         done = time.monotonic()
         self._count('frames_processed')

@@ -5,7 +5,6 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
 from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
@@ -22,14 +21,6 @@ def coco_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('coco')
     write_coco_dataset(root, 1, seed=3, config=SCENE, min_area=10)
     return root
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _run_from(dataset, predict):

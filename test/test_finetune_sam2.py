@@ -15,14 +15,6 @@ from training import common, finetune_sam2, sam2_data
 SMOKE = Path(__file__).resolve().parents[1] / 'training' / 'configs' / 'smoke_sam2.yaml'
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cfg(tmp_path, name, **train):
     cfg = common.load_config(SMOKE)
     cfg['output_dir'] = str(tmp_path / name)

@@ -1,19 +1,10 @@
 """SAM2 fine-tuning learns: prompted masks and memory tracking on an overfitted clip."""
 
-import pytest
 import torch
 
 from sam_gap_ros.mask_ops import mask_iou
 from test_finetune_sam2 import _disk_clip
 from training import common, finetune_sam2, sam2_data
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_training_learns_prompted_masks_and_tracking():

@@ -22,14 +22,6 @@ from sam_gap_ros.mask_ops import mask_to_box
 H, W = 64, 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rect(x0, y0, x1, y1):
     mask = np.zeros((H, W), dtype=bool)
     mask[y0:y1, x0:x1] = True

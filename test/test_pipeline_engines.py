@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from node_harness import K, make_depth, make_frame, save_present_sam2
 from sam_gap_ros.engines.types import ConceptError, ModelLoadError, PromptError
@@ -20,14 +19,6 @@ def models(tmp_path_factory):
             # with arbitrary masks, so re-detections of a static scene match them.
             'sam2_plain': str(save_tiny_sam2(root / 'sam2_plain', seed=0, image_size=64)),
             'sam3': str(save_tiny_sam3(root / 'sam3', seed=0))}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pipeline(mode, models, **kwargs):

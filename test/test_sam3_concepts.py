@@ -11,14 +11,6 @@ from sam_gap_ros.mask_ops import mask_to_box
 H, W = 45, 70   # non-square, smaller than the 112 px model input
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def engine():
     return Sam3ConceptEngine.from_config(seed=0)

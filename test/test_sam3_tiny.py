@@ -21,14 +21,6 @@ from sam_gap_ros.engines.tiny_sam3 import (
 from sam_gap_ros.engines.types import ModelLoadError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def tiny_dir(tmp_path_factory):
     return save_tiny_sam3(tmp_path_factory.mktemp('tiny_sam3'), seed=0)

@@ -38,14 +38,6 @@ class ListLogger:
         return '\n'.join(m for lvl, m in self.lines if lvl == level)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def sam2_onnx(tmp_path_factory):
     torch.set_num_threads(1)

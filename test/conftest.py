@@ -1,0 +1,23 @@
+"""Shared pytest fixtures for the sam_gap_ros test suite."""
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run each test's torch work on one thread.
+
+    CI has 2 cores and the node tests run executor and worker threads beside torch; one
+    intra-op thread keeps timings stable and results deterministic. Tests that never
+    import torch are left alone (importing it here would slow them down).
+    """
+    torch = sys.modules.get('torch')
+    if torch is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

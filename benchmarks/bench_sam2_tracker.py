@@ -14,13 +14,16 @@ the same box prompts on frame 0:
   (ours has none, and it needs the CUDA extension).
 
 Per-frame latency is measured with the two sides interleaved frame by frame in one
-process, so load from other processes on a shared machine hits both alike; our time
-includes frame preprocessing, the official one does not (it preprocesses the whole video
-in ``init_state``). Frame 0 (prompting) is not timed. Peak RSS per side comes from
-separate worker processes (full mode). The RSS-growth run streams a tiny model for
+process (alternating which goes first), so load from other processes on a shared machine
+hits both alike; the ratio is the median of paired per-frame CPU-time ratios, and wall
+times are printed too. Our time includes frame preprocessing and the boolean masks at
+camera resolution; the official time does not include preprocessing (it preprocesses the
+whole video in ``init_state``). Frame 0 (prompting) is not timed. Peak RSS per side comes from
+separate worker processes run for ``--memory-frames`` frames (full mode), with the
+RSS slope over their second half. The RSS-growth run streams a tiny model for
 3,000 frames and compares RSS at frame 500 and frame 3,000.
 
-``--quick`` (< 60 s on 2 idle cores): 256 px on both sides, 1 and 3 objects, 5 frames, and a
+``--quick`` (< 60 s on 2 cores): 256 px on both sides, 1 thread, 1 and 3 objects, 5 frames, a
 300-frame RSS-growth run (frame 60 -> 300, well past the 16-frame memory window). Its last line is
 ``ratio_ours_over_official=<worst ratio over object counts> rss_growth_pct=<float>``.
 """
@@ -32,7 +35,6 @@ import gc
 import json
 import os
 from pathlib import Path
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,8 +76,10 @@ def parse_args(argv=None):
                         help='frames of the RSS-growth run (default 3000, quick 300)')
     parser.add_argument('--rss-start', type=int, default=None,
                         help='frame where RSS growth is measured from (default 500, quick 60)')
-    parser.add_argument('--threads', type=int, default=2,
-                        help='torch threads for the latency runs (use 1 on a loaded machine)')
+    parser.add_argument('--memory-frames', type=int, default=48,
+                        help='frames per side for the peak-RSS workers (full mode)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads for the latency runs (default 2, quick 1)')
     parser.add_argument('--worker', choices=('ours', 'official'), help=argparse.SUPPRESS)
     parser.add_argument('--video-dir', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -83,6 +87,9 @@ def parse_args(argv=None):
     args.image_size = args.image_size or (256 if quick else 1024)
     args.objects = args.objects or ([1, 3] if quick else [1, 5, 20])
     args.frames = args.frames or (5 if quick else 10)
+    # Quick runs on shared CI machines: with other jobs on the 2 cores a second intra-op
+    # thread mostly spin-waits (measured 5 s instead of 0.4 s per frame), for both sides.
+    args.threads = args.threads or (1 if quick else 2)
     args.rss_frames = args.rss_frames or (300 if quick else 3000)
     args.rss_start = args.rss_start or (60 if quick else 500)
     return args
@@ -93,7 +100,12 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    # VmHWM, not getrusage: ru_maxrss survives execve, so a worker started from this
+    # (large) process would report the parent's peak.
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024.0
+    return float('nan')
 
 
 def write_video(directory: Path, count: int, height: int, width: int) -> list:
@@ -144,38 +156,83 @@ def build_official(image_size: int):
 
 
 def official_stream(predictor, video_dir: Path, boxes: list):
-    """Yield once per propagated frame of the official predictor."""
+    """Yield the inference state once per propagated frame of the official predictor."""
     state = predictor.init_state(str(video_dir))
     for obj_id, box in enumerate(boxes, start=1):
         predictor.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id, box=box)
-    yield from predictor.propagate_in_video(state)
+    for _ in predictor.propagate_in_video(state):
+        yield state
+
+
+def tensor_mb(obj, seen=None) -> float:
+    """Return the MB of all distinct tensor storages reachable from nested containers."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0.0
+        seen.add(key)
+        return obj.untyped_storage().nbytes() / 2**20
+    if isinstance(obj, dict):
+        return sum(tensor_mb(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_mb(v, seen) for v in obj)
+    return 0.0
+
+
+def session_tensor_mb(tracker: Sam2Tracker) -> float:
+    session = tracker.session
+    return tensor_mb([session.processed_frames, session.cache._vision_features,
+                      session.output_dict_per_obj, session.point_inputs_per_obj,
+                      session.mask_inputs_per_obj])
 
 
 def compare_latency(ours: Sam2Tracker, official, video_dir: Path, frames: list,
                     count: int) -> dict:
-    """Time both sides frame by frame, interleaved; return median ms per frame."""
+    """Time both sides frame by frame, interleaved, alternating which side goes first.
+
+    Returns median wall and CPU milliseconds per frame, and the median over frames of
+    the paired per-frame CPU-time ratio ours / official. CPU time (all threads of this
+    process) is what the ratio uses: on a shared machine wall time mostly measures the
+    neighbours' load, while both sides run the same kind of kernels.
+    """
     height, width = frames[0].shape[:2]
     boxes = boxes_for(count, height, width)
     ours.reset()
-    times_ours, times_official = [], []
+    wall = {'ours': [], 'official': []}
+    cpu = {'ours': [], 'official': []}
     with torch.inference_mode():
         stream = official_stream(official, video_dir, boxes)
         next(stream)  # frame 0: prompts, not timed
         ours.track(frames[0])
         ours.add_objects(boxes=boxes)
-        for frame in frames[1:]:
-            start = time.perf_counter()
-            next(stream)
-            times_official.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            result = ours.track(frame)
-            times_ours.append(time.perf_counter() - start)
-            assert len(result.objects) == count
+        steps = {'official': lambda frame: next(stream),
+                 'ours': lambda frame: ours.track(frame)}
+        for i, frame in enumerate(frames[1:]):
+            order = ('ours', 'official') if i % 2 else ('official', 'ours')
+            for side in order:
+                start_wall, start_cpu = time.perf_counter(), time.process_time()
+                out = steps[side](frame)
+                wall[side].append(time.perf_counter() - start_wall)
+                cpu[side].append(time.process_time() - start_cpu)
+                if side == 'ours':
+                    assert len(out.objects) == count
     stream.close()
-    ms_ours = 1000 * statistics.median(times_ours)
-    ms_official = 1000 * statistics.median(times_official)
-    return {'objects': count, 'ours_ms': ms_ours, 'official_ms': ms_official,
-            'ratio': ms_ours / ms_official}
+    # Our per-frame preprocessing (resize + normalise), which the official predictor does
+    # for the whole video in init_state, outside its timed frames.
+    preprocess = []
+    for frame in frames[1:]:
+        start = time.process_time()
+        ours._preprocess(frame)
+        preprocess.append(time.process_time() - start)
+    ratios = [a / b for a, b in zip(cpu['ours'], cpu['official'], strict=True)]
+    return {'objects': count,
+            'ours_ms': 1000 * statistics.median(wall['ours']),
+            'official_ms': 1000 * statistics.median(wall['official']),
+            'ours_cpu_ms': 1000 * statistics.median(cpu['ours']),
+            'official_cpu_ms': 1000 * statistics.median(cpu['official']),
+            'preprocess_cpu_ms': 1000 * statistics.median(preprocess),
+            'ratio': statistics.median(ratios)}
 
 
 def rss_growth(total: int, start: int) -> dict:
@@ -216,7 +273,7 @@ def worker(args) -> None:
     frames = [np.ascontiguousarray(cv2.imread(str(video_dir / f'{i}.jpg'))[..., ::-1])
               for i in range(args.frames)]
     boxes = boxes_for(args.objects[0], *frames[0].shape[:2])
-    trace = []
+    trace, state = [], []
     with torch.inference_mode():
         if args.worker == 'ours':
             tracker = build_ours(args.image_size)
@@ -224,23 +281,37 @@ def worker(args) -> None:
             tracker.add_objects(boxes=boxes)
             for frame in frames[1:]:
                 tracker.track(frame)
+                gc.collect()
                 trace.append(rss_mb())
+                state.append(session_tensor_mb(tracker))
         else:
-            for _ in official_stream(build_official(args.image_size), video_dir, boxes):
+            stream = official_stream(build_official(args.image_size), video_dir, boxes)
+            next(stream)
+            for inference_state in stream:
+                gc.collect()
                 trace.append(rss_mb())
-    print(json.dumps({'peak_rss_mb': peak_rss_mb(), 'rss_trace_mb': trace}))
+                state.append(tensor_mb(inference_state))
+    print(json.dumps({'peak_rss_mb': peak_rss_mb(), 'rss_trace_mb': trace,
+                      'state_trace_mb': state}))
 
 
 def side_memory(args, side: str, count: int, video_dir: Path) -> dict:
     cmd = [sys.executable, __file__, '--worker', side, '--objects', str(count),
-           '--frames', str(args.frames), '--image-size', str(args.image_size),
+           '--frames', str(args.memory_frames), '--image-size', str(args.image_size),
            '--threads', str(args.threads), '--video-dir', str(video_dir)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     data = json.loads(out.strip().splitlines()[-1])
-    trace = data['rss_trace_mb']
-    half = len(trace) // 2
-    growth = (trace[-1] - trace[half]) / max(len(trace) - 1 - half, 1)
-    return {'peak_rss_mb': data['peak_rss_mb'], 'mb_per_frame': growth}
+    # Slopes (least squares) over the second half only: the first frames fill the
+    # memory window on both sides.
+    half = len(data['rss_trace_mb']) // 2
+
+    def slope(trace):
+        tail = trace[half:]
+        return float(np.polyfit(np.arange(len(tail)), tail, 1)[0]) if len(tail) > 1 else 0.0
+
+    return {'peak_rss_mb': data['peak_rss_mb'], 'mb_per_frame': slope(data['rss_trace_mb']),
+            'state_mb': data['state_trace_mb'][-1],
+            'state_mb_per_frame': slope(data['state_trace_mb'])}
 
 
 def main(argv=None) -> None:
@@ -263,29 +334,36 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         video_dir = Path(tmp)
-        frames = write_video(video_dir, args.frames, args.height, args.width)
+        count = args.frames if args.quick else max(args.frames, args.memory_frames)
+        frames = write_video(video_dir, count, args.height, args.width)[:args.frames]
         ours = build_ours(args.image_size)
         official = build_official(args.image_size)
         print(f'latency, hiera-tiny at {args.image_size} px, {args.height}x{args.width} frames, '
-              f'{args.frames - 1} timed frames, {args.threads} threads, median per frame:',
-              flush=True)
+              f'{args.frames - 1} timed frames, {args.threads} threads, medians per frame '
+              '(ratio: median of paired per-frame CPU-time ratios):', flush=True)
         rows = []
         for count in args.objects:
             row = compare_latency(ours, official, video_dir, frames, count)
             rows.append(row)
-            print(f"  {count:3d} objects: ours {row['ours_ms']:9.1f} ms  official "
-                  f"{row['official_ms']:9.1f} ms  ratio {row['ratio']:.3f}", flush=True)
+            print(f"  {count:3d} objects: wall ours {row['ours_ms']:8.1f} ms, official "
+                  f"{row['official_ms']:8.1f} ms | CPU ours {row['ours_cpu_ms']:8.1f} ms, "
+                  f"official {row['official_cpu_ms']:8.1f} ms | CPU ratio {row['ratio']:.3f} "
+                  f"(ours includes {row['preprocess_cpu_ms']:.1f} ms preprocessing)", flush=True)
         del ours, official
         gc.collect()
         if not args.quick:
-            print('peak RSS per side (separate processes), RSS slope over the 2nd half:')
+            print(f'memory per side over {args.memory_frames} frames (separate processes): '
+                  'peak RSS, RSS slope and stored-tensor slope over the 2nd half, '
+                  'stored tensors at the end:')
             for count in args.objects:
                 mem = {side: side_memory(args, side, count, video_dir)
                        for side in ('ours', 'official')}
-                print(f"  {count:3d} objects: ours {mem['ours']['peak_rss_mb']:8.1f} MB "
-                      f"({mem['ours']['mb_per_frame']:+.2f} MB/frame)  official "
-                      f"{mem['official']['peak_rss_mb']:8.1f} MB "
-                      f"({mem['official']['mb_per_frame']:+.2f} MB/frame)", flush=True)
+                for side in ('ours', 'official'):
+                    m = mem[side]
+                    print(f"  {count:3d} objects {side:8s}: peak {m['peak_rss_mb']:8.1f} MB, "
+                          f"RSS {m['mb_per_frame']:+7.3f} MB/frame, state "
+                          f"{m['state_mb_per_frame']:+7.3f} MB/frame, "
+                          f"state {m['state_mb']:8.1f} MB", flush=True)
     worst = max(row['ratio'] for row in rows)
     print(f"ratio_ours_over_official={worst:.4f} rss_growth_pct={growth['growth_pct']:.4f}")
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from sam_gap_ros.engines.tiny_sam2 import (
     build_sam2_video_processor,
+    build_tiny_sam2,
     save_tiny_sam2,
     tiny_sam2_video_config,
 )
@@ -147,6 +148,22 @@ def test_matches_plain_transformers_streaming_loop():
             assert obj.score == pytest.approx(float(scores[k]), abs=1e-5)
             assert np.array_equal(obj.mask, masks[k].numpy())
     assert any(obj.area > 0 for result in ours for obj in result.objects)
+
+
+def test_hiera_attention_swap_keeps_outputs_identical():
+    config = tiny_sam2_video_config()
+    plain = Sam2Tracker.from_config(config, seed=5).model
+    # A fresh transformers model, not passed through the tracker.
+    reference = build_tiny_sam2(seed=5)
+    assert type(reference.vision_encoder.backbone.blocks[0].attn).__name__ == \
+        'Sam2MultiScaleAttention'
+    assert type(plain.vision_encoder.backbone.blocks[0].attn).__name__ == '_HieraAttention'
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference.get_image_features(pixels).fpn_hidden_states
+        actual = plain.get_image_features(pixels).fpn_hidden_states
+    assert len(expected) == len(actual) == 3
+    assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))
 
 
 # ---------------------------------------------------------------- objects

@@ -15,7 +15,15 @@ that an endless robot stream needs:
 * After every frame the session is pruned to what the next frame can read: the current
   frame, the conditioning (prompted) frames, the mask memories of the last
   ``num_maskmem - 1`` frames and the object pointers of the last
-  ``max_object_pointers_in_encoder - 1`` frames. Nothing grows with stream length.
+  ``max_object_pointers_in_encoder - 1`` frames (pointer-only entries, a few hundred
+  bytes each); at most ``max_conditioning_frames`` prompted frames are kept per object.
+  Nothing grows with stream length.
+
+Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
+conditioning frame. IDs are positive ints, assigned from 1 and never reused (not even
+after ``reset``). Absent objects keep ``score`` (the logit) and get ``box=None``,
+``area=0``. On CUDA with ``dtype='bfloat16'``/``'float16'`` the model runs in that dtype
+under autocast; on CPU everything is float32 (deterministic for a fixed seed).
 
 Prompt timing (``add_objects(frame_index=...)``): exactly two frames accept prompts,
 
@@ -41,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.sam2 import modeling_sam2
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
@@ -60,6 +70,41 @@ _KEPT_OUTPUT_KEYS = ('object_pointer', 'object_score_logits', 'maskmem_features'
                      'maskmem_pos_enc')
 
 ArrayLike = Union[np.ndarray, Sequence]
+
+
+class _HieraAttention(modeling_sam2.Sam2MultiScaleAttention):
+    """Hiera attention without transformers' unused explicit attention matrix.
+
+    ``Sam2MultiScaleAttention.forward`` (transformers 5.24) computes a scaled
+    ``query @ key`` product and its softmax, then discards them and calls the fused
+    attention kernel; dropping that dead work makes the image encoder about 7% faster on
+    CPU with bit-identical outputs (checked by test_sam2_tracker).
+    """
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        batch_size, height, width, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(
+            batch_size, height * width, 3, self.num_attention_heads, -1)
+        query, key, value = torch.unbind(qkv, 2)
+        if self.query_stride:
+            query = modeling_sam2.do_pool(
+                query.reshape(batch_size, height, width, -1), self.query_stride)
+            height, width = query.shape[1:3]
+            query = query.reshape(batch_size, height * width, self.num_attention_heads, -1)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_sam2.eager_attention_forward)
+        output, _ = attention(self, query.transpose(1, 2), key.transpose(1, 2),
+                              value.transpose(1, 2), attention_mask=None,
+                              is_causal=self.is_causal, scaling=self.scale, **kwargs)
+        return self.proj(output.reshape(batch_size, height, width, -1))
+
+
+def drop_dead_hiera_attention(model: Sam2VideoModel) -> Sam2VideoModel:
+    """Switch the model's Hiera attention blocks to ``_HieraAttention`` (same outputs)."""
+    for module in model.modules():
+        if type(module) is modeling_sam2.Sam2MultiScaleAttention:
+            module.__class__ = _HieraAttention
+    return model
 
 
 class Sam2Tracker:
@@ -86,7 +131,8 @@ class Sam2Tracker:
         self._max_batch = int(max_object_batch)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        self._model = model.to(self._device, dtype=self._dtype).eval().requires_grad_(False)
+        self._model = drop_dead_hiera_attention(
+            model.to(self._device, dtype=self._dtype).eval().requires_grad_(False))
         self._processor = processor
         config = model.config
         if processor.target_size != config.image_size:

@@ -54,7 +54,8 @@ from transformers.models.sam2 import modeling_sam2
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
-from sam_gap_ros.engines.types import ModelLoadError, PromptError, TrackedObject, TrackResult
+from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
+                                       TrackedObject, TrackResult)
 from sam_gap_ros.mask_ops import mask_to_box
 
 logger = logging.getLogger(__name__)
@@ -358,12 +359,7 @@ class Sam2Tracker:
 
     # ------------------------------------------------------------------ validation
     def _check_frame(self, frame: np.ndarray) -> None:
-        if not isinstance(frame, np.ndarray):
-            raise TypeError(f'frame must be a numpy array, got {type(frame).__name__}')
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f'frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}')
-        if frame.shape[0] < 1 or frame.shape[1] < 1:
-            raise ValueError(f'frame is empty: {frame.shape}')
+        check_rgb_frame(frame)
         if self._image_size is not None and tuple(frame.shape[:2]) != self._image_size:
             raise ValueError(f'frame size {frame.shape[:2]} differs from the stream size '
                              f'{self._image_size}; call reset() before changing resolution')

@@ -36,7 +36,7 @@ from sam_gap_ros.engines.concept_query import (base_phrases, ConceptQuery, evalu
                                                parse_concepts, resolve_duplicates)
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
 from sam_gap_ros.engines.tiny_sam3 import build_tiny_processor, tiny_sam3_config
-from sam_gap_ros.engines.types import ConceptError, Instance, ModelLoadError
+from sam_gap_ros.engines.types import check_rgb_frame, ConceptError, Instance, ModelLoadError
 from sam_gap_ros.mask_ops import mask_to_box
 
 logger = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Sam3ConceptEngine:
                 max_instances: Optional[int]
                 ) -> Tuple[List[ConceptQuery], Dict[str, List[Instance]], int]:
         """Run one backbone pass and the batched detector over the active phrases."""
-        _check_frame(frame)
+        check_rgb_frame(frame)
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
         limit = self.max_instances if max_instances is None else int(max_instances)
         if not 0.0 <= threshold < 1.0:
@@ -304,15 +304,6 @@ class Sam3ConceptEngine:
                 instances.append(Instance(mask=mask, box=mask_to_box(mask), score=float(score),
                                           concept=phrase, area=area))
         return instances
-
-
-def _check_frame(frame: np.ndarray) -> None:
-    if not isinstance(frame, np.ndarray):
-        raise TypeError(f'frame must be a numpy array, got {type(frame).__name__}')
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f'frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}')
-    if frame.shape[0] < 1 or frame.shape[1] < 1:
-        raise ValueError(f'frame is empty: {frame.shape}')
 
 
 __all__ = ['Sam3ConceptEngine']

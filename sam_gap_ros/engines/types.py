@@ -14,6 +14,16 @@ import numpy as np
 from sam_gap_ros.mask_ops import Box
 
 
+def check_rgb_frame(frame: np.ndarray) -> None:
+    """Raise a clear error unless ``frame`` is a non-empty RGB uint8 ``(H, W, 3)`` array."""
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f'frame must be a numpy array, got {type(frame).__name__}')
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(f'frame must be RGB uint8 (H, W, 3), got {frame.dtype} {frame.shape}')
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise ValueError(f'frame is empty: {frame.shape}')
+
+
 class ModelLoadError(RuntimeError):
     """A model directory is missing, incomplete or of the wrong model type."""
 

@@ -9,7 +9,7 @@ the background/edge pixels that leak into a mask border much better than a mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -23,7 +23,7 @@ _MEDIAN_SAMPLE = 8192
 
 @dataclass(frozen=True)
 class CameraIntrinsics:
-    """Pinhole intrinsics of the image the masks refer to (pixels)."""
+    """Pinhole intrinsics in pixels, without distortion (ROS ``CameraInfo`` with zero D)."""
 
     fx: float
     fy: float
@@ -53,6 +53,26 @@ class CameraIntrinsics:
         # Pixel centres sit at +0.5, so the principal point scales about the image corner.
         return CameraIntrinsics(self.fx * sx, self.fy * sy, (self.cx + 0.5) * sx - 0.5,
                                 (self.cy + 0.5) * sy - 0.5, int(width), int(height))
+
+    @property
+    def k(self) -> List[float]:
+        """Return the row-major 3x3 camera matrix (``CameraInfo.k``)."""
+        return [self.fx, 0.0, self.cx, 0.0, self.fy, self.cy, 0.0, 0.0, 1.0]
+
+    @property
+    def p(self) -> List[float]:
+        """Return the row-major 3x4 projection matrix of a monocular camera (``CameraInfo.p``)."""
+        return [self.fx, 0.0, self.cx, 0.0, 0.0, self.fy, self.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """Return ``k`` as a float64 ``(3, 3)`` array."""
+        return np.asarray(self.k, dtype=np.float64).reshape(3, 3)
+
+    def to_dict(self) -> Dict[str, float]:
+        """Return a JSON-friendly dict."""
+        return {'width': self.width, 'height': self.height, 'fx': self.fx, 'fy': self.fy,
+                'cx': self.cx, 'cy': self.cy}
 
 
 def depth_to_meters(depth: np.ndarray, encoding: str) -> np.ndarray:

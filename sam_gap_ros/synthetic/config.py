@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
+
+from sam_gap_ros.geometry import CameraIntrinsics
 
 COLOURS: Tuple[str, ...] = ('red', 'green', 'yellow')
 """Apple colour classes, in the order of ``OrchardSceneConfig.colour_probabilities``."""
@@ -150,35 +152,3 @@ class OrchardSceneConfig:
         focal = 0.5 * self.width / math.tan(math.radians(self.hfov_deg) / 2.0)
         return CameraIntrinsics(width=int(self.width), height=int(self.height), fx=focal,
                                 fy=focal, cx=self.width / 2.0, cy=self.height / 2.0)
-
-
-@dataclass(frozen=True)
-class CameraIntrinsics:
-    """Pinhole intrinsics without distortion (ROS ``CameraInfo`` ``plumb_bob`` with zero D)."""
-
-    width: int
-    height: int
-    fx: float
-    fy: float
-    cx: float
-    cy: float
-
-    @property
-    def k(self) -> List[float]:
-        """Return the row-major 3x3 camera matrix (``CameraInfo.k``)."""
-        return [self.fx, 0.0, self.cx, 0.0, self.fy, self.cy, 0.0, 0.0, 1.0]
-
-    @property
-    def p(self) -> List[float]:
-        """Return the row-major 3x4 projection matrix of a monocular camera (``CameraInfo.p``)."""
-        return [self.fx, 0.0, self.cx, 0.0, 0.0, self.fy, self.cy, 0.0, 0.0, 0.0, 1.0, 0.0]
-
-    @property
-    def matrix(self) -> np.ndarray:
-        """Return ``k`` as a float64 ``(3, 3)`` array."""
-        return np.asarray(self.k, dtype=np.float64).reshape(3, 3)
-
-    def to_dict(self) -> Dict[str, float]:
-        """Return a JSON-friendly dict."""
-        return {'width': self.width, 'height': self.height, 'fx': self.fx, 'fy': self.fy,
-                'cx': self.cx, 'cy': self.cy}

@@ -1,0 +1,144 @@
+"""Quality bars of the shipped tiny orchard models on held-out synthetic scenes (issue 9).
+
+Inference only: the models in ``models/`` were trained with ``training/`` (see
+``docs/tiny_models.md``); the metrics are those of ``training.tiny_quality`` and each test
+prints its figures so regressions are visible in the CI log.
+
+The bars are the ones of issue 9 and are never lowered. Bars the shipped models do not
+reach yet are marked ``xfail(strict=True)`` with the measured value: such a test fails
+(XPASS) as soon as a better model reaches the bar, so the mark must then be removed.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sam_gap_ros.engines.hybrid import HybridTracker
+from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+from training import tiny_quality as quality
+
+MAX_MODEL_BYTES = 25 * 1024 * 1024
+# Measured on the shipped models (python benchmarks/quality_tiny_models.py, 2026-11-25).
+NOT_YET = 'shipped tiny model does not reach the issue-9 bar yet: '
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope='module')
+def engines(_one_thread):
+    return quality.load_engines()
+
+
+@pytest.fixture(scope='module')
+def concept_scores(engines):
+    return quality.evaluate_concepts(engines['sam3'])
+
+
+@pytest.fixture(scope='module')
+def track_scores(engines):
+    return quality.evaluate_tracking(engines['sam2'])
+
+
+def test_held_out_seeds_differ_from_training_seeds():
+    quality.check_held_out()
+
+
+@pytest.mark.parametrize('directory, required', [
+    (quality.SAM2_DIR, ('config.json', 'model.safetensors', 'processor_config.json')),
+    (quality.SAM3_DIR, ('config.json', 'model.safetensors', 'processor_config.json',
+                        'tokenizer_config.json')),
+])
+def test_shipped_model_directories_are_complete_and_small(directory: Path, required):
+    names = {p.name for p in directory.iterdir()}
+    assert set(required) <= names, f'{directory} lacks {sorted(set(required) - names)}'
+    assert (directory / 'MODEL_CARD.md').is_file()
+    # Only the inference files ship (no optimizer state, no pickles).
+    assert not any(n.endswith(('.pt', '.pth', '.bin', '.pkl')) for n in names), names
+    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    print(f'{directory.name}: {size / 1e6:.2f} MB')
+    assert size <= MAX_MODEL_BYTES
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM3-tiny finds no apple at score >= 0.3 '
+                   '(miou 0.00, recall 0.00 on 126 instances); it segments only trunks so far')
+def test_sam3_ripe_vs_unripe_masks_and_recall(concept_scores):
+    s = concept_scores
+    print(f'sam3: {s.num_truth} instances, miou={s.miou:.3f} recall={s.recall:.3f} '
+          f'precision={s.precision:.3f}')
+    assert s.num_truth >= 40  # enough instances for the rates to mean something
+    assert s.miou >= 0.6
+    assert s.recall >= 0.8
+
+
+def test_sam3_absent_concept_returns_nothing(concept_scores):
+    s = concept_scores
+    print(f"sam3: '{quality.ABSENT_CONCEPT}' absent -> no instance on {s.absent_clean}/"
+          f'{s.absent_scenes} scenes ({s.absent_clean_rate:.3f})')
+    assert s.absent_scenes == len(quality.SCENE_SEEDS)
+    assert s.absent_clean_rate >= 0.9
+
+
+def test_sam3_finds_the_concept_when_it_is_present(concept_scores):
+    # Guards the absent-concept bar against a model that never returns anything.
+    s = concept_scores
+    print(f"sam3: '{quality.ABSENT_CONCEPT}' present -> found on {s.present_found}/"
+          f'{s.present_scenes} scenes ({s.present_found_rate:.3f})')
+    assert s.present_scenes >= 10
+    assert s.present_found_rate >= 0.8
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM2-tiny track mIoU 0.21 over 20 apples '
+                   '(bar 0.7)')
+def test_sam2_tracks_each_apple_from_one_box(track_scores):
+    s = track_scores
+    worst = min(s.per_apple_miou.values())
+    print(f'sam2: {len(s.per_apple_miou)} apples, track_miou={s.track_miou:.3f} '
+          f'worst apple={worst:.3f}; per apple {s.per_apple_miou}')
+    assert len(s.per_apple_miou) >= 10
+    assert s.track_miou >= 0.7
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM2-tiny reports apples that left the '
+                   'image as present on 377 of 377 frames (object score not learned)')
+def test_sam2_apple_that_left_the_frame_is_absent(track_scores):
+    s = track_scores
+    print(f'sam2: {s.left_reported_present} of {s.left_frames} frames after an apple left '
+          'were reported present')
+    assert s.left_frames >= 20  # the pans really take apples out of the image
+    assert s.left_reported_present == 0
+
+
+def test_sam2_new_apple_at_frame_30_leaves_others_undisturbed(track_scores):
+    s = track_scores
+    print(f'sam2: other tracks vs a run without the frame-{quality.NEW_OBJECT_FRAME} prompt: '
+          f'min mask IoU {s.disturbance_min_iou:.4f}')
+    assert len(s.new_object_miou) == len(quality.CLIP_SEEDS)
+    assert s.disturbance_min_iou >= 0.99
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM2-tiny new-apple mIoU 0.39 (worst clip) '
+                   '(bar 0.7)')
+def test_sam2_new_apple_at_frame_30_is_tracked(track_scores):
+    s = track_scores
+    print(f'sam2: new apple miou per clip {s.new_object_miou}')
+    assert len(s.new_object_miou) == len(quality.CLIP_SEEDS)
+    assert min(s.new_object_miou) >= 0.7
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'hybrid mode tracks 0 apples (SAM3-tiny '
+                   'detects no apple), so ID switches per 10 tracks are undefined')
+def test_hybrid_id_switches_per_10_tracks(engines):
+    hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
+                           redetect_every_n=quality.REDETECT_EVERY)
+    s = quality.evaluate_hybrid(hybrid)
+    print(f'hybrid: {s.switches} ID switches over {s.tracks} tracks '
+          f'({s.switches_per_10:.2f} per 10), coverage {s.coverage:.3f}')
+    assert s.tracks >= 10
+    assert s.switches_per_10 <= 1.0

@@ -12,6 +12,7 @@ arguments that are set (non-empty). The segmenter configures and activates itsel
 """
 
 import os
+import tempfile
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
@@ -61,6 +62,22 @@ def _file_mode(params_file):
     return 'hybrid'
 
 
+def _defaults_file(defaults):
+    """Return a params file that sets ``defaults`` for every node (key ``/**``).
+
+    Not a dict in ``parameters``: launch_ros keys a dict by the node's full name, and rclpy
+    (Kilted, checked with 9.1.2) ranks the node keys of all params files by where each key
+    first appears, later keys winning. A full-name key created before ``params_file`` made
+    that file's ``/**`` values beat the launch-argument overrides (merged into the same,
+    earlier key): ``mode:=sam3 device:=cpu`` were ignored. ``/**`` ranks lowest on every
+    distro (Humble applies ``/**`` first, then the full name).
+    """
+    with tempfile.NamedTemporaryFile(
+            'w', prefix='sam_gap_ros_defaults_', suffix='.yaml', delete=False) as stream:
+        yaml.safe_dump({'/**': {'ros__parameters': defaults}}, stream)
+    return stream.name
+
+
 def _truthy(text):
     return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
 
@@ -80,6 +97,7 @@ def _setup(context, *args, **kwargs):
         defaults['model_dir'] = sam3
     if sam2:
         defaults['tracker_model_dir'] = sam2
+    defaults_file = _defaults_file(defaults) if defaults else None
 
     overrides = {'autostart': True}
     for name in ('mode', 'model_dir', 'tracker_model_dir', 'engine_path', 'device',
@@ -101,7 +119,7 @@ def _setup(context, *args, **kwargs):
         actions.append(LifecycleNode(
             package=PACKAGE, executable='segmenter', name='segmenter', namespace=namespace,
             output='screen', emulate_tty=True,
-            parameters=[p for p in (defaults, params_file, overrides) if p],
+            parameters=[p for p in (defaults_file, params_file, overrides) if p],
             remappings=[('image', f'{camera}/image_raw'),
                         ('image/compressed', f'{camera}/image_raw/compressed'),
                         ('depth', f'{camera}/depth/image_raw'),

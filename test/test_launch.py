@@ -7,10 +7,14 @@ against the parameters the nodes really declare.
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
+import threading
+import time
 
 import pytest
 import rclpy
+import rclpy.executors
 from rclpy.context import Context
 from rclpy.parameter import parameter_dict_from_yaml_file
 
@@ -92,6 +96,96 @@ def test_launch_description_starts_one_segmenter_per_camera():
     segmenters = [a for a in actions if isinstance(a, LifecycleNode)]
     cameras = [a for a in actions if isinstance(a, Node) and not isinstance(a, LifecycleNode)]
     assert len(segmenters) == 2 and len(cameras) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,
+                    reason='launch_ros is not installed (not pip-installable); needs a ROS '
+                           '2 install')
+def test_shipped_defaults_rank_below_params_file_and_launch_arguments():
+    spec = importlib.util.spec_from_file_location('orchard_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = module._defaults_file({'model_dir': '/shipped/sam3'})
+    try:
+        params = parameter_dict_from_yaml_file(path, use_wildcard=True)
+        assert params['model_dir'].value.string_value == '/shipped/sam3'
+    finally:
+        os.unlink(path)
+
+
+def _probe_segmenter(full_name, names, timeout_s=60.0):
+    """Return (lifecycle state label, {parameter: value}) of a running segmenter."""
+    from lifecycle_msgs.srv import GetState
+    from rcl_interfaces.srv import GetParameters
+    context = Context()
+    rclpy.init(args=[], context=context)
+    node = rclpy.create_node('launch_probe', context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    try:
+        deadline = time.monotonic() + timeout_s
+        state, values = None, {}
+        while time.monotonic() < deadline and state != 'active':
+            state_client = node.create_client(GetState, f'{full_name}/get_state')
+            if state_client.wait_for_service(timeout_sec=2.0):
+                future = state_client.call_async(GetState.Request())
+                executor.spin_until_future_complete(future, timeout_sec=5.0)
+                if future.result() is not None:
+                    state = future.result().current_state.label
+            time.sleep(0.5)
+        client = node.create_client(GetParameters, f'{full_name}/get_parameters')
+        if client.wait_for_service(timeout_sec=5.0):
+            future = client.call_async(GetParameters.Request(names=list(names)))
+            executor.spin_until_future_complete(future, timeout_sec=5.0)
+            if future.result() is not None:
+                values = {name: rclpy.parameter.parameter_value_to_python(value)
+                          for name, value in zip(names, future.result().values)}
+        return state, values
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None or
+                    importlib.util.find_spec('ament_index_python') is None,
+                    reason='launch_ros is not installed (not pip-installable); needs a ROS '
+                           '2 install')
+def test_launch_service_runs_the_installed_launch_file():
+    """Real ``ros2 launch`` path: arguments beat the params file; the node autostarts."""
+    from ament_index_python.packages import (get_package_share_directory,
+                                             PackageNotFoundError)
+    import launch
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+    try:
+        share = get_package_share_directory('sam_gap_ros')
+    except PackageNotFoundError:
+        pytest.skip('sam_gap_ros is not installed in this environment (run via colcon test)')
+    source = PythonLaunchDescriptionSource(os.path.join(share, 'launch', 'orchard.launch.py'))
+    service = launch.LaunchService()
+    service.include_launch_description(launch.LaunchDescription([
+        launch.actions.IncludeLaunchDescription(source, launch_arguments=[
+            ('synthetic', 'true'), ('mode', 'sam3'), ('device', 'cpu'),
+            ('namespace', '/launch_test'), ('concepts', 'apple;damaged apple')])]))
+    result = {}
+
+    def probe():
+        try:
+            result['state'], result['params'] = _probe_segmenter(
+                '/launch_test/segmenter', ('mode', 'device', 'concepts', 'model_dir'))
+        finally:
+            service.shutdown()
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    assert service.run() == 0
+    thread.join(timeout=30.0)
+    assert result.get('state') == 'active', result
+    params = result['params']
+    assert params['mode'] == 'sam3' and params['device'] == 'cpu'
+    assert params['concepts'] == ['apple', 'damaged apple']
+    assert params['model_dir'].endswith('tiny-orchard-sam3')
 
 
 def test_rcl_loads_orchard_yaml_into_the_segmenter():

@@ -139,7 +139,7 @@ def _probe_segmenter(full_name, names, timeout_s=60.0):
             executor.spin_until_future_complete(future, timeout_sec=5.0)
             if future.result() is not None:
                 values = {name: rclpy.parameter.parameter_value_to_python(value)
-                          for name, value in zip(names, future.result().values)}
+                          for name, value in zip(names, future.result().values, strict=True)}
         return state, values
     finally:
         executor.shutdown()

@@ -53,6 +53,25 @@ def test_prompts_come_from_the_ground_truth():
     assert sam2_data.human_prompt(mask, 'points').points.tolist() == [[16.5, 20.5]]
 
 
+def test_strided_clips_skip_frames_and_stride_one_keeps_the_data_order():
+    clip = _disk_clip(num_frames=12)
+    seen = set()
+    for seed in range(40):
+        sub = sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 2, max_stride=3)
+        start = int(sub.name.split('@')[1])
+        # Recover the stride from the disks' motion (2 px per source frame).
+        shift = np.flatnonzero(sub.masks[1, 0].any(0))[0] - np.flatnonzero(
+            sub.masks[0, 0].any(0))[0]
+        stride = int(shift) // 2
+        assert 1 <= stride <= 3 and start + 3 * stride < 12
+        assert np.array_equal(sub.frames, clip.frames[start:start + 3 * stride + 1:stride])
+        seen.add(stride)
+    assert seen == {1, 2, 3}
+    plain = sam2_data.sample_subclip(clip, np.random.default_rng(5), 4, 2)
+    strided_one = sam2_data.sample_subclip(clip, np.random.default_rng(5), 4, 2, max_stride=1)
+    assert plain.name == strided_one.name and plain.num_frames == 4
+
+
 def test_video_folder_matches_the_generator(tmp_path):
     from sam_gap_ros.synthetic import OrchardSceneConfig, read_video_frame, write_video_dataset
     config = OrchardSceneConfig(width=64, height=48, n_apples=(2, 3))

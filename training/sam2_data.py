@@ -251,21 +251,30 @@ def clip_from_id_masks(frames: Sequence[np.ndarray], id_masks: Sequence[np.ndarr
 
 
 def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
-                   max_objects: int, min_area: int = 16) -> Optional[VideoClip]:
+                   max_objects: int, min_area: int = 16,
+                   max_stride: int = 1) -> Optional[VideoClip]:
     """Return a random sub-clip, or None when no start frame shows an object.
 
-    The sub-clip has ``num_frames`` consecutive frames and up to ``max_objects`` objects
-    visible (>= ``min_area`` pixels) on its first frame.
+    The sub-clip has ``num_frames`` frames ``stride`` apart (``stride`` drawn from
+    ``1..max_stride``; larger strides mean more motion per step, so objects also leave the
+    image within a short clip and the presence head sees absent targets) and up to
+    ``max_objects`` objects visible (>= ``min_area`` pixels) on its first frame.
     """
     num_frames = min(int(num_frames), video.num_frames)
-    starts = rng.permutation(video.num_frames - num_frames + 1)
+    stride = 1
+    if max_stride > 1 and num_frames > 1:
+        # Only draw when striding is on, so stride-1 runs keep their exact data order.
+        longest = (video.num_frames - 1) // (num_frames - 1)
+        stride = int(rng.integers(1, max(1, min(int(max_stride), longest)) + 1))
+    span = (num_frames - 1) * stride + 1
+    starts = rng.permutation(video.num_frames - span + 1)
     for start in starts:
         areas = video.masks[start].reshape(video.num_objects, -1).sum(1)
         visible = np.flatnonzero(areas >= min_area)
         if visible.size == 0:
             continue
         chosen = np.sort(rng.permutation(visible)[:max_objects])
-        sl = slice(int(start), int(start) + num_frames)
+        sl = slice(int(start), int(start) + span, stride)
         return VideoClip(video.frames[sl], video.masks[sl][:, chosen],
                          [video.track_ids[i] for i in chosen], f'{video.name}@{int(start)}')
     return None
@@ -360,14 +369,18 @@ def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[VideoCli
 
 
 def iterate_clips(videos: Sequence[VideoClip], rng: np.random.Generator, num_frames: int,
-                  max_objects: int, min_area: int = 16) -> Iterator[VideoClip]:
-    """Yield random training clips forever (raises if no video has a visible object)."""
+                  max_objects: int, min_area: int = 16,
+                  max_stride: int = 1) -> Iterator[VideoClip]:
+    """Yield random training clips forever (raises if no video has a visible object).
+
+    ``max_stride``: see ``sample_subclip``.
+    """
     if not videos:
         raise ValueError('no training videos')
     while True:
         for _attempt in range(10 * len(videos)):
             clip = sample_subclip(videos[int(rng.integers(len(videos)))], rng, num_frames,
-                                  max_objects, min_area)
+                                  max_objects, min_area, max_stride)
             if clip is not None:
                 yield clip
                 break

@@ -23,6 +23,13 @@ import cv2
 import numpy as np
 
 TRAINED = {'sam3': 'tiny-orchard-sam3', 'sam2': 'tiny-orchard-sam2'}
+# The scene statistics the tiny orchard models were trained on (data.synthetic.scene of
+# training/configs/tiny_orchard_sam2.yaml and tiny_orchard_sam3_stage1.yaml; a test keeps
+# them equal). They only know apples 8-16 px in radius at their 128 px input, which a 30 deg
+# field of view at 0.8-1.0 m gives; the default 69 deg camera would show far smaller fruit.
+TINY_MODEL_SCENE = ('{n_apples: [3, 6], cluster_size: [1, 2], apple_distance_m: [0.8, 1.0], '
+                    'apple_radius_m: [0.035, 0.055], hfov_deg: 30.0, n_front_leaves: [0, 1], '
+                    'leaf_occlusion_prob: 0.15}')
 
 
 def find_trained_model(name: str) -> Optional[Path]:
@@ -113,14 +120,15 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     model_dir, tracker_dir, model_text = prepare_models(mode, workdir)
     print(f'[demo] mode={mode} models: {model_text}', flush=True)
 
+    random_weights = 'RANDOM' in model_text
     context = Context()
     rclpy.init(context=context)
     namespace = '/demo'
     camera = SyntheticCameraNode(
         context=context, namespace=namespace, parameter_overrides=[
             Parameter('rate_hz', value=float(rate_hz)), Parameter('width', value=width),
-            Parameter('height', value=height), Parameter('seed', value=seed)])
-    random_weights = 'RANDOM' in model_text
+            Parameter('height', value=height), Parameter('seed', value=seed),
+            Parameter('scene', value='' if random_weights else TINY_MODEL_SCENE)])
     if random_weights:
         # Random detectors score every query ~0.25: threshold 0 still shows the whole path
         # (masks, IDs, poses, overlay), with arbitrary shapes.

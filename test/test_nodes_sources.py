@@ -40,6 +40,20 @@ def test_synthetic_camera_publishes_image_depth_and_info_with_one_header(ros):
     assert (info.width, info.height) == (128, 96)
 
 
+def test_synthetic_camera_scene_parameter_sets_the_field_of_view(ros):
+    from sam_gap_ros.nodes.synthetic_camera import SyntheticCameraNode
+    camera = ros.add(SyntheticCameraNode(
+        context=ros.context, namespace=ros.ns, parameter_overrides=[
+            Parameter('width', value=128), Parameter('height', value=96),
+            Parameter('scene', value='{hfov_deg: 30.0, n_apples: [3, 6]}')]))
+    assert camera.video.config.hfov_deg == 30.0 and camera.video.config.n_apples == (3, 6)
+    # fx of a 30 deg pinhole over 128 px: 64 / tan(15 deg)
+    assert camera.video[0].camera.k[0] == pytest.approx(64 / np.tan(np.radians(15)), rel=1e-3)
+    with pytest.raises(ValueError, match='hfov'):
+        SyntheticCameraNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+            Parameter('scene', value='{hfov: 30}')])
+
+
 def test_video_source_reads_a_folder_and_a_video_file(ros, tmp_path):
     folder = tmp_path / 'frames'
     folder.mkdir()

@@ -276,3 +276,25 @@ def test_brightness_gain_scales_pixels_and_keeps_ground_truth():
     assert np.abs(bright.image - expected).max() <= 1.0
     assert np.array_equal(bright.labels, base.labels)
     assert np.array_equal(bright.depth_mm, base.depth_mm)
+
+
+def test_scene_overrides_parse_yaml_and_reject_unknown_fields():
+    from sam_gap_ros.synthetic.config import scene_config_from_text
+    config = scene_config_from_text('{hfov_deg: 30.0, apple_distance_m: [0.8, 1.0]}',
+                                    width=200, height=100)
+    assert (config.hfov_deg, config.apple_distance_m, config.width) == (30.0, (0.8, 1.0), 200)
+    assert scene_config_from_text('  ', width=64).width == 64
+    for text, match in (('{colour: red}', 'unknown scene fields'),
+                        ('[1, 2]', 'mapping'), ('{hfov_deg: [', 'YAML'),
+                        ('{hfov_deg: -5.0}', 'hfov')):
+        with pytest.raises(ValueError, match=match):
+            scene_config_from_text(text)
+
+
+def test_demo_scene_is_the_tiny_models_training_scene():
+    """make demo must show the tiny models the fruit size they were trained on."""
+    from sam_gap_ros.demo import TINY_MODEL_SCENE
+    from sam_gap_ros.synthetic.config import scene_config_from_text
+    from training.tiny_quality import sam2_scene_config, sam3_scene_config
+    demo = scene_config_from_text(TINY_MODEL_SCENE, width=128, height=128)
+    assert demo == sam2_scene_config() == sam3_scene_config()

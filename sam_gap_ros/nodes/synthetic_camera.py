@@ -19,7 +19,7 @@ from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
 from sam_gap_ros.nodes.ros_utils import describe
-from sam_gap_ros.synthetic.config import OrchardSceneConfig
+from sam_gap_ros.synthetic.config import scene_config_from_text
 from sam_gap_ros.synthetic.video import OrchardVideo
 
 
@@ -40,15 +40,20 @@ class SyntheticCameraNode(Node):
                  dict(choices=('16UC1', '32FC1'))),
                 ('frame_id', 'camera_color_optical_frame', 'frame_id of every header', {}),
                 ('max_frames', 0, 'stop publishing after this many frames (0 = never)',
-                 dict(int_range=(0, 10**9)))):
+                 dict(int_range=(0, 10**9))),
+                ('scene', '', 'OrchardSceneConfig overrides as a YAML mapping, e.g. '
+                 "'{hfov_deg: 30.0, n_apples: [3, 6]}' (empty = defaults)", {})):
             self.declare_parameter(name, default, describe(text, default, read_only=True,
                                                            **extra))
         param = self.get_parameter
         encoding = param('depth_encoding').value
         if encoding not in ('16UC1', '32FC1'):
             raise ValueError(f"depth_encoding '{encoding}' is not 16UC1 or 32FC1")
-        config = OrchardSceneConfig(width=int(param('width').value),
-                                    height=int(param('height').value))
+        # Invalid overrides raise ValueError naming the field: the camera must not start
+        # with a scene other than the one asked for.
+        config = scene_config_from_text(str(param('scene').value),
+                                        width=int(param('width').value),
+                                        height=int(param('height').value))
         self.video = OrchardVideo(int(param('seed').value), config,
                                   n_frames=int(param('n_frames').value),
                                   pan_speed=float(param('pan_speed').value))

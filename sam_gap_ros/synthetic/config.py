@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import math
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
@@ -152,3 +152,31 @@ class OrchardSceneConfig:
         focal = 0.5 * self.width / math.tan(math.radians(self.hfov_deg) / 2.0)
         return CameraIntrinsics(width=int(self.width), height=int(self.height), fx=focal,
                                 fy=focal, cx=self.width / 2.0, cy=self.height / 2.0)
+
+
+def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
+    """Return an ``OrchardSceneConfig`` from ``base`` plus overrides written as YAML/JSON.
+
+    ``text`` is a mapping such as ``{hfov_deg: 30.0, n_apples: [3, 6]}`` (empty = none);
+    lists become tuples. Raises ValueError naming unknown fields or invalid values.
+    """
+    import yaml
+
+    try:
+        overrides = yaml.safe_load(text) if text and text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f'scene overrides are not valid YAML: {exc}') from exc
+    if overrides is None:
+        overrides = {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f'scene overrides must be a mapping, got {type(overrides).__name__}')
+    known = {f.name for f in fields(OrchardSceneConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f'unknown scene fields {unknown}; known: {sorted(known)}')
+    merged = dict(base)
+    merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    try:
+        return OrchardSceneConfig(**merged)
+    except TypeError as exc:
+        raise ValueError(f'invalid scene overrides: {exc}') from exc

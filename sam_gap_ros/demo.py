@@ -23,13 +23,19 @@ import cv2
 import numpy as np
 
 TRAINED = {'sam3': 'tiny-orchard-sam3', 'sam2': 'tiny-orchard-sam2'}
-# The scene statistics the tiny orchard models were trained on (data.synthetic.scene of
+# The scene statistics each tiny orchard model was trained on (data.synthetic.scene of
 # training/configs/tiny_orchard_sam2.yaml and tiny_orchard_sam3_stage1.yaml; a test keeps
-# them equal). They only know apples 8-16 px in radius at their 128 px input, which a 30 deg
-# field of view at 0.8-1.0 m gives; the default 69 deg camera would show far smaller fruit.
-TINY_MODEL_SCENE = ('{n_apples: [3, 6], cluster_size: [1, 2], apple_distance_m: [0.8, 1.0], '
-                    'apple_radius_m: [0.035, 0.055], hfov_deg: 30.0, n_front_leaves: [0, 1], '
-                    'leaf_occlusion_prob: 0.15}')
+# them equal). They only know apples of the size seen in training, which these narrow fields
+# of view at 0.8-1.0 m give; the default 69 deg camera would show far smaller fruit.
+TINY_MODEL_SCENES = {
+    'sam2': ('{n_apples: [2, 4], cluster_size: [1, 2], apple_distance_m: [0.8, 1.0], '
+             'apple_radius_m: [0.035, 0.055], hfov_deg: 15.0, n_front_leaves: [0, 1], '
+             'leaf_occlusion_prob: 0.15}'),
+    'sam3': ('{n_apples: [3, 6], cluster_size: [1, 2], apple_distance_m: [0.8, 1.0], '
+             'apple_radius_m: [0.035, 0.055], hfov_deg: 30.0, n_front_leaves: [0, 1], '
+             'leaf_occlusion_prob: 0.15}'),
+}
+"""Camera scene per model family; hybrid mode detects with SAM3 and so uses its scene."""
 
 
 def find_trained_model(name: str) -> Optional[Path]:
@@ -128,7 +134,8 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
         context=context, namespace=namespace, parameter_overrides=[
             Parameter('rate_hz', value=float(rate_hz)), Parameter('width', value=width),
             Parameter('height', value=height), Parameter('seed', value=seed),
-            Parameter('scene', value='' if random_weights else TINY_MODEL_SCENE)])
+            Parameter('scene', value='' if random_weights else
+                      TINY_MODEL_SCENES['sam2' if mode == 'sam2' else 'sam3'])])
     if random_weights:
         # Random detectors score every query ~0.25: threshold 0 still shows the whole path
         # (masks, IDs, poses, overlay), with arbitrary shapes.

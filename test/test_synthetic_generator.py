@@ -293,8 +293,9 @@ def test_scene_overrides_parse_yaml_and_reject_unknown_fields():
 
 def test_demo_scene_is_the_tiny_models_training_scene():
     """make demo must show the tiny models the fruit size they were trained on."""
-    from sam_gap_ros.demo import TINY_MODEL_SCENE
+    from sam_gap_ros.demo import TINY_MODEL_SCENES
     from sam_gap_ros.synthetic.config import scene_config_from_text
     from training.tiny_quality import sam2_scene_config, sam3_scene_config
-    demo = scene_config_from_text(TINY_MODEL_SCENE, width=128, height=128)
-    assert demo == sam2_scene_config() == sam3_scene_config()
+    for family, trained in (('sam2', sam2_scene_config()), ('sam3', sam3_scene_config())):
+        demo = scene_config_from_text(TINY_MODEL_SCENES[family], width=128, height=128)
+        assert demo == trained, family

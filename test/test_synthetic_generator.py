@@ -292,7 +292,7 @@ def test_scene_overrides_parse_yaml_and_reject_unknown_fields():
 
 
 def test_demo_scene_is_the_tiny_models_training_scene():
-    """make demo must show the tiny models the fruit size they were trained on."""
+    """The demo camera shows each tiny model the fruit size it was trained on."""
     from sam_gap_ros.demo import TINY_MODEL_SCENES
     from sam_gap_ros.synthetic.config import scene_config_from_text
     from training.tiny_quality import sam2_scene_config, sam3_scene_config

@@ -24,6 +24,18 @@ CONFIG = ROOT / 'config' / 'orchard.yaml'
 REQUIRED_ARGS = {'mode', 'camera', 'model_dir', 'engine_path', 'device', 'concepts',
                  'params_file', 'namespace', 'use_depth', 'synthetic'}
 
+# ament_index_python comes with rclpy's wheels, so launch_ros is the one to check.
+NEEDS_LAUNCH_ROS = pytest.mark.skipif(
+    importlib.util.find_spec('launch_ros') is None,
+    reason='launch_ros is not installed (not pip-installable); needs a ROS 2 install')
+
+
+def _load_launch_file():
+    spec = importlib.util.spec_from_file_location('orchard_launch', LAUNCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_launch_file_compiles_and_declares_the_arguments():
     tree = ast.parse(LAUNCH_FILE.read_text(), filename=str(LAUNCH_FILE))
@@ -70,17 +82,13 @@ def test_orchard_yaml_only_sets_declared_parameters_with_matching_types():
     assert params['mode'].value.string_value in ('sam2', 'sam3', 'hybrid')
 
 
-@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,
-                    reason='launch_ros is not installed (not pip-installable); needs a ROS '
-                           '2 install')
+@NEEDS_LAUNCH_ROS
 def test_launch_description_starts_one_segmenter_per_camera():
     from launch import LaunchContext
     from launch.actions import DeclareLaunchArgument, OpaqueFunction
     from launch_ros.actions import LifecycleNode, Node
 
-    spec = importlib.util.spec_from_file_location('orchard_launch', LAUNCH_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_launch_file()
     description = module.generate_launch_description()
     declared = {a.name for a in description.entities if isinstance(a, DeclareLaunchArgument)}
     assert REQUIRED_ARGS <= declared
@@ -98,13 +106,9 @@ def test_launch_description_starts_one_segmenter_per_camera():
     assert len(segmenters) == 2 and len(cameras) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None,
-                    reason='launch_ros is not installed (not pip-installable); needs a ROS '
-                           '2 install')
+@NEEDS_LAUNCH_ROS
 def test_shipped_defaults_rank_below_params_file_and_launch_arguments():
-    spec = importlib.util.spec_from_file_location('orchard_launch', LAUNCH_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_launch_file()
     path = module._defaults_file({'model_dir': '/shipped/sam3'})
     try:
         params = parameter_dict_from_yaml_file(path, use_wildcard=True)
@@ -148,10 +152,7 @@ def _probe_segmenter(full_name, names, timeout_s=60.0):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec('launch_ros') is None or
-                    importlib.util.find_spec('ament_index_python') is None,
-                    reason='launch_ros is not installed (not pip-installable); needs a ROS '
-                           '2 install')
+@NEEDS_LAUNCH_ROS
 def test_launch_service_runs_the_installed_launch_file():
     """Real ``ros2 launch`` path: arguments beat the params file; the node autostarts."""
     from ament_index_python.packages import (get_package_share_directory,

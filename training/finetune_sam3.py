@@ -910,15 +910,15 @@ def write_synthetic_dataset(root: str, spec: Mapping[str, Any]) -> None:
     ``scene`` (``OrchardSceneConfig`` fields, e.g. ``width``/``height``). Rewritten only when
     the spec changed, so reruns and resumed runs see the same data.
     """
-    from sam_gap_ros.synthetic import OrchardSceneConfig, write_coco_dataset
+    from sam_gap_ros.synthetic import write_coco_dataset
+    from sam_gap_ros.synthetic.config import scene_config_from_mapping
     root_path = Path(root)
     marker = root_path / 'synthetic_spec.json'
     if marker.is_file() and json.loads(marker.read_text()) == _json_clean(spec):
         return
-    scene = {k: tuple(v) if isinstance(v, list) else v
-             for k, v in (spec.get('scene') or {}).items()}
     write_coco_dataset(root_path, int(spec.get('n_images', 16)), seed=int(spec.get('seed', 0)),
-                       config=OrchardSceneConfig(**scene), min_area=int(spec.get('min_area', 1)))
+                       config=scene_config_from_mapping(spec.get('scene')),
+                       min_area=int(spec.get('min_area', 1)))
     report, data = validate_dataset(str(root_path))
     if not report.ok:
         raise ValueError('the synthetic dataset failed validation:\n' + report.summary())

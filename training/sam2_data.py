@@ -303,10 +303,10 @@ def synthetic_videos(seed: int, num_videos: int, num_frames: int, width: int, he
     ``OrchardVideo`` options (``pan_speed``, ``sway_px``, ...). Only tracks of
     ``categories`` that appear in at least one frame become objects.
     """
-    from sam_gap_ros.synthetic import OrchardSceneConfig, OrchardVideo  # numpy/OpenCV only
+    from sam_gap_ros.synthetic import OrchardVideo  # numpy/OpenCV only
+    from sam_gap_ros.synthetic.config import scene_config_from_mapping
 
-    scene_kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (scene or {}).items()}
-    config = OrchardSceneConfig(width=int(width), height=int(height), **scene_kwargs)
+    config = scene_config_from_mapping(scene, width=int(width), height=int(height))
     clips = []
     for index in range(int(num_videos)):
         world = OrchardVideo(int(seed) + index, config, n_frames=int(num_frames),

@@ -36,6 +36,7 @@ from sam_gap_ros.engines.hybrid import associate
 from sam_gap_ros.mask_ops import mask_iou, mask_to_box
 from sam_gap_ros.synthetic import (generate_scene, OrchardSceneConfig, OrchardVideo,
                                    sample_seed, Scene)
+from sam_gap_ros.synthetic.config import scene_config_from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 SAM2_DIR = REPO / 'models' / 'tiny-orchard-sam2'
@@ -60,25 +61,26 @@ SCENE_SEEDS = tuple(range(700_000, 700_040))
 CLIP_SEEDS = (800_000, 800_001, 800_002)
 
 
-def _scene_kwargs(config_path: Path, key: str) -> Dict[str, Any]:
-    """Return the synthetic scene options of a training config (YAML lists as tuples)."""
+def _scene_config(config_path: Path, key: str, overrides: Mapping[str, Any]
+                  ) -> OrchardSceneConfig:
+    """Return the synthetic scene of a training config, with ``overrides`` on top."""
     from training import common
 
     data = common.load_config(config_path)['data']['synthetic']
     scene = dict(data.get('scene') or {})
     if key == 'sam2':
         scene.update(width=int(data['width']), height=int(data['height']))
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in scene.items()}
+    return scene_config_from_mapping(dict(scene, **overrides))
 
 
 def sam3_scene_config(**overrides: Any) -> OrchardSceneConfig:
     """Return the scene configuration the tiny SAM3 model was trained on (plus overrides)."""
-    return OrchardSceneConfig(**dict(_scene_kwargs(SAM3_CONFIG, 'sam3'), **overrides))
+    return _scene_config(SAM3_CONFIG, 'sam3', overrides)
 
 
 def sam2_scene_config(**overrides: Any) -> OrchardSceneConfig:
     """Return the scene configuration the tiny SAM2 model was trained on (plus overrides)."""
-    return OrchardSceneConfig(**dict(_scene_kwargs(SAM2_CONFIG, 'sam2'), **overrides))
+    return _scene_config(SAM2_CONFIG, 'sam2', overrides)
 
 
 def check_held_out() -> None:

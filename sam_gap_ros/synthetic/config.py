@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -154,22 +154,14 @@ class OrchardSceneConfig:
                                 fy=focal, cx=self.width / 2.0, cy=self.height / 2.0)
 
 
-def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
-    """Return an ``OrchardSceneConfig`` from ``base`` plus overrides written as YAML/JSON.
+def scene_config_from_mapping(overrides: Optional[Mapping[str, Any]],
+                              **base: Any) -> OrchardSceneConfig:
+    """Return an ``OrchardSceneConfig`` from ``base`` plus ``overrides`` (e.g. parsed YAML).
 
-    ``text`` is a mapping such as ``{hfov_deg: 30.0, n_apples: [3, 6]}`` (empty = none);
-    lists become tuples. Raises ValueError naming unknown fields or invalid values.
+    ``overrides`` wins over ``base``; YAML lists become tuples. Raises ValueError naming
+    unknown fields or invalid values.
     """
-    import yaml
-
-    try:
-        overrides = yaml.safe_load(text) if text and text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f'scene overrides are not valid YAML: {exc}') from exc
-    if overrides is None:
-        overrides = {}
-    if not isinstance(overrides, dict):
-        raise ValueError(f'scene overrides must be a mapping, got {type(overrides).__name__}')
+    overrides = dict(overrides or {})
     known = {f.name for f in fields(OrchardSceneConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -180,3 +172,20 @@ def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
         return OrchardSceneConfig(**merged)
     except TypeError as exc:
         raise ValueError(f'invalid scene overrides: {exc}') from exc
+
+
+def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
+    """Return an ``OrchardSceneConfig`` from ``base`` plus overrides written as YAML/JSON.
+
+    ``text`` is a mapping such as ``{hfov_deg: 30.0, n_apples: [3, 6]}`` (empty = none);
+    see ``scene_config_from_mapping``.
+    """
+    import yaml
+
+    try:
+        overrides = yaml.safe_load(text) if text and text.strip() else {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f'scene overrides are not valid YAML: {exc}') from exc
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f'scene overrides must be a mapping, got {type(overrides).__name__}')
+    return scene_config_from_mapping(overrides, **base)

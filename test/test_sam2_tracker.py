@@ -150,20 +150,39 @@ def test_matches_plain_transformers_streaming_loop():
     assert any(obj.area > 0 for result in ours for obj in result.objects)
 
 
-def test_hiera_attention_swap_keeps_outputs_identical():
+def test_inference_module_swaps_keep_outputs_identical():
     config = tiny_sam2_video_config()
     plain = Sam2Tracker.from_config(config, seed=5).model
     # A fresh transformers model, not passed through the tracker.
     reference = build_tiny_sam2(seed=5)
-    assert type(reference.vision_encoder.backbone.blocks[0].attn).__name__ == \
-        'Sam2MultiScaleAttention'
+    encoder = reference.vision_encoder
+    assert type(encoder.backbone.blocks[0].attn).__name__ == 'Sam2MultiScaleAttention'
     assert type(plain.vision_encoder.backbone.blocks[0].attn).__name__ == '_HieraAttention'
-    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    assert type(plain.vision_encoder.backbone).__name__ == '_StaticPosEmbedHiera'
+    assert type(plain.vision_encoder.neck.position_encoding).__name__ == \
+        '_StaticSinePositionEmbedding'
+    generator = torch.Generator().manual_seed(0)
+    # Several calls: the cached position embeddings must come back unchanged each time.
+    for batch in (2, 1, 2):
+        pixels = torch.randn(batch, 3, 128, 128, generator=generator)
+        with torch.inference_mode():
+            expected = reference.get_image_features(pixels)
+            actual = plain.get_image_features(pixels)
+        for name in ('fpn_hidden_states', 'fpn_position_encoding'):
+            assert len(getattr(expected, name)) == len(getattr(actual, name)) == 3
+            assert all(torch.equal(a, b) for a, b in zip(
+                getattr(expected, name), getattr(actual, name), strict=True)), name
+
+
+def test_cached_hiera_position_embedding_follows_weight_updates():
+    backbone = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=5).model \
+        .vision_encoder.backbone
     with torch.inference_mode():
-        expected = reference.get_image_features(pixels).fpn_hidden_states
-        actual = plain.get_image_features(pixels).fpn_hidden_states
-    assert len(expected) == len(actual) == 3
-    assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))
+        before = backbone._get_pos_embed((32, 32)).clone()
+        assert torch.equal(backbone._get_pos_embed((32, 32)), before)
+        backbone.pos_embed.add_(1.0)  # an in-place update, as an optimiser step does
+        after = backbone._get_pos_embed((32, 32))
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- objects

@@ -100,11 +100,68 @@ class _HieraAttention(modeling_sam2.Sam2MultiScaleAttention):
         return self.proj(output.reshape(batch_size, height, width, -1))
 
 
-def drop_dead_hiera_attention(model: Sam2VideoModel) -> Sam2VideoModel:
-    """Switch the model's Hiera attention blocks to ``_HieraAttention`` (same outputs)."""
+class _StaticPosEmbedHiera(modeling_sam2.Sam2HieraDetModel):
+    """Hiera backbone that interpolates its position embedding once per input size.
+
+    transformers (5.24) resizes the learned embedding with a bicubic interpolation on
+    every frame although it depends only on the weights and the (fixed) input size; that
+    is about 0.5-1.5% of a hiera-tiny frame on CPU. The cache key holds the parameters'
+    version counters, so an in-place weight update recomputes it.
+    """
+
+    def _get_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+        key = (tuple(int(x) for x in hw), self.pos_embed.device, self.pos_embed.dtype,
+               self.pos_embed._version, self.pos_embed_window._version)
+        cached = self.__dict__.get('_pos_embed_cache')
+        if cached is None or cached[0] != key:
+            cached = (key, super()._get_pos_embed(hw))
+            self.__dict__['_pos_embed_cache'] = cached
+        return cached[1]
+
+
+class _StaticSinePositionEmbedding(modeling_sam2.Sam2SinePositionEmbedding):
+    """Sine position embedding of the vision neck, cached per feature-map shape.
+
+    transformers memoises it with ``lru_cache(maxsize=1)`` but calls it for every FPN
+    level in turn, so each call evicts the previous shape and every frame recomputes all
+    of them (the sin/cos/cat work is about 1% of a hiera-tiny frame on CPU). The
+    embedding has no weights: it depends only on shape, device and dtype.
+    """
+
+    _MAX_SHAPES = 8
+
+    def forward(self, shape: torch.Size, device, dtype: torch.dtype,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if mask is not None:
+            return super().forward(shape, device, dtype, mask)
+        cache = self.__dict__.setdefault('_shape_cache', {})
+        key = (tuple(shape), str(device), dtype)
+        if key not in cache:
+            if len(cache) >= self._MAX_SHAPES:
+                cache.clear()
+            cache[key] = super().forward(shape, device, dtype)
+        return cache[key]
+
+
+_INFERENCE_SWAPS = {
+    modeling_sam2.Sam2MultiScaleAttention: _HieraAttention,
+    modeling_sam2.Sam2HieraDetModel: _StaticPosEmbedHiera,
+    modeling_sam2.Sam2SinePositionEmbedding: _StaticSinePositionEmbedding,
+}
+
+
+def use_inference_modules(model: Sam2VideoModel) -> Sam2VideoModel:
+    """Switch the model's image-encoder modules to their inference variants (same outputs).
+
+    ``_HieraAttention`` drops dead work; ``_StaticPosEmbedHiera`` and
+    ``_StaticSinePositionEmbedding`` stop recomputing position embeddings that are the same
+    on every frame. Only the classes of existing instances change: weights, state dict and
+    outputs are untouched (bit-identical, checked by test_sam2_tracker).
+    """
     for module in model.modules():
-        if type(module) is modeling_sam2.Sam2MultiScaleAttention:
-            module.__class__ = _HieraAttention
+        swap = _INFERENCE_SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
     return model
 
 
@@ -132,7 +189,7 @@ class Sam2Tracker:
         self._max_batch = int(max_object_batch)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
-        self._model = drop_dead_hiera_attention(
+        self._model = use_inference_modules(
             model.to(self._device, dtype=self._dtype).eval().requires_grad_(False))
         self._processor = processor
         config = model.config

@@ -318,3 +318,27 @@ def test_aux_losses_cover_every_decoder_layer(assets, tmp_path):
     trainer.total_loss(plain).backward()
     # Deep supervision changes what the first decoder layer learns.
     assert not torch.allclose(with_aux, trainer.model.detr_decoder.layers[0].mlp.fc1.weight.grad)
+
+
+def test_semantic_loss_trains_the_semantic_head_against_the_instance_union(assets):
+    cfg = _cfg(assets)
+    trainer = Sam3FineTuner(cfg, str(assets['root'] / 'plain'))
+    index, phrases = trainer.train_item(0, 0)
+    sample = trainer.train_set[index]
+    targets = build_targets(sample, phrases, trainer.mask_loss_size)
+    plain = trainer.compute_losses(trainer.forward(('train', index), sample, phrases), targets)
+    assert 'loss_semantic' not in plain  # off unless weighted
+    cfg['loss']['weights'] = dict(cfg['loss'].get('weights') or {}, loss_semantic=5.0)
+    trainer = Sam3FineTuner(cfg, str(assets['root'] / 'semantic'))
+    outputs = trainer.forward(('train', index), sample, phrases)
+    terms = trainer.compute_losses(outputs, targets)
+    assert float(terms['loss_semantic'].detach()) > 0
+    trainer.total_loss(terms).backward()
+    grad = trainer.model.mask_decoder.semantic_projection.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # The target is each prompt's union of instances: a perfect map scores ~0 (BCE + dice).
+    union = torch.stack([m.amax(0) if m.shape[0] else torch.zeros(m.shape[-2:])
+                         for m in targets.masks])
+    perfect = (union * 40.0 - 20.0)[:, None]
+    assert float(trainer.semantic_term(perfect, targets)) < 1e-3
+    assert float(trainer.semantic_term(-perfect, targets)) > 1.0

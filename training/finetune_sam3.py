@@ -407,6 +407,9 @@ class Sam3FineTuner:
         self.box_match_weights = dataclasses.replace(self.match_weights, cost_mask=0.0,
                                                      cost_dice=0.0)
         self.aux_loss = bool(lcfg.get('aux_layers', False))
+        # Dense supervision of the mask decoder's semantic head (the union of a prompt's
+        # instances), as in SAM3's own recipe; off unless it has a weight.
+        self.semantic_loss = float(self.loss_weights.get('loss_semantic', 0.0)) > 0.0
         self._captured: Dict[str, torch.Tensor] = {}
         if self.aux_loss:
             self._hooks = [
@@ -587,6 +590,8 @@ class Sam3FineTuner:
         present = torch.tensor([[1.0 if p else 0.0] for p in targets.positive],
                                device=logits.device)
         terms = {'loss_presence': object_score_loss(presence, present)}
+        if self.semantic_loss:
+            terms['loss_semantic'] = self.semantic_term(outputs.semantic_seg, targets)
         zero = logits.sum() * 0.0
         names = ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_mask', 'loss_dice')
         if self.aux_loss:
@@ -608,6 +613,22 @@ class Sam3FineTuner:
             for index, name in enumerate(('aux_ce', 'aux_bbox', 'aux_giou')):
                 terms[name] = sum((a[index] for a in aux if a is not None), zero)
         return terms
+
+    @staticmethod
+    def semantic_term(semantic_seg: torch.Tensor, targets: PromptTargets) -> torch.Tensor:
+        """Return BCE + dice of each prompt's semantic map against its instances' union.
+
+        Negative prompts have an empty union, so the head learns to stay off for them too.
+        """
+        size = targets.masks[0].shape[-2:]
+        union = torch.stack([m.amax(0) if m.shape[0] else m.new_zeros(size)
+                             for m in targets.masks])
+        logits = semantic_seg.float()[:, 0]
+        if logits.shape[-2:] != union.shape[-2:]:
+            logits = F.interpolate(logits[:, None], size=union.shape[-2:], mode='bilinear',
+                                   align_corners=False)[:, 0]
+        return (F.binary_cross_entropy_with_logits(logits, union)
+                + dice_loss(logits, union, reduction='mean'))
 
     def total_loss(self, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Return the weighted sum of the loss terms."""

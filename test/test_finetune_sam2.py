@@ -72,6 +72,28 @@ def test_strided_clips_skip_frames_and_stride_one_keeps_the_data_order():
     assert plain.name == strided_one.name and plain.num_frames == 4
 
 
+def test_exit_fraction_oversamples_clips_where_a_prompted_object_leaves():
+    clip = _disk_clip(num_frames=20)  # the right disk leaves the 64 px image after frame 13
+
+    def has_exit(sub):
+        areas = sub.masks.reshape(sub.num_frames, sub.num_objects, -1).sum(2)
+        return bool((areas[1:] == 0).any())
+
+    plain = [sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 1, max_stride=3)
+             for seed in range(40)]
+    forced = [sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 1, max_stride=3,
+                                       exit_fraction=1.0) for seed in range(40)]
+    plain_rate = np.mean([has_exit(sub) for sub in plain])
+    assert all(has_exit(sub) for sub in forced)
+    assert plain_rate < 0.5
+    # Every forced clip still starts with its objects visible, so they can be prompted.
+    assert all(sub.masks[0].reshape(sub.num_objects, -1).sum(1).min() >= 16 for sub in forced)
+    # Off by default: the same draws, hence the same data order as before the option.
+    off = [sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 1, max_stride=3,
+                                    exit_fraction=0.0) for seed in range(40)]
+    assert [sub.name for sub in off] == [sub.name for sub in plain]
+
+
 def test_video_folder_matches_the_generator(tmp_path):
     from sam_gap_ros.synthetic import OrchardSceneConfig, read_video_frame, write_video_dataset
     config = OrchardSceneConfig(width=64, height=48, n_apples=(2, 3))

@@ -251,14 +251,20 @@ def clip_from_id_masks(frames: Sequence[np.ndarray], id_masks: Sequence[np.ndarr
 
 
 def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
-                   max_objects: int, min_area: int = 16,
-                   max_stride: int = 1) -> Optional[VideoClip]:
+                   max_objects: int, min_area: int = 16, max_stride: int = 1,
+                   exit_fraction: float = 0.0) -> Optional[VideoClip]:
     """Return a random sub-clip, or None when no start frame shows an object.
 
     The sub-clip has ``num_frames`` frames ``stride`` apart (``stride`` drawn from
     ``1..max_stride``; larger strides mean more motion per step, so objects also leave the
     image within a short clip and the presence head sees absent targets) and up to
     ``max_objects`` objects visible (>= ``min_area`` pixels) on its first frame.
+
+    With probability ``exit_fraction`` the clip is drawn among the starts where a visible
+    object leaves the image (no pixel left) before the clip ends, and one such object is
+    among the chosen: exits are otherwise rare, and without them the object-score head
+    learns that a prompted object is always present (falling back to any start when the
+    video has no exit).
     """
     num_frames = min(int(num_frames), video.num_frames)
     stride = 1
@@ -267,17 +273,34 @@ def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
         longest = (video.num_frames - 1) // (num_frames - 1)
         stride = int(rng.integers(1, max(1, min(int(max_stride), longest)) + 1))
     span = (num_frames - 1) * stride + 1
+    # Only draw when exits are asked for, so runs without them keep their exact data order.
+    want_exit = exit_fraction > 0 and bool(rng.random() < float(exit_fraction))
     starts = rng.permutation(video.num_frames - span + 1)
+    if want_exit:
+        starts = sorted(starts, key=lambda start: not _exiting_objects(
+            video, int(start), span, stride, min_area).size)
     for start in starts:
         areas = video.masks[start].reshape(video.num_objects, -1).sum(1)
         visible = np.flatnonzero(areas >= min_area)
         if visible.size == 0:
             continue
         chosen = np.sort(rng.permutation(visible)[:max_objects])
+        exiting = _exiting_objects(video, int(start), span, stride, min_area) \
+            if want_exit else np.zeros(0, dtype=int)
+        if exiting.size and not np.isin(chosen, exiting).any():
+            chosen = np.sort(np.append(chosen[1:], rng.choice(exiting)))
         sl = slice(int(start), int(start) + span, stride)
         return VideoClip(video.frames[sl], video.masks[sl][:, chosen],
                          [video.track_ids[i] for i in chosen], f'{video.name}@{int(start)}')
     return None
+
+
+def _exiting_objects(video: VideoClip, start: int, span: int, stride: int,
+                     min_area: int) -> np.ndarray:
+    """Return the objects visible at ``start`` that have no pixel on a later clip frame."""
+    frames = video.masks[start:start + span:stride]
+    areas = frames.reshape(frames.shape[0], video.num_objects, -1).sum(2)
+    return np.flatnonzero((areas[0] >= min_area) & (areas[1:] == 0).any(0))
 
 
 def clip_from_scenes(scenes: Sequence[Any], track_ids: Sequence[int], name: str) -> VideoClip:
@@ -369,18 +392,18 @@ def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[VideoCli
 
 
 def iterate_clips(videos: Sequence[VideoClip], rng: np.random.Generator, num_frames: int,
-                  max_objects: int, min_area: int = 16,
-                  max_stride: int = 1) -> Iterator[VideoClip]:
+                  max_objects: int, min_area: int = 16, max_stride: int = 1,
+                  exit_fraction: float = 0.0) -> Iterator[VideoClip]:
     """Yield random training clips forever (raises if no video has a visible object).
 
-    ``max_stride``: see ``sample_subclip``.
+    ``max_stride`` and ``exit_fraction``: see ``sample_subclip``.
     """
     if not videos:
         raise ValueError('no training videos')
     while True:
         for _attempt in range(10 * len(videos)):
             clip = sample_subclip(videos[int(rng.integers(len(videos)))], rng, num_frames,
-                                  max_objects, min_area, max_stride)
+                                  max_objects, min_area, max_stride, exit_fraction)
             if clip is not None:
                 yield clip
                 break

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 import re
 
@@ -18,6 +19,7 @@ from training.coco_data import CocoInstances
 from training.finetune_sam3 import (apply_sam3_freezing, build_targets, choose_phrases,
                                     enable_activation_checkpointing, estimate_peak_memory,
                                     load_sam3, main, Sam3FineTuner, write_synthetic_dataset)
+from training.losses import sigmoid_focal_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / 'training' / 'configs' / 'smoke_sam3.yaml'
@@ -342,3 +344,30 @@ def test_semantic_loss_trains_the_semantic_head_against_the_instance_union(asset
     perfect = (union * 40.0 - 20.0)[:, None]
     assert float(trainer.semantic_term(perfect, targets)) < 1e-3
     assert float(trainer.semantic_term(-perfect, targets)) > 1.0
+
+
+def test_iabce_class_loss_is_the_official_iou_aware_bce(assets):
+    trainer = Sam3FineTuner(_cfg(assets, **{'loss.class_loss': 'iabce', 'loss.pos_weight': 10.0}),
+                            str(assets['root'] / 'iabce'))
+    target = torch.tensor([[0.0, 0.0, 0.4, 0.4]])
+    boxes = torch.tensor([[0.0, 0.0, 0.4, 0.3],     # matched, box IoU 0.75
+                          [0.0, 0.0, 0.4, 0.4],     # unmatched duplicate: still a negative
+                          [0.6, 0.6, 0.9, 0.9]])
+    logits = torch.tensor([0.0, 0.0, 2.0], requires_grad=True)
+    loss = trainer._class_term(logits, boxes, target, torch.tensor([0]), torch.tensor([0]))
+    # Worked out by hand: positive target 0.5 ** 0.25 * 0.75 ** 0.75 at p = 0.5, weight 10;
+    # negatives BCE(x, 0) * p ** 2.
+    soft = 0.5 ** 0.25 * 0.75 ** 0.75
+    pos = 10 * -(soft * math.log(0.5) + (1 - soft) * math.log(0.5))
+    p2 = 1 / (1 + math.exp(-2.0))
+    neg = -math.log(0.5) * 0.25 + -math.log(1 - p2) * p2 ** 2
+    assert float(loss) == pytest.approx((pos + neg) / 3, rel=1e-5)
+    loss.backward()
+    # The matched query is pushed up (its target exceeds p), the others down.
+    assert logits.grad[0] < 0 and logits.grad[1] > 0 and logits.grad[2] > 0
+    focal = Sam3FineTuner(_cfg(assets), str(assets['root'] / 'focal'))
+    plain = focal._class_term(torch.zeros(3), boxes, target, torch.tensor([0]), torch.tensor([0]))
+    assert float(plain) == pytest.approx(float(sigmoid_focal_loss(
+        torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]]), reduction='sum')), rel=1e-6)
+    with pytest.raises(ValueError, match='class_loss'):
+        Sam3FineTuner(_cfg(assets, **{'loss.class_loss': 'softmax'}), str(assets['root'] / 'bad'))

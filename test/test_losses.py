@@ -107,6 +107,17 @@ def test_generalized_box_iou_hand_values():
     assert losses.generalized_box_iou(a, a).diagonal().tolist() == pytest.approx([1.0, 1.0])
 
 
+def test_box_iou_hand_values():
+    a = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0, 3.0, 3.0], [2.0, 0.0, 3.0, 1.0]])
+    iou = losses.box_iou(a, b)
+    assert iou.shape == (2, 2)
+    assert iou[0, 0].item() == pytest.approx(1 / 7, rel=1e-6)
+    assert iou[1, 1].item() == 0.0
+    assert iou[1, 0].item() == 0.0  # touching at a corner only
+    assert losses.box_iou(a, a).diagonal().tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_giou_loss_has_gradient_for_disjoint_boxes():
     pred = torch.tensor([[0.0, 0.0, 1.0, 1.0]], requires_grad=True)
     target = torch.tensor([[2.0, 0.0, 3.0, 1.0]])

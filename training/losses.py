@@ -8,7 +8,7 @@ dominate small ones. Boxes are ``(x0, y0, x1, y1)`` unless a helper says otherwi
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,24 @@ def _box_area(boxes: torch.Tensor) -> torch.Tensor:
     return width * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
 
 
+def box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
+    """Return the pairwise IoU matrix ``(N, M)`` of two sets of xyxy boxes."""
+    return _box_iou_and_union(boxes_a, boxes_b)[0]
+
+
+def _box_iou_and_union(boxes_a: torch.Tensor, boxes_b: torch.Tensor
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    if boxes_a.shape[-1] != 4 or boxes_b.shape[-1] != 4:
+        raise ValueError('box IoU expects (N, 4) and (M, 4) xyxy boxes')
+    area_a = _box_area(boxes_a)
+    area_b = _box_area(boxes_b)
+    top_left = torch.max(boxes_a[:, None, :2], boxes_b[None, :, :2])
+    bottom_right = torch.min(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union.clamp(min=1e-9), union
+
+
 def generalized_box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
     """Return the pairwise generalized IoU matrix ``(N, M)`` of two sets of xyxy boxes.
 
@@ -135,13 +153,7 @@ def generalized_box_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.T
         raise ValueError('generalized_box_iou expects (N, 4) and (M, 4) xyxy boxes')
     if ((boxes_a[:, 2:] < boxes_a[:, :2]).any() or (boxes_b[:, 2:] < boxes_b[:, :2]).any()):
         raise ValueError('generalized_box_iou got a box with x1 < x0 or y1 < y0')
-    area_a = _box_area(boxes_a)
-    area_b = _box_area(boxes_b)
-    top_left = torch.max(boxes_a[:, None, :2], boxes_b[None, :, :2])
-    bottom_right = torch.min(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    iou = inter / union.clamp(min=1e-9)
+    iou, union = _box_iou_and_union(boxes_a, boxes_b)
     hull_tl = torch.min(boxes_a[:, None, :2], boxes_b[None, :, :2])
     hull_br = torch.max(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
     hull = (hull_br - hull_tl).clamp(min=0).prod(-1)

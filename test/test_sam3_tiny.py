@@ -13,6 +13,7 @@ from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam3 import (
     build_tiny_sam3,
     build_tiny_tokenizer,
+    grid_reference_boxes,
     save_tiny_sam3,
     TEXT_LENGTH,
     tiny_sam3_config,
@@ -128,3 +129,42 @@ def test_loads_sam3_video_layout(tiny_dir, tmp_path):
     assert len(results[0]) == len(results[1]) > 0
     for a, b in zip(*results, strict=True):
         assert np.array_equal(a.mask, b.mask) and a.score == pytest.approx(b.score, abs=1e-6)
+
+
+def test_anchor_init_puts_queries_on_a_grid_each_attending_to_its_own_box():
+    boxes = grid_reference_boxes(16, 0.2).sigmoid()
+    assert boxes.shape == (16, 4)
+    centres = sorted({round(float(v), 4) for v in boxes[:, 0]})
+    assert centres == [0.125, 0.375, 0.625, 0.875]
+    assert torch.allclose(boxes[:, 2:], torch.full((16, 2), 0.2))
+    with pytest.raises(ValueError, match='square'):
+        grid_reference_boxes(12, 0.2)
+    model = build_tiny_sam3(seed=0, anchor_box_size=0.2, num_queries=16)
+    decoder = model.detr_decoder
+    torch.testing.assert_close(decoder.reference_points.weight.sigmoid(), boxes)
+    # Zero box deltas: each query's first box is exactly its anchor.
+    assert not decoder.box_head.layer3.weight.any()
+    random_init = build_tiny_sam3(seed=0, num_queries=16)
+    assert not torch.allclose(random_init.detr_decoder.reference_points.weight,
+                              decoder.reference_points.weight)
+
+    # The box relative-position bias starts local: each query's cross-attention is
+    # penalised outside its own box (so queries do not all read the same global average).
+    def inside_outside_bias(model):
+        dec = model.detr_decoder
+        anchors = dec.reference_points.weight.sigmoid()[None]
+        side = 16
+        with torch.no_grad():
+            bias = dec._get_rpb_matrix(anchors, (torch.tensor(side), torch.tensor(side)))[0]
+        coords = (torch.arange(side) / side)
+        x0, y0 = anchors[0, :, 0] - anchors[0, :, 2] / 2, anchors[0, :, 1] - anchors[0, :, 3] / 2
+        x1, y1 = x0 + anchors[0, :, 2], y0 + anchors[0, :, 3]
+        inside_x = (coords[None] >= x0[:, None]) & (coords[None] <= x1[:, None])
+        inside_y = (coords[None] >= y0[:, None]) & (coords[None] <= y1[:, None])
+        inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1)   # (Q, side*side)
+        return bias[:, inside].mean(), bias[:, ~inside].mean()
+
+    inside, outside = inside_outside_bias(model)
+    assert inside - outside > 3.0, (float(inside), float(outside))
+    inside, outside = inside_outside_bias(random_init)
+    assert abs(float(inside - outside)) < 1.0

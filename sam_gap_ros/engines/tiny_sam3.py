@@ -15,6 +15,7 @@ basic English, so any text tokenizes and known words become single tokens.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -183,17 +184,80 @@ def tiny_sam3_config(image_size: int = 112, patch_size: int = 14, vit_hidden_siz
     return config
 
 
-def build_tiny_sam3(seed: int = 0, **config_kwargs) -> Sam3Model:
-    """Return a randomly initialised tiny ``Sam3Model`` in eval mode (deterministic per seed)."""
+def grid_reference_boxes(num_queries: int, box_size: float) -> torch.Tensor:
+    """Return ``(num_queries, 4)`` pre-sigmoid DETR reference boxes on a square grid.
+
+    ``num_queries`` must be a perfect square; box centres sit at the cell centres of a
+    ``sqrt(num_queries)``-sided grid over the unit image and every box is ``box_size`` wide
+    and high (normalised), in the decoder's ``(cx, cy, w, h)`` order.
+    """
+    side = math.isqrt(num_queries)
+    if side * side != num_queries:
+        raise ValueError(f'grid reference boxes need a square num_queries, got {num_queries}')
+    if not 0.0 < box_size < 1.0:
+        raise ValueError(f'box_size must be in (0, 1), got {box_size}')
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+    cy, cx = torch.meshgrid(centres, centres, indexing='ij')
+    size = torch.full_like(cx, box_size)
+    boxes = torch.stack([cx, cy, size, size], dim=-1).reshape(num_queries, 4)
+    return torch.logit(boxes)
+
+
+RPB_OUTSIDE_PENALTY = 8.0
+"""Attention-bias slope outside a query's box (per log-scaled unit) of the anchor init."""
+
+
+def _init_box_local_bias(embed: torch.nn.Module, penalty: float) -> None:
+    """Make a box-RPB MLP start as ``-penalty * (distance outside the box)`` on its axis.
+
+    The RPB MLP sees ``(coord - lo, coord - hi)`` (log-scaled) for its axis; hidden unit 0
+    computes ``relu(lo - coord)`` and unit 1 ``relu(coord - hi)``, both zero inside the box,
+    and every head gets ``-penalty`` times their sum. The other hidden units keep their
+    random init so they still learn. Why: with a random RPB each query's cross-attention is
+    near uniform, all queries read the same global average and the masks of every query
+    collapse to one (seen with the tiny model trained from scratch).
+    """
+    first, second = embed.layer1, embed.layer2
+    first.weight[:2].zero_()
+    first.bias[:2].zero_()
+    first.weight[0, 0] = -1.0
+    first.weight[1, 1] = 1.0
+    second.weight[:, :2] = -float(penalty)
+
+
+def build_tiny_sam3(seed: int = 0, anchor_box_size: Optional[float] = None,
+                    **config_kwargs) -> Sam3Model:
+    """Return a randomly initialised tiny ``Sam3Model`` in eval mode (deterministic per seed).
+
+    With ``anchor_box_size`` the decoder's learned reference boxes start on a grid
+    (``grid_reference_boxes``) instead of at random, the box deltas at zero and the box
+    relative-position bias local (attention outside a query's box penalised, see
+    ``_init_box_local_bias``): each query begins looking at its own image region, which
+    training with anchor assignment (``matcher.assign: anchors``) relies on. Only the
+    initial weights change; the architecture and checkpoint format do not.
+    """
     config = tiny_sam3_config(**config_kwargs)
     # A private generator state: building a model neither depends on nor disturbs the caller's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Sam3Model(config)
+    if anchor_box_size is not None:
+        decoder = model.detr_decoder
+        with torch.no_grad():
+            decoder.reference_points.weight.copy_(grid_reference_boxes(
+                decoder.reference_points.num_embeddings, anchor_box_size))
+            # Zero box deltas at the start (as Deformable DETR initialises its box head), so
+            # every layer's first prediction is its anchor rather than a random offset of it.
+            last = decoder.box_head.layer3 or decoder.box_head.layer2
+            last.weight.zero_()
+            last.bias.zero_()
+            for embed in (decoder.box_rpb_embed_x, decoder.box_rpb_embed_y):
+                _init_box_local_bias(embed, RPB_OUTSIDE_PENALTY)
     return model.eval()
 
 
-def save_tiny_sam3(out_dir: Union[str, Path], seed: int = 0, **config_kwargs) -> Path:
+def save_tiny_sam3(out_dir: Union[str, Path], seed: int = 0,
+                   anchor_box_size: Optional[float] = None, **config_kwargs) -> Path:
     """Write a loadable tiny SAM3 directory (config, safetensors, tokenizer, processor).
 
     The layout is the one ``Sam3ConceptEngine.load`` and ``from_pretrained`` expect from a
@@ -201,7 +265,7 @@ def save_tiny_sam3(out_dir: Union[str, Path], seed: int = 0, **config_kwargs) ->
     """
     path = Path(out_dir)
     path.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_sam3(seed=seed, **config_kwargs)
+    model = build_tiny_sam3(seed=seed, anchor_box_size=anchor_box_size, **config_kwargs)
     model.save_pretrained(path, safe_serialization=True)
     image_size = model.config.vision_config.backbone_config.image_size
     build_tiny_processor(image_size).save_pretrained(path)
@@ -209,5 +273,5 @@ def save_tiny_sam3(out_dir: Union[str, Path], seed: int = 0, **config_kwargs) ->
 
 
 __all__ = ['BOS_TOKEN', 'EOS_TOKEN', 'TEXT_LENGTH', 'TINY_VOCABULARY', 'build_sam3_processor',
-           'build_tiny_processor', 'build_tiny_sam3', 'build_tiny_tokenizer', 'save_tiny_sam3',
-           'tiny_sam3_config', 'tiny_vocab_size']
+           'build_tiny_processor', 'build_tiny_sam3', 'build_tiny_tokenizer',
+           'grid_reference_boxes', 'save_tiny_sam3', 'tiny_sam3_config', 'tiny_vocab_size']

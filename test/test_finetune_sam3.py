@@ -18,7 +18,8 @@ from training import common
 from training.coco_data import CocoInstances
 from training.finetune_sam3 import (apply_sam3_freezing, build_targets, choose_phrases,
                                     enable_activation_checkpointing, estimate_peak_memory,
-                                    load_sam3, main, Sam3FineTuner, write_synthetic_dataset)
+                                    load_sam3, main, PromptTargets, Sam3FineTuner,
+                                    write_synthetic_dataset)
 from training.losses import sigmoid_focal_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,3 +372,32 @@ def test_iabce_class_loss_is_the_official_iou_aware_bce(assets):
         torch.zeros(1, 3), torch.tensor([[1.0, 0.0, 0.0]]), reduction='sum')), rel=1e-6)
     with pytest.raises(ValueError, match='class_loss'):
         Sam3FineTuner(_cfg(assets, **{'loss.class_loss': 'softmax'}), str(assets['root'] / 'bad'))
+
+
+def test_anchor_assignment_ignores_where_the_predictions_went(assets):
+    anchored = Sam3FineTuner(_cfg(assets, **{'matcher.assign': 'anchors'}),
+                             str(assets['root'] / 'anchors'))
+    plain = Sam3FineTuner(_cfg(assets), str(assets['root'] / 'predictions'))
+    grid = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.5],
+                          [0.0, 0.5, 0.5, 1.0], [0.5, 0.5, 1.0, 1.0]]])
+    target = torch.tensor([[0.6, 0.6, 0.9, 0.9]])   # in anchor 3's cell
+    targets = PromptTargets(['apple'], [torch.ones(1, 8, 8)], [target])
+    far = torch.tensor([0.0, 0.0, 0.1, 0.1])
+    boxes = far.repeat(1, 4, 1)
+    boxes[0, 0] = target[0]                            # query 0 predicted the box exactly
+    logits = torch.zeros(1, 4)
+    _, bbox_anchor, _, _ = anchored._detection_terms(logits, boxes, targets, 1, anchors=grid)
+    _, bbox_pred, _, _ = plain._detection_terms(logits, boxes, targets, 1)
+    assert float(bbox_pred) == pytest.approx(0.0, abs=1e-6)   # matched to query 0
+    assert float(bbox_anchor) > 0.5                           # query 3 answers for the cell
+    boxes[0, 3] = target[0]
+    _, bbox_anchor, _, _ = anchored._detection_terms(logits, boxes, targets, 1, anchors=grid)
+    assert float(bbox_anchor) == pytest.approx(0.0, abs=1e-6)
+    # A real forward pass trains with anchors end to end.
+    index, phrases = anchored.train_item(0, 0)
+    sample = anchored.train_set[index]
+    terms = anchored.compute_losses(anchored.forward(('train', index), sample, phrases),
+                                    build_targets(sample, phrases, anchored.mask_loss_size))
+    assert torch.isfinite(anchored.total_loss(terms))
+    with pytest.raises(ValueError, match='matcher.assign'):
+        Sam3FineTuner(_cfg(assets, **{'matcher.assign': 'nearest'}), str(assets['root'] / 'x'))

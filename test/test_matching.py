@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.matching import hungarian_match, match_cost_matrix, match_predictions, MatchWeights
+from training.matching import (hungarian_match, match_cost_matrix, match_predictions,
+                               match_to_anchors, MatchWeights)
 
 
 def _brute_force_min(cost: np.ndarray) -> float:
@@ -107,3 +108,21 @@ def test_bad_inputs_raise():
                           torch.tensor([[0.0, 0.0, 1.0, 1.0]]), MatchWeights())
     with pytest.raises(ValueError):
         match_cost_matrix(torch.zeros(2), torch.zeros(3, 4), torch.zeros(1, 4))
+
+
+def test_anchor_assignment_pairs_each_target_with_the_nearest_free_anchor():
+    # A 2x2 grid of anchors (xyxy, normalised).
+    anchors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 1.0, 0.5],
+                            [0.0, 0.5, 0.5, 1.0], [0.5, 0.5, 1.0, 1.0]])
+    # Target 0 sits in the bottom-right cell, target 1 in the top-left; their size is
+    # irrelevant (only centres count).
+    targets = torch.tensor([[0.7, 0.7, 0.8, 0.8], [0.1, 0.1, 0.4, 0.2]])
+    query_idx, target_idx = match_to_anchors(anchors, targets)
+    assert target_idx.tolist() == [0, 1] and query_idx.tolist() == [3, 0]
+    # Two targets in the same cell: one gets it, the other the nearest remaining anchor.
+    crowded = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.2, 0.3, 0.3, 0.4]])
+    query_idx, _ = match_to_anchors(anchors, crowded)
+    assert sorted(query_idx.tolist()) == [0, 2]
+    with pytest.raises(ValueError, match='xyxy'):
+        match_to_anchors(anchors[:, :2], targets)
+

@@ -60,7 +60,7 @@ from training.coco_data import CocoInstances, CocoSample
 from training.losses import (box_cxcywh_to_xyxy, box_iou, box_l1_loss, box_xyxy_to_cxcywh,
                              detach_terms, dice_loss, giou_loss, object_score_loss,
                              sigmoid_focal_loss, weighted_sum)
-from training.matching import match_predictions, MatchWeights
+from training.matching import match_predictions, match_to_anchors, MatchWeights
 from training.prepare_data import split_dataset, validate_dataset
 
 LOSS_WEIGHTS = {'loss_ce': 20.0, 'loss_presence': 20.0, 'loss_bbox': 5.0, 'loss_giou': 2.0,
@@ -402,7 +402,9 @@ class Sam3FineTuner:
         self.focal_alpha = float(lcfg.get('focal_alpha', 0.25))
         self.focal_gamma = float(lcfg.get('focal_gamma', 2.0))
         self.mask_loss_size = int(lcfg.get('mask_loss_size') or self.image_size)
-        self.match_weights = MatchWeights(**(self.cfg.get('matcher') or {}))
+        matcher_cfg = dict(self.cfg.get('matcher') or {})
+        matcher_cfg.pop('assign', None)
+        self.match_weights = MatchWeights(**matcher_cfg)
         # Earlier decoder layers predict no masks: they are matched on class + boxes only.
         self.box_match_weights = dataclasses.replace(self.match_weights, cost_mask=0.0,
                                                      cost_dice=0.0)
@@ -417,6 +419,13 @@ class Sam3FineTuner:
             raise ValueError(f"loss.class_loss must be 'focal' or 'iabce', "
                              f'got {self.class_loss!r}')
         self.pos_weight = float(lcfg.get('pos_weight', 10.0))
+        # Which query answers for which instance: 'predictions' (official Hungarian matching
+        # on the predicted class/boxes/masks) or 'anchors' (nearest reference box; see
+        # training.matching.match_to_anchors).
+        self.assign = str((self.cfg.get('matcher') or {}).get('assign', 'predictions'))
+        if self.assign not in ('predictions', 'anchors'):
+            raise ValueError(f"matcher.assign must be 'predictions' or 'anchors', "
+                             f'got {self.assign!r}')
         self.iabce_alpha = float(lcfg.get('iabce_alpha', 0.25))
         self._captured: Dict[str, torch.Tensor] = {}
         if self.aux_loss:
@@ -533,17 +542,24 @@ class Sam3FineTuner:
 
     def _detection_terms(self, logits: torch.Tensor, boxes: torch.Tensor,
                          targets: PromptTargets, num_boxes: int,
-                         masks: Optional[torch.Tensor] = None) -> Optional[Tuple]:
-        """Match each positive prompt's queries; return ce/L1/GIoU (+ matched masks) or None."""
+                         masks: Optional[torch.Tensor] = None,
+                         anchors: Optional[torch.Tensor] = None) -> Optional[Tuple]:
+        """Match each positive prompt's queries; return ce/L1/GIoU (+ matched masks) or None.
+
+        ``anchors`` (``(B, Q, 4)`` xyxy reference boxes) switch to anchor assignment.
+        """
         device = logits.device
         weights = self.match_weights if masks is not None else self.box_match_weights
         ce_terms, src_boxes, tgt_boxes, src_masks, tgt_masks = [], [], [], [], []
         for row, (tmask, tbox) in enumerate(zip(targets.masks, targets.boxes, strict=True)):
             if tmask.shape[0] == 0:
                 continue
-            query_idx, target_idx = match_predictions(
-                logits[row], boxes[row], tbox, weights,
-                None if masks is None else masks[row], tmask)
+            if anchors is not None:
+                query_idx, target_idx = match_to_anchors(anchors[row], tbox)
+            else:
+                query_idx, target_idx = match_predictions(
+                    logits[row], boxes[row], tbox, weights,
+                    None if masks is None else masks[row], tmask)
             query_idx, target_idx = query_idx.to(device), target_idx.to(device)
             # Classification is only supervised for prompts with instances: on negative
             # prompts the presence head carries the "absent" signal (official SAM3 rule).
@@ -632,7 +648,11 @@ class Sam3FineTuner:
         names = ('loss_ce', 'loss_bbox', 'loss_giou', 'loss_mask', 'loss_dice')
         if self.aux_loss:
             names += ('aux_ce', 'aux_bbox', 'aux_giou')
-        main = self._detection_terms(logits, boxes, targets, num_boxes, masks)
+        anchors = None
+        if self.assign == 'anchors':
+            # Layer 0's reference boxes are the queries' own (learned) anchors.
+            anchors = box_cxcywh_to_xyxy(outputs.decoder_reference_boxes[0].float()).detach()
+        main = self._detection_terms(logits, boxes, targets, num_boxes, masks, anchors)
         if main is None:
             terms.update({name: zero for name in names})
             return terms
@@ -644,7 +664,8 @@ class Sam3FineTuner:
                                                 reduction='sum') / num_boxes
         terms['loss_dice'] = dice_loss(src_m, tgt_m, reduction='sum') / num_boxes
         if self.aux_loss:
-            aux = [self._detection_terms(layer_logits, layer_boxes, targets, num_boxes)
+            aux = [self._detection_terms(layer_logits, layer_boxes, targets, num_boxes,
+                                         anchors=anchors)
                    for layer_logits, layer_boxes in self.decoder_layer_outputs(outputs)[:-1]]
             for index, name in enumerate(('aux_ce', 'aux_bbox', 'aux_giou')):
                 terms[name] = sum((a[index] for a in aux if a is not None), zero)

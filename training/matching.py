@@ -136,3 +136,21 @@ def match_predictions(pred_logits: torch.Tensor, pred_boxes: torch.Tensor,
     """Return the Hungarian ``(query_idx, target_idx)`` for one prompt's predictions."""
     cost = match_cost_matrix(pred_logits, pred_boxes, tgt_boxes, weights, pred_masks, tgt_masks)
     return hungarian_match(cost)
+
+
+def match_to_anchors(anchor_boxes: torch.Tensor, tgt_boxes: torch.Tensor
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(query_idx, target_idx)`` pairing each target with the nearest free anchor.
+
+    ``anchor_boxes`` ``(Q, 4)`` are the queries' reference boxes before any refinement and
+    ``tgt_boxes`` ``(T, 4)`` the instances, both normalised ``xyxy``; the cost is the
+    distance between centres, solved one-to-one like ``hungarian_match``. Unlike matching on
+    the predictions, the pairing cannot change from step to step, so each query learns to
+    answer for its own image region (the stable assignment of anchor-based detectors).
+    """
+    if anchor_boxes.shape[-1] != 4 or tgt_boxes.shape[-1] != 4:
+        raise ValueError('match_to_anchors expects (Q, 4) and (T, 4) xyxy boxes')
+    anchors = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2
+    centres = (tgt_boxes[:, :2] + tgt_boxes[:, 2:]) / 2
+    return hungarian_match(torch.cdist(anchors.float(), centres.float()))
+

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sam_gap_ros.engines.concept_query import parse_concepts
-from sam_gap_ros.engines.hybrid import associate, HybridTracker
+from sam_gap_ros.engines.hybrid import associate, duplicate_tracks, HybridTracker
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam2 import tiny_sam2_video_config
@@ -88,6 +88,20 @@ def test_associate_is_one_to_one_and_thresholded():
         associate([A], [A], 0.0)
 
 
+def test_duplicate_tracks_drops_the_track_that_strayed_from_its_anchor():
+    # Track 1 was confirmed on A and is still there; track 2 was confirmed on C but SAM2
+    # carried it onto A (C left the image): 2 is the duplicate, whatever the ID order.
+    assert duplicate_tracks({1: A_MOVED, 2: A}, {1: A, 2: C}, 0.5) == [2]
+    assert duplicate_tracks({1: A, 2: A_MOVED}, {1: C, 2: A}, 0.5) == [1]
+    # Overlap below the threshold, empty masks and single tracks are left alone.
+    assert duplicate_tracks({1: A, 2: B}, {1: A, 2: B}, 0.5) == []
+    assert duplicate_tracks({1: A, 2: np.zeros_like(A)}, {1: A, 2: A}, 0.5) == []
+    assert duplicate_tracks({1: A}, {1: C}, 0.5) == []
+    # Equally consistent: the newer ID goes. Three on one object: two go.
+    assert duplicate_tracks({1: A, 2: A}, {1: A, 2: A}, 0.5) == [2]
+    assert duplicate_tracks({1: A, 2: A, 3: A_MOVED}, {1: C, 2: A, 3: B}, 0.5) == [1, 3]
+
+
 # ----------------------------------------------------------------------------- with SAM2
 
 
@@ -130,8 +144,10 @@ def test_ids_persist_new_ids_and_drop_after_k_misses():
 
 def test_present_tracks_reported_between_redetections():
     concepts = ScriptedConcepts({0: [det(A), det(C)]})
+    # Random SAM2 weights give both prompts the same mask; duplicate_iou=1.0 turns off the
+    # duplicate rule (tested on its own below) so that both tracks stay.
     hybrid = HybridTracker(concepts, make_tracker(3.0), redetect_every_n=4,
-                           max_missed_redetections=2)
+                           max_missed_redetections=2, duplicate_iou=1.0)
     assert ids(hybrid.step(FRAME)) == [1, 2]
     for _ in range(3):
         tracked = hybrid.step(FRAME)
@@ -147,6 +163,18 @@ def test_present_tracks_reported_between_redetections():
     assert ids(hybrid.step(FRAME)) == []
     assert hybrid.track_ids == [] and hybrid.tracker.object_ids == []
     assert len(concepts.calls) == 3
+
+
+def test_two_tracks_on_one_object_keep_one_id():
+    # Random SAM2 weights give every prompt the same mask: the two tracks below cover one
+    # object on the next frame, and the duplicate rule keeps exactly one of them (in the
+    # hybrid and in SAM2's session alike).
+    concepts = ScriptedConcepts({0: [det(A), det(C)]})
+    hybrid = HybridTracker(concepts, make_tracker(3.0), redetect_every_n=10)
+    assert ids(hybrid.step(FRAME)) == [1, 2]
+    second = hybrid.step(FRAME)
+    assert len(second) == 1 and hybrid.track_ids == ids(second)
+    assert hybrid.tracker.object_ids == hybrid.track_ids
 
 
 def test_concept_change_reset_and_bad_frames():

@@ -17,6 +17,10 @@ across frames; the rules, per frame:
   re-anchored on SAM3's segmentation. An unmatched detection starts a new track with a new
   ID (IDs are never reused, also not after ``reset``). A track left unmatched on
   ``max_missed_redetections`` consecutive re-detections is dropped.
+* Every frame, two tracks whose SAM2 masks cover one object (IoU > ``duplicate_iou``)
+  are resolved: the one that strayed from its last SAM3-confirmed mask is dropped (see
+  ``duplicate_tracks``), so an ID that SAM2 carried onto a neighbour does not take over
+  the neighbour's ID at the next re-detection.
 * On other frames every track SAM2 judges present is reported with its SAM2 mask and the
   concept and score of its last matching detection; absent tracks are not reported but are
   kept until the re-detection rule drops them.
@@ -29,14 +33,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from sam_gap_ros.engines.concept_query import mask_overlaps
 from sam_gap_ros.engines.types import Instance
-from sam_gap_ros.mask_ops import mask_to_box
+from sam_gap_ros.mask_ops import mask_iou, mask_to_box
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +69,46 @@ def associate(track_masks: Sequence[np.ndarray], detection_masks: Sequence[np.nd
             [d for d in range(len(detection_masks)) if d not in matched_detections])
 
 
+def duplicate_tracks(current: Mapping[int, np.ndarray], anchors: Mapping[int, np.ndarray],
+                     duplicate_iou: float) -> List[int]:
+    """Return the IDs of tracks whose mask has moved onto another track's object.
+
+    When an object leaves the image or hides, SAM2 may follow a similar neighbour instead of
+    reporting it absent; two IDs then cover one object (mask IoU of their ``current`` masks
+    > ``duplicate_iou``). Of such a pair, the track whose mask strayed further from where
+    SAM3 last confirmed it (lower IoU with its ``anchors`` mask) is the one that moved
+    over and is returned; the other keeps its ID. Ties drop the higher (newer) ID.
+    """
+    ids = sorted(t for t, mask in current.items() if mask.any())
+    if len(ids) < 2:
+        return []
+    masks = [current[t] for t in ids]
+    overlap, _ = mask_overlaps(masks, masks)
+    pairs = sorted(((overlap[i, j], ids[i], ids[j]) for i in range(len(ids))
+                    for j in range(i + 1, len(ids)) if overlap[i, j] > duplicate_iou),
+                   reverse=True)
+    dropped: List[int] = []
+    for _, first, second in pairs:
+        if first in dropped or second in dropped:
+            continue
+        stay_first = mask_iou(anchors[first], current[first])
+        stay_second = mask_iou(anchors[second], current[second])
+        dropped.append(second if stay_second <= stay_first else first)
+    return sorted(dropped)
+
+
 @dataclass
 class _Track:
     concept: str
     score: float
     last_mask: np.ndarray
+    anchor_mask: np.ndarray
+    """The mask SAM3 last confirmed for this track (at its last matching re-detection)."""
     missed: int = 0
+
+    @classmethod
+    def from_detection(cls, detection: Instance) -> _Track:
+        return cls(detection.concept, detection.score, detection.mask, detection.mask)
 
 
 class HybridTracker:
@@ -78,7 +116,7 @@ class HybridTracker:
 
     def __init__(self, concept_engine: Any, tracker: Any, redetect_every_n: int = 10,
                  max_missed_redetections: int = 2, match_iou: float = 0.5,
-                 reprompt_matched: bool = True) -> None:
+                 reprompt_matched: bool = True, duplicate_iou: float = 0.5) -> None:
         """Combine a concept engine and a ``Sam2Tracker`` (which this object then owns)."""
         if redetect_every_n < 1:
             raise ValueError(f'redetect_every_n must be >= 1, got {redetect_every_n}')
@@ -87,12 +125,15 @@ class HybridTracker:
                              f'{max_missed_redetections}')
         if not 0.0 < match_iou <= 1.0:
             raise ValueError(f'match_iou must be in (0, 1], got {match_iou}')
+        if not 0.0 < duplicate_iou <= 1.0:
+            raise ValueError(f'duplicate_iou must be in (0, 1], got {duplicate_iou}')
         self.concept_engine = concept_engine
         self.tracker = tracker
         self.redetect_every_n = int(redetect_every_n)
         self.max_missed_redetections = int(max_missed_redetections)
         self.match_iou = float(match_iou)
         self.reprompt_matched = bool(reprompt_matched)
+        self.duplicate_iou = float(duplicate_iou)
         self._next_id = 1
         self._tracks: Dict[int, _Track] = {}
         self._frame_index = -1
@@ -151,6 +192,7 @@ class HybridTracker:
         for track_id, obj in tracked.items():
             if obj.present and track_id in self._tracks:
                 self._tracks[track_id].last_mask = obj.mask
+        self._drop_duplicates(tracked)
         detect = (self._last_detection is None
                   or self._frame_index - self._last_detection >= self.redetect_every_n)
         if not detect:
@@ -158,6 +200,17 @@ class HybridTracker:
                     for track_id in sorted(self._tracks)
                     if track_id in tracked and tracked[track_id].present]
         return self._redetect(frame, tracked)
+
+    def _drop_duplicates(self, tracked: Dict[int, Any]) -> None:
+        """Drop the tracks ``duplicate_tracks`` finds (from SAM2 too, and from ``tracked``)."""
+        current = {t: tracked[t].mask for t in self._tracks
+                   if t in tracked and tracked[t].present}
+        anchors = {t: self._tracks[t].anchor_mask for t in current}
+        for track_id in duplicate_tracks(current, anchors, self.duplicate_iou):
+            logger.debug('track %d moved onto another track\'s object: dropped', track_id)
+            del self._tracks[track_id]
+            del tracked[track_id]
+            self.tracker.remove_object(track_id)
 
     def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> List[Instance]:
         detections = self.concept_engine.segment(frame)
@@ -181,7 +234,7 @@ class HybridTracker:
         prompt_masks: List[np.ndarray] = []
         for track_index, det_index in matches:
             track_id, detection = track_ids[track_index], detections[det_index]
-            self._tracks[track_id] = _Track(detection.concept, detection.score, detection.mask)
+            self._tracks[track_id] = _Track.from_detection(detection)
             shown[track_id] = detection.mask
             if self.reprompt_matched:
                 prompt_ids.append(track_id)
@@ -190,7 +243,7 @@ class HybridTracker:
             detection = detections[det_index]
             track_id = self._next_id
             self._next_id += 1
-            self._tracks[track_id] = _Track(detection.concept, detection.score, detection.mask)
+            self._tracks[track_id] = _Track.from_detection(detection)
             shown[track_id] = detection.mask
             prompt_ids.append(track_id)
             prompt_masks.append(detection.mask)
@@ -210,4 +263,4 @@ class HybridTracker:
                         instance_id=track_id)
 
 
-__all__ = ['HybridTracker', 'associate']
+__all__ = ['HybridTracker', 'associate', 'duplicate_tracks']

@@ -125,4 +125,3 @@ def test_anchor_assignment_pairs_each_target_with_the_nearest_free_anchor():
     assert sorted(query_idx.tolist()) == [0, 2]
     with pytest.raises(ValueError, match='xyxy'):
         match_to_anchors(anchors[:, :2], targets)
-

@@ -153,4 +153,3 @@ def match_to_anchors(anchor_boxes: torch.Tensor, tgt_boxes: torch.Tensor
     anchors = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2
     centres = (tgt_boxes[:, :2] + tgt_boxes[:, 2:]) / 2
     return hungarian_match(torch.cdist(anchors.float(), centres.float()))
-

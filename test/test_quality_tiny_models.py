@@ -19,7 +19,7 @@ from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from training import tiny_quality as quality
 
 MAX_MODEL_BYTES = 25 * 1024 * 1024
-# Measured on the shipped models (python benchmarks/quality_tiny_models.py, 2026-11-25).
+# Measured on the shipped models (python benchmarks/quality_tiny_models.py, 2026-12-02).
 NOT_YET = 'shipped tiny model does not reach the issue-9 bar yet: '
 
 
@@ -66,14 +66,22 @@ def test_shipped_model_directories_are_complete_and_small(directory: Path, requi
     assert size <= MAX_MODEL_BYTES
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM3-tiny finds no apple at score >= 0.3 '
-                   '(miou 0.00, recall 0.00 on 126 instances); it segments only trunks so far')
-def test_sam3_ripe_vs_unripe_masks_and_recall(concept_scores):
+def test_sam3_ripe_vs_unripe_mask_iou_of_matched_instances(concept_scores):
     s = concept_scores
-    print(f'sam3: {s.num_truth} instances, miou={s.miou:.3f} recall={s.recall:.3f} '
-          f'precision={s.precision:.3f}')
+    print(f'sam3: {s.num_truth} instances, {len(s.ious)} matched at score >= '
+          f'{quality.SCORE_THRESHOLD}, miou={s.miou:.3f} precision={s.precision:.3f}')
     assert s.num_truth >= 40  # enough instances for the rates to mean something
+    assert len(s.ious) >= 20
     assert s.miou >= 0.6
+
+
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM3-tiny finds 55% of the 87 ripe/unripe '
+                   'apples at score >= 0.3 (bar 80%); most misses are masks of IoU 0.1-0.5')
+def test_sam3_ripe_vs_unripe_recall(concept_scores):
+    s = concept_scores
+    print(f'sam3: {s.num_truth} instances, recall={s.recall:.3f} at score >= '
+          f'{quality.SCORE_THRESHOLD}')
+    assert s.num_truth >= 40
     assert s.recall >= 0.8
 
 
@@ -132,8 +140,8 @@ def test_sam2_new_apple_at_frame_30_is_tracked(track_scores):
     assert min(s.new_object_miou) >= 0.7
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + 'hybrid mode tracks 0 apples (SAM3-tiny '
-                   'detects no apple), so ID switches per 10 tracks are undefined')
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'hybrid: 10 ID switches over 12 tracks '
+                   '(8.3 per 10, bar 1): SAM2-tiny carries tracks onto neighbouring apples')
 def test_hybrid_id_switches_per_10_tracks(engines):
     hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
                            redetect_every_n=quality.REDETECT_EVERY)

@@ -3,7 +3,7 @@
 Shared by ``benchmarks/quality_tiny_models.py`` and ``test/test_quality_tiny_models.py``
 (one implementation of the metrics). Held-out data use the scene statistics of the
 training configs (``training/configs/tiny_orchard_sam2.yaml``,
-``tiny_orchard_sam3_stage1.yaml``) with seeds the trainers
+``tiny_orchard_sam3.yaml``) with seeds the trainers
 never use (the trainers' seeds are checked to be disjoint, see ``check_held_out``).
 
 Metrics (instances/apples smaller than ``MIN_AREA`` visible pixels are not scored: slivers
@@ -41,9 +41,9 @@ from sam_gap_ros.synthetic.config import scene_config_from_mapping
 REPO = Path(__file__).resolve().parents[1]
 SAM2_DIR = REPO / 'models' / 'tiny-orchard-sam2'
 SAM3_DIR = REPO / 'models' / 'tiny-orchard-sam3'
-# The configs that define the training data (SAM3 stage 2 reuses the stage-1 dataset).
+# The configs that define the training data.
 SAM2_CONFIG = REPO / 'training' / 'configs' / 'tiny_orchard_sam2.yaml'
-SAM3_CONFIG = REPO / 'training' / 'configs' / 'tiny_orchard_sam3_stage1.yaml'
+SAM3_CONFIG = REPO / 'training' / 'configs' / 'tiny_orchard_sam3.yaml'
 
 MIN_AREA = 40
 MATCH_IOU = 0.5

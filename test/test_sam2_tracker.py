@@ -185,6 +185,24 @@ def test_cached_hiera_position_embedding_follows_weight_updates():
     assert torch.allclose(after, before + 1.0, atol=1e-5)
 
 
+def test_tracker_built_inside_inference_mode_tracks():
+    # Parameters created under inference_mode are inference tensors without a version
+    # counter: the cached position embedding must not rely on one (it used to raise).
+    video = frames(3)
+    with torch.inference_mode():
+        tracker = make_tracker()
+        backbone = tracker.model.vision_encoder.backbone
+        assert backbone.pos_embed.is_inference()
+        result = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+        before = backbone._get_pos_embed((32, 32)).clone()
+        backbone.pos_embed.add_(1.0)  # possible in place for inference tensors, too
+        after = backbone._get_pos_embed((32, 32))
+    assert len(result) == 3 and [o.object_id for o in result[-1].objects] == [1]
+    assert torch.allclose(after, before + 1.0, atol=1e-5)
+    reference = run(make_tracker(), video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+    assert np.array_equal(result[-1].objects[0].mask, reference[-1].objects[0].mask)
+
+
 # ---------------------------------------------------------------- objects
 
 

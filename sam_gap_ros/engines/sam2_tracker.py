@@ -106,10 +106,14 @@ class _StaticPosEmbedHiera(modeling_sam2.Sam2HieraDetModel):
     transformers (5.24) resizes the learned embedding with a bicubic interpolation on
     every frame although it depends only on the weights and the (fixed) input size; that
     is about 0.5-1.5% of a hiera-tiny frame on CPU. The cache key holds the parameters'
-    version counters, so an in-place weight update recomputes it.
+    version counters, so an in-place weight update recomputes it. Inference tensors (a
+    model built or loaded inside ``torch.inference_mode``) have no version counter and can
+    still be overwritten in place there, so for them nothing is cached.
     """
 
     def _get_pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+        if self.pos_embed.is_inference() or self.pos_embed_window.is_inference():
+            return super()._get_pos_embed(hw)
         key = (tuple(int(x) for x in hw), self.pos_embed.device, self.pos_embed.dtype,
                self.pos_embed._version, self.pos_embed_window._version)
         cached = self.__dict__.get('_pos_embed_cache')

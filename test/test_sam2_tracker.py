@@ -174,6 +174,43 @@ def test_inference_module_swaps_keep_outputs_identical():
                 getattr(expected, name), getattr(actual, name), strict=True)), name
 
 
+def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
+    from sam_gap_ros.engines import sam2_tracker
+    config = tiny_sam2_video_config()
+    swapped = Sam2Tracker.from_config(config, seed=5).model.memory_attention
+    reference = build_tiny_sam2(seed=5).memory_attention
+    assert type(reference).__name__ == 'Sam2VideoMemoryAttention'
+    assert type(swapped).__name__ == '_SharedKeysMemoryAttention'
+    assert type(swapped.layers[0]).__name__ == '_ChunkedFeedForwardMemoryLayer'
+    # Small chunks so the feed-forward really runs in several pieces (64 tokens x 3 objects).
+    monkeypatch.setattr(sam2_tracker._ChunkedFeedForwardMemoryLayer, '_CHUNK_ELEMENTS',
+                        50 * config.memory_attention_feed_forward_hidden_size)
+    generator = torch.Generator().manual_seed(0)
+    tokens, objects, hidden = 8 * 8, 3, config.memory_attention_hidden_size
+    pointers = 4
+    memory_tokens = 2 * tokens + pointers
+    inputs = dict(
+        current_vision_features=torch.randn(tokens, objects, hidden, generator=generator),
+        memory=torch.randn(memory_tokens, objects, 64, generator=generator),
+        current_vision_position_embeddings=torch.randn(tokens, objects, hidden,
+                                                       generator=generator),
+        memory_posision_embeddings=torch.randn(memory_tokens, objects, 64, generator=generator),
+        num_object_pointer_tokens=pointers)
+    with torch.inference_mode():
+        expected = reference(**inputs)
+        actual = swapped(**inputs)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # Training takes transformers' own path (dropout, no chunks): same random draws, same out.
+    swapped.train()
+    reference.train()
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = reference(**inputs)
+        torch.manual_seed(1)
+        torch.testing.assert_close(swapped(**inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_cached_hiera_position_embedding_follows_weight_updates():
     backbone = Sam2Tracker.from_config(tiny_sam2_video_config(), seed=5).model \
         .vision_encoder.backbone

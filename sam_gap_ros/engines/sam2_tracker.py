@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from transformers import Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam2 import modeling_sam2
+from transformers.models.sam2_video import modeling_sam2_video
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
@@ -147,7 +148,85 @@ class _StaticSinePositionEmbedding(modeling_sam2.Sam2SinePositionEmbedding):
         return cache[key]
 
 
+class _ChunkedFeedForwardMemoryLayer(modeling_sam2_video.Sam2VideoMemoryAttentionLayer):
+    """Memory-attention layer whose feed-forward block runs in token chunks at inference.
+
+    The FFN is token-wise (LayerNorm, Linear 256->2048, ReLU, Linear, residual), so rows
+    can go in chunks with the same result. Why: batched over objects, or at 1024 px, its
+    hidden activation is 33 MB per object (168 MB for 20 objects at 512 px); such blocks are
+    above glibc's largest mmap threshold, so every frame maps fresh pages and page-faults
+    them in, and the ReLU and residual then stream them through memory. Chunks of
+    ``_CHUNK_ELEMENTS`` hidden values stay cache- and allocator-friendly.
+    """
+
+    _CHUNK_ELEMENTS = 1 << 20
+
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor,
+                key_point_embedding: torch.Tensor,
+                rope_position_embeddings: Tuple[torch.Tensor, torch.Tensor],
+                num_k_exclude_rope: int = 0,
+                keys_with_position: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.training:
+            return super().forward(queries, keys, key_point_embedding,
+                                   rope_position_embeddings, num_k_exclude_rope)
+        if keys_with_position is None:
+            keys_with_position = keys + key_point_embedding
+        query = self.layer_norm1(queries)
+        query, _ = self.self_attn(query=query, key=query, value=query,
+                                  position_embeddings=rope_position_embeddings)
+        queries = queries + query
+        query = self.layer_norm2(queries)
+        query, _ = self.cross_attn_image(query=query, key=keys_with_position,
+                                         value=keys,
+                                         position_embeddings=rope_position_embeddings,
+                                         num_k_exclude_rope=num_k_exclude_rope)
+        queries = queries + query
+        flat = queries.reshape(-1, queries.shape[-1])
+        rows = max(1, self._CHUNK_ELEMENTS // self.linear1.out_features)
+        output = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], rows):
+            part = flat[start:start + rows]
+            hidden = self.activation(self.linear1(self.layer_norm3(part)))
+            torch.add(part, self.linear2(hidden), out=output[start:start + rows])
+        return output.view_as(queries)
+
+
+class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
+    """Memory attention that adds the memory's position embedding once, not per layer.
+
+    Every layer's cross-attention reads ``memory + position`` as keys; transformers adds
+    the two (num_maskmem frames x tokens x objects) in each of the layers.
+    """
+
+    def forward(self, current_vision_features: torch.Tensor, memory: torch.Tensor,
+                current_vision_position_embeddings: Optional[torch.Tensor] = None,
+                memory_posision_embeddings: Optional[torch.Tensor] = None,
+                num_object_pointer_tokens: int = 0) -> torch.Tensor:
+        chunked = all(type(layer) is _ChunkedFeedForwardMemoryLayer for layer in self.layers)
+        if self.training or memory_posision_embeddings is None or not chunked:
+            return super().forward(current_vision_features, memory,
+                                   current_vision_position_embeddings,
+                                   memory_posision_embeddings, num_object_pointer_tokens)
+        output = current_vision_features
+        if current_vision_position_embeddings is not None:
+            output = output + 0.1 * current_vision_position_embeddings
+        output = output.transpose(0, 1)
+        memory = memory.transpose(0, 1).unsqueeze(1)
+        position = memory_posision_embeddings.transpose(0, 1).unsqueeze(1)
+        keys_with_position = memory + position
+        rope_position_embeddings = self.rotary_emb(output, self.position_ids)
+        for layer in self.layers:
+            output = layer(queries=output.unsqueeze(1) if output.ndim == 3 else output,
+                           keys=memory, key_point_embedding=position,
+                           rope_position_embeddings=rope_position_embeddings,
+                           num_k_exclude_rope=num_object_pointer_tokens,
+                           keys_with_position=keys_with_position)
+        return self.layer_norm(output).transpose(0, 1)
+
+
 _INFERENCE_SWAPS = {
+    modeling_sam2_video.Sam2VideoMemoryAttention: _SharedKeysMemoryAttention,
+    modeling_sam2_video.Sam2VideoMemoryAttentionLayer: _ChunkedFeedForwardMemoryLayer,
     modeling_sam2.Sam2MultiScaleAttention: _HieraAttention,
     modeling_sam2.Sam2HieraDetModel: _StaticPosEmbedHiera,
     modeling_sam2.Sam2SinePositionEmbedding: _StaticSinePositionEmbedding,

@@ -182,9 +182,14 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
     assert type(reference).__name__ == 'Sam2VideoMemoryAttention'
     assert type(swapped).__name__ == '_SharedKeysMemoryAttention'
     assert type(swapped.layers[0]).__name__ == '_ChunkedFeedForwardMemoryLayer'
-    # Small chunks so the feed-forward really runs in several pieces (64 tokens x 3 objects).
+    assert type(swapped.layers[0].cross_attn_image).__name__ == '_RoPEAttention'
+    # Small chunks so the feed-forward really runs in several pieces (64 tokens x 3 objects)
     monkeypatch.setattr(sam2_tracker._ChunkedFeedForwardMemoryLayer, '_CHUNK_ELEMENTS',
                         50 * config.memory_attention_feed_forward_hidden_size)
+    # ... and objects in chunks of 2 (3 objects: chunks of 2 and 1).
+    key_bytes = (2 * 8 * 8 + 4) * swapped.layers[0].cross_attn_image.internal_dim * 4
+    monkeypatch.setattr(sam2_tracker._SharedKeysMemoryAttention, '_CHUNK_BYTES',
+                        2 * key_bytes)
     generator = torch.Generator().manual_seed(0)
     tokens, objects, hidden = 8 * 8, 3, config.memory_attention_hidden_size
     pointers = 4
@@ -200,7 +205,7 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
         expected = reference(**inputs)
         actual = swapped(**inputs)
     assert actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(actual, expected)  # the same arithmetic, in chunks: bit-identical
     # Training takes transformers' own path (dropout, no chunks): same random draws, same out.
     swapped.train()
     reference.train()

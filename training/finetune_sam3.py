@@ -403,7 +403,13 @@ class Sam3FineTuner:
         self.focal_gamma = float(lcfg.get('focal_gamma', 2.0))
         self.mask_loss_size = int(lcfg.get('mask_loss_size') or self.image_size)
         matcher_cfg = dict(self.cfg.get('matcher') or {})
-        matcher_cfg.pop('assign', None)
+        # Which query answers for which instance: 'predictions' (official Hungarian matching
+        # on the predicted class/boxes/masks) or 'anchors' (nearest reference box; see
+        # training.matching.match_to_anchors). The rest of matcher: are cost weights.
+        self.assign = str(matcher_cfg.pop('assign', 'predictions'))
+        if self.assign not in ('predictions', 'anchors'):
+            raise ValueError(f"matcher.assign must be 'predictions' or 'anchors', "
+                             f'got {self.assign!r}')
         self.match_weights = MatchWeights(**matcher_cfg)
         # Earlier decoder layers predict no masks: they are matched on class + boxes only.
         self.box_match_weights = dataclasses.replace(self.match_weights, cost_mask=0.0,
@@ -419,13 +425,6 @@ class Sam3FineTuner:
             raise ValueError(f"loss.class_loss must be 'focal' or 'iabce', "
                              f'got {self.class_loss!r}')
         self.pos_weight = float(lcfg.get('pos_weight', 10.0))
-        # Which query answers for which instance: 'predictions' (official Hungarian matching
-        # on the predicted class/boxes/masks) or 'anchors' (nearest reference box; see
-        # training.matching.match_to_anchors).
-        self.assign = str((self.cfg.get('matcher') or {}).get('assign', 'predictions'))
-        if self.assign not in ('predictions', 'anchors'):
-            raise ValueError(f"matcher.assign must be 'predictions' or 'anchors', "
-                             f'got {self.assign!r}')
         self.iabce_alpha = float(lcfg.get('iabce_alpha', 0.25))
         self._captured: Dict[str, torch.Tensor] = {}
         if self.aux_loss:
@@ -603,11 +602,10 @@ class Sam3FineTuner:
                     * iou ** (1.0 - self.iabce_alpha)).clamp(min=0.01)
             targets = labels.clone()
             targets[query_idx] = soft.to(targets.dtype)
+        # One BCE serves both: unmatched queries have target 0 in ``targets`` as well.
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction='none')
-        positive = bce * labels * self.pos_weight
-        negative = F.binary_cross_entropy_with_logits(logits, labels, reduction='none') \
-            * (1 - labels) * prob ** self.focal_gamma
-        return (positive + negative).mean()
+        weight = labels * self.pos_weight + (1 - labels) * prob ** self.focal_gamma
+        return (bce * weight).mean()
 
     def decoder_layer_outputs(self, outputs: Any) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Return ``(logits, xyxy boxes)`` of every DETR decoder layer (last = final output).

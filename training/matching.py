@@ -150,6 +150,6 @@ def match_to_anchors(anchor_boxes: torch.Tensor, tgt_boxes: torch.Tensor
     """
     if anchor_boxes.shape[-1] != 4 or tgt_boxes.shape[-1] != 4:
         raise ValueError('match_to_anchors expects (Q, 4) and (T, 4) xyxy boxes')
-    anchors = (anchor_boxes[:, :2] + anchor_boxes[:, 2:]) / 2
-    centres = (tgt_boxes[:, :2] + tgt_boxes[:, 2:]) / 2
-    return hungarian_match(torch.cdist(anchors.float(), centres.float()))
+    anchors = box_xyxy_to_cxcywh(anchor_boxes.float())[:, :2]
+    centres = box_xyxy_to_cxcywh(tgt_boxes.float())[:, :2]
+    return hungarian_match(torch.cdist(anchors, centres))

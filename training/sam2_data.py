@@ -276,17 +276,18 @@ def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
     # Only draw when exits are asked for, so runs without them keep their exact data order.
     want_exit = exit_fraction > 0 and bool(rng.random() < float(exit_fraction))
     starts = rng.permutation(video.num_frames - span + 1)
+    exits = {}
     if want_exit:
-        starts = sorted(starts, key=lambda start: not _exiting_objects(
-            video, int(start), span, stride, min_area).size)
+        exits = {int(start): _exiting_objects(video, int(start), span, stride, min_area)
+                 for start in starts}
+        starts = sorted(starts, key=lambda start: not exits[int(start)].size)
     for start in starts:
         areas = video.masks[start].reshape(video.num_objects, -1).sum(1)
         visible = np.flatnonzero(areas >= min_area)
         if visible.size == 0:
             continue
         chosen = np.sort(rng.permutation(visible)[:max_objects])
-        exiting = _exiting_objects(video, int(start), span, stride, min_area) \
-            if want_exit else np.zeros(0, dtype=int)
+        exiting = exits.get(int(start), np.zeros(0, dtype=int))
         if exiting.size and not np.isin(chosen, exiting).any():
             chosen = np.sort(np.append(chosen[1:], rng.choice(exiting)))
         sl = slice(int(start), int(start) + span, stride)

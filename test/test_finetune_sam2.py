@@ -94,6 +94,35 @@ def test_exit_fraction_oversamples_clips_where_a_prompted_object_leaves():
     assert [sub.name for sub in off] == [sub.name for sub in plain]
 
 
+def test_prompt_gap_puts_the_prompted_frame_further_back():
+    clip = _disk_clip(num_frames=20)
+
+    def first_gap(sub):  # from the left disk's motion (2 px per frame; it never leaves)
+        starts = [np.flatnonzero(sub.masks[t, 0].any(0))[0] for t in (0, 1)]
+        return int(starts[1] - starts[0]) // 2
+
+    gaps = set()
+    for seed in range(40):
+        sub = sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 2, max_stride=2,
+                                       max_prompt_gap=9)
+        start = int(sub.name.split('@')[1])
+        gap = first_gap(sub)
+        stride = int(np.flatnonzero(sub.masks[2, 0].any(0))[0]
+                     - np.flatnonzero(sub.masks[1, 0].any(0))[0]) // 2
+        assert 1 <= stride <= 2 and stride <= gap <= 9 and start + gap + 2 * stride < 20
+        index = [start, start + gap, start + gap + stride, start + gap + 2 * stride]
+        assert np.array_equal(sub.frames, clip.frames[index])
+        gaps.add(gap)
+    assert max(gaps) >= 7 and min(gaps) <= 2
+    # Off by default (0 or not above the stride): the same draws as before the option.
+    plain = [sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 2, max_stride=3)
+             for seed in range(10)]
+    off = [sam2_data.sample_subclip(clip, np.random.default_rng(seed), 4, 2, max_stride=3,
+                                    max_prompt_gap=1) for seed in range(10)]
+    assert [sub.name for sub in off] == [sub.name for sub in plain]
+    assert all(first_gap(sub) <= 3 for sub in off)
+
+
 def test_video_folder_matches_the_generator(tmp_path):
     from sam_gap_ros.synthetic import OrchardSceneConfig, read_video_frame, write_video_dataset
     config = OrchardSceneConfig(width=64, height=48, n_apples=(2, 3))

@@ -364,7 +364,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
             print(f'resumed from {resume} at step {step}', file=sys.stderr)
     clips = iterate_clips(train_videos, data_rng, num_frames, max_objects, min_area,
                           int(data_cfg.get('clip_stride', 1)),
-                          float(data_cfg.get('exit_fraction', 0.0)))
+                          float(data_cfg.get('exit_fraction', 0.0)),
+                          int(data_cfg.get('max_prompt_gap', 0)))
     eval_every = int(train_cfg.get('eval_every', 0)) or total_steps
     ckpt_every = int(train_cfg.get('checkpoint_every', 0)) or eval_every
     stop_at = int(train_cfg.get('stop_at_step', 0)) or total_steps

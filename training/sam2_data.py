@@ -252,13 +252,19 @@ def clip_from_id_masks(frames: Sequence[np.ndarray], id_masks: Sequence[np.ndarr
 
 def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
                    max_objects: int, min_area: int = 16, max_stride: int = 1,
-                   exit_fraction: float = 0.0) -> Optional[VideoClip]:
+                   exit_fraction: float = 0.0, max_prompt_gap: int = 0) -> Optional[VideoClip]:
     """Return a random sub-clip, or None when no start frame shows an object.
 
     The sub-clip has ``num_frames`` frames ``stride`` apart (``stride`` drawn from
     ``1..max_stride``; larger strides mean more motion per step, so objects also leave the
     image within a short clip and the presence head sees absent targets) and up to
     ``max_objects`` objects visible (>= ``min_area`` pixels) on its first frame.
+
+    ``max_prompt_gap`` > ``stride`` draws the gap between the first (prompted) frame and
+    the second from ``stride..max_prompt_gap``: at inference the prompted frame stays in
+    the memory bank for the whole stream, so on a long pan its memory shows the object far
+    from where it is now; short clips never show such a stale prompt, and a model trained
+    only on them keeps pulling its mask back to the prompted position.
 
     With probability ``exit_fraction`` the clip is drawn among the starts where a visible
     object leaves the image (no pixel left) before the clip ends, and one such object is
@@ -272,13 +278,19 @@ def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
         # Only draw when striding is on, so stride-1 runs keep their exact data order.
         longest = (video.num_frames - 1) // (num_frames - 1)
         stride = int(rng.integers(1, max(1, min(int(max_stride), longest)) + 1))
-    span = (num_frames - 1) * stride + 1
+    gap = stride
+    if num_frames > 1 and max_prompt_gap > stride:
+        # Likewise only drawn when asked for; the rest of the clip must still fit.
+        longest_gap = video.num_frames - 1 - (num_frames - 2) * stride
+        gap = int(rng.integers(stride, max(stride, min(int(max_prompt_gap), longest_gap)) + 1))
+    offsets = np.asarray([0] + [gap + i * stride for i in range(num_frames - 1)], dtype=int)
+    span = int(offsets[-1]) + 1
     # Only draw when exits are asked for, so runs without them keep their exact data order.
     want_exit = exit_fraction > 0 and bool(rng.random() < float(exit_fraction))
     starts = rng.permutation(video.num_frames - span + 1)
     exits = {}
     if want_exit:
-        exits = {int(start): _exiting_objects(video, int(start), span, stride, min_area)
+        exits = {int(start): _exiting_objects(video, int(start) + offsets, min_area)
                  for start in starts}
         starts = sorted(starts, key=lambda start: not exits[int(start)].size)
     for start in starts:
@@ -290,16 +302,15 @@ def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
         exiting = exits.get(int(start), np.zeros(0, dtype=int))
         if exiting.size and not np.isin(chosen, exiting).any():
             chosen = np.sort(np.append(chosen[1:], rng.choice(exiting)))
-        sl = slice(int(start), int(start) + span, stride)
-        return VideoClip(video.frames[sl], video.masks[sl][:, chosen],
+        index = int(start) + offsets
+        return VideoClip(video.frames[index], video.masks[index][:, chosen],
                          [video.track_ids[i] for i in chosen], f'{video.name}@{int(start)}')
     return None
 
 
-def _exiting_objects(video: VideoClip, start: int, span: int, stride: int,
-                     min_area: int) -> np.ndarray:
-    """Return the objects visible at ``start`` that have no pixel on a later clip frame."""
-    frames = video.masks[start:start + span:stride]
+def _exiting_objects(video: VideoClip, index: np.ndarray, min_area: int) -> np.ndarray:
+    """Return the objects visible on frame ``index[0]`` with no pixel on a later one."""
+    frames = video.masks[index]
     areas = frames.reshape(frames.shape[0], video.num_objects, -1).sum(2)
     return np.flatnonzero((areas[0] >= min_area) & (areas[1:] == 0).any(0))
 
@@ -394,17 +405,18 @@ def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[VideoCli
 
 def iterate_clips(videos: Sequence[VideoClip], rng: np.random.Generator, num_frames: int,
                   max_objects: int, min_area: int = 16, max_stride: int = 1,
-                  exit_fraction: float = 0.0) -> Iterator[VideoClip]:
+                  exit_fraction: float = 0.0, max_prompt_gap: int = 0) -> Iterator[VideoClip]:
     """Yield random training clips forever (raises if no video has a visible object).
 
-    ``max_stride`` and ``exit_fraction``: see ``sample_subclip``.
+    ``max_stride``, ``exit_fraction`` and ``max_prompt_gap``: see ``sample_subclip``.
     """
     if not videos:
         raise ValueError('no training videos')
     while True:
         for _attempt in range(10 * len(videos)):
             clip = sample_subclip(videos[int(rng.integers(len(videos)))], rng, num_frames,
-                                  max_objects, min_area, max_stride, exit_fraction)
+                                  max_objects, min_area, max_stride, exit_fraction,
+                                  max_prompt_gap)
             if clip is not None:
                 yield clip
                 break

@@ -186,10 +186,6 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
     # Small chunks so the feed-forward really runs in several pieces (64 tokens x 3 objects)
     monkeypatch.setattr(sam2_tracker._ChunkedFeedForwardMemoryLayer, '_CHUNK_ELEMENTS',
                         50 * config.memory_attention_feed_forward_hidden_size)
-    # ... and objects in chunks of 2 (3 objects: chunks of 2 and 1).
-    key_bytes = (2 * 8 * 8 + 4) * swapped.layers[0].cross_attn_image.internal_dim * 4
-    monkeypatch.setattr(sam2_tracker._SharedKeysMemoryAttention, '_CHUNK_BYTES',
-                        2 * key_bytes)
     generator = torch.Generator().manual_seed(0)
     tokens, objects, hidden = 8 * 8, 3, config.memory_attention_hidden_size
     pointers = 4
@@ -205,7 +201,7 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
         expected = reference(**inputs)
         actual = swapped(**inputs)
     assert actual.shape == expected.shape
-    assert torch.equal(actual, expected)  # the same arithmetic, in chunks: bit-identical
+    assert torch.equal(actual, expected)  # the same arithmetic, FFN in chunks: bit-identical
     # Training takes transformers' own path (dropout, no chunks): same random draws, same out.
     swapped.train()
     reference.train()
@@ -469,7 +465,7 @@ def test_object_batch_chunks_give_same_results():
     video = frames(6)
     boxes = [BOX_A, BOX_B, [30, 40, 90, 95]]
     runs = [run(make_tracker(max_object_batch=size), video,
-                {0: lambda t: t.add_objects(boxes=boxes)}) for size in (1, 2, 8)]
+                {0: lambda t: t.add_objects(boxes=boxes)}) for size in (1, 2, None)]
     for results in runs[1:]:
         for a, b in zip(runs[0], results, strict=True):
             assert [o.object_id for o in b.objects] == [1, 2, 3]
@@ -478,3 +474,18 @@ def test_object_batch_chunks_give_same_results():
                 assert np.array_equal(x.mask, y.mask)
     with pytest.raises(ValueError, match='max_object_batch'):
         make_tracker(max_object_batch=0)
+
+
+def test_object_batch_size_follows_key_bytes(monkeypatch):
+    tracker = make_tracker()
+    width = tracker.model.memory_attention.layers[0].cross_attn_image.internal_dim
+    memory = torch.zeros(2 * 8 * 8 + 4, 1, 64)  # 2 memory frames of 8 x 8 + 4 pointers
+    key_bytes = memory.shape[0] * width * 4
+    monkeypatch.setattr(Sam2Tracker, '_BATCH_KEY_BYTES', (3 * key_bytes + 1, 1 << 30))
+    assert tracker._object_batch_size(memory) == 3
+    assert tracker._object_batch_size(torch.zeros(10 * 8 * 8, 1, 64)) == 1  # never 0
+    tracker._max_batch = 2
+    assert tracker._object_batch_size(memory) == 2
+    # bf16 keys take half the bytes.
+    tracker._max_batch = None
+    assert tracker._object_batch_size(memory.bfloat16()) == 6

@@ -201,7 +201,25 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
         expected = reference(**inputs)
         actual = swapped(**inputs)
     assert actual.shape == expected.shape
-    assert torch.equal(actual, expected)  # the same arithmetic, FFN in chunks: bit-identical
+    # The same arithmetic (FFN in chunks, RoPE as a complex product): bit-identical.
+    assert torch.equal(actual, expected)
+    # One frame's features for all objects (the tracker's case): the first self-attention
+    # computed once and shared gives the same output as computing it per object.
+    frame = {name: inputs[name][:, :1].expand(-1, objects, -1)
+             for name in ('current_vision_features', 'current_vision_position_embeddings')}
+    with torch.inference_mode():
+        expected = reference(**dict(inputs, **frame))
+        shared = swapped.shared_queries(inputs['current_vision_features'][:, :1],
+                                        inputs['current_vision_position_embeddings'][:, :1])
+        actual = swapped(**dict(inputs, **frame), shared_queries=shared)
+        unshared = swapped(**dict(inputs, **frame))
+    assert shared.shape == (1, 1, tokens, hidden)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+    # The shared queries stand in for the per-object features (the caller's promise).
+    with torch.inference_mode():
+        assert torch.equal(swapped(**inputs, shared_queries=shared), actual)
+        assert not torch.equal(swapped(**inputs), actual)
+    assert torch.equal(unshared, expected)
     # Training takes transformers' own path (dropout, no chunks): same random draws, same out.
     swapped.train()
     reference.train()
@@ -210,6 +228,8 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
         expected = reference(**inputs)
         torch.manual_seed(1)
         torch.testing.assert_close(swapped(**inputs), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match='shared_queries'):
+            swapped(**inputs, shared_queries=shared)
 
 
 def test_cached_hiera_position_embedding_follows_weight_updates():

@@ -151,17 +151,19 @@ class _StaticSinePositionEmbedding(modeling_sam2.Sam2SinePositionEmbedding):
 def _rotary_2d(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                repeat_freqs_k: bool, num_k_exclude_rope: int
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``apply_rotary_pos_emb_2d`` of transformers with the same arithmetic, fewer copies.
+    """``apply_rotary_pos_emb_2d`` of transformers as one complex multiplication.
 
-    transformers materialises ``cos``/``sin`` repeated over every memory frame and
-    concatenates the rotated keys with the object-pointer keys; for the memory keys
-    (memory frames x tokens x objects) each is a full-size temporary per layer. Here the
-    frequencies broadcast over a ``(frames, tokens)`` view of the keys and the result is
-    written into one preallocated tensor.
+    transformers rotates pairs as ``x * cos + rotate_pairwise(x) * sin`` (negation, stack,
+    two products and a sum, each a full-size temporary) and materialises ``cos``/``sin``
+    repeated over every memory frame; for the memory keys (memory frames x tokens) that is
+    most of the element-wise work of the memory attention. The pair ``(x0, x1)`` rotated by
+    angle ``a`` is the complex product ``(x0 + i x1) * (cos a + i sin a)``, as the
+    official SAM2 code computes it: the same products and sums (bit-identical on our CPUs,
+    checked by test_sam2_tracker), one pass, with the frequencies broadcast over frames.
     """
-    rotate = modeling_sam2_video.rotate_pairwise
-    q_embed = query.float()
-    q_embed = (q_embed * cos) + (rotate(q_embed) * sin)
+    freqs = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
+    pairs = query.float().reshape(*query.shape[:-1], -1, 2)
+    q_embed = torch.view_as_real(torch.view_as_complex(pairs) * freqs).flatten(-2)
     rotated = key.shape[-2] - num_k_exclude_rope
     if rotated == 0:
         return q_embed.type_as(query), key
@@ -169,9 +171,10 @@ def _rotary_2d(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: t
     if repeat_freqs_k and rotated != query.shape[-2]:
         frames = rotated // query.shape[-2]
         k_rot = k_rot.reshape(*k_rot.shape[:-2], frames, query.shape[-2], k_rot.shape[-1])
-        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+        freqs = freqs.unsqueeze(-3)
+    k_pairs = torch.view_as_complex(k_rot.reshape(*k_rot.shape[:-1], -1, 2))
     k_embed = torch.empty(key.shape, dtype=key.dtype, device=key.device)
-    k_embed[..., :rotated, :] = ((k_rot * cos) + (rotate(k_rot) * sin)).reshape(
+    k_embed[..., :rotated, :] = torch.view_as_real(k_pairs * freqs).reshape(
         *key.shape[:-2], rotated, key.shape[-1])
     k_embed[..., rotated:, :] = key[..., rotated:, :]
     return q_embed.type_as(query), k_embed
@@ -219,16 +222,20 @@ class _ChunkedFeedForwardMemoryLayer(modeling_sam2_video.Sam2VideoMemoryAttentio
                 key_point_embedding: torch.Tensor,
                 rope_position_embeddings: Tuple[torch.Tensor, torch.Tensor],
                 num_k_exclude_rope: int = 0,
-                keys_with_position: Optional[torch.Tensor] = None) -> torch.Tensor:
+                keys_with_position: Optional[torch.Tensor] = None,
+                self_attention_done: bool = False) -> torch.Tensor:
+        """Run the layer (inference: FFN in chunks).
+
+        ``self_attention_done``: ``queries`` already went through ``self_attention_block``
+        (shared by all objects, see ``_SharedKeysMemoryAttention``).
+        """
         if self.training:
             return super().forward(queries, keys, key_point_embedding,
                                    rope_position_embeddings, num_k_exclude_rope)
         if keys_with_position is None:
             keys_with_position = keys + key_point_embedding
-        query = self.layer_norm1(queries)
-        query, _ = self.self_attn(query=query, key=query, value=query,
-                                  position_embeddings=rope_position_embeddings)
-        queries = queries + query
+        if not self_attention_done:
+            queries = self.self_attention_block(queries, rope_position_embeddings)
         query = self.layer_norm2(queries)
         query, _ = self.cross_attn_image(query=query, key=keys_with_position,
                                          value=keys,
@@ -244,38 +251,75 @@ class _ChunkedFeedForwardMemoryLayer(modeling_sam2_video.Sam2VideoMemoryAttentio
             torch.add(part, self.linear2(hidden), out=output[start:start + rows])
         return output.view_as(queries)
 
+    def self_attention_block(self, queries: torch.Tensor,
+                             rope_position_embeddings: Tuple[torch.Tensor, torch.Tensor]
+                             ) -> torch.Tensor:
+        """Return ``queries`` after the layer's pre-norm self-attention and residual."""
+        query = self.layer_norm1(queries)
+        query, _ = self.self_attn(query=query, key=query, value=query,
+                                  position_embeddings=rope_position_embeddings)
+        return queries + query
+
 
 class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
-    """Memory attention that adds memory + position once for all layers (same outputs).
+    """Memory attention that skips work repeated across layers and objects (same outputs).
 
     Every layer's cross-attention reads ``memory + position``; transformers adds the two
-    again in each layer. How many objects share one call is decided by the caller
-    (``Sam2Tracker._object_batch_size``).
+    again in each layer, here they are added once. The first layer's self-attention sees
+    only the current frame's features, the same for every object: ``shared_queries``
+    computes it once per frame and ``forward(..., shared_queries=...)`` starts from it
+    (the official code and transformers redo it per object). How many objects share one
+    call is decided by the caller (``Sam2Tracker._object_batch_size``).
     """
 
-    def forward(self, current_vision_features: torch.Tensor, memory: torch.Tensor,
-                current_vision_position_embeddings: Optional[torch.Tensor] = None,
-                memory_posision_embeddings: Optional[torch.Tensor] = None,
-                num_object_pointer_tokens: int = 0) -> torch.Tensor:
-        chunked = all(type(layer) is _ChunkedFeedForwardMemoryLayer for layer in self.layers)
-        if self.training or memory_posision_embeddings is None or not chunked:
-            return super().forward(current_vision_features, memory,
-                                   current_vision_position_embeddings,
-                                   memory_posision_embeddings, num_object_pointer_tokens)
+    def shared_queries(self, current_vision_features: torch.Tensor,
+                       current_vision_position_embeddings: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+        """Return the first layer's self-attention output for one frame's features.
+
+        ``(HW, 1, C)`` features give ``(1, 1, HW, C)``, to pass to ``forward`` for any
+        number of objects.
+        """
+        output, rope_position_embeddings = self._queries(current_vision_features,
+                                                         current_vision_position_embeddings)
+        return self.layers[0].self_attention_block(output, rope_position_embeddings)
+
+    def _queries(self, current_vision_features, current_vision_position_embeddings):
         output = current_vision_features
         if current_vision_position_embeddings is not None:
             output = output + 0.1 * current_vision_position_embeddings
         output = output.transpose(0, 1)
         rope_position_embeddings = self.rotary_emb(output, self.position_ids)
-        output = output.unsqueeze(1)
+        return output.unsqueeze(1), rope_position_embeddings
+
+    def forward(self, current_vision_features: torch.Tensor, memory: torch.Tensor,
+                current_vision_position_embeddings: Optional[torch.Tensor] = None,
+                memory_posision_embeddings: Optional[torch.Tensor] = None,
+                num_object_pointer_tokens: int = 0,
+                shared_queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        chunked = all(type(layer) is _ChunkedFeedForwardMemoryLayer for layer in self.layers)
+        if self.training or memory_posision_embeddings is None or not chunked:
+            if shared_queries is not None:
+                raise ValueError('shared_queries needs the inference modules in eval mode')
+            return super().forward(current_vision_features, memory,
+                                   current_vision_position_embeddings,
+                                   memory_posision_embeddings, num_object_pointer_tokens)
+        objects = memory.shape[1]
+        if shared_queries is None:
+            output, rope_position_embeddings = self._queries(
+                current_vision_features, current_vision_position_embeddings)
+        else:
+            output = shared_queries.expand(objects, -1, -1, -1)
+            rope_position_embeddings = self.rotary_emb(output[:, 0], self.position_ids)
         memory = memory.transpose(0, 1).unsqueeze(1)
         position = memory_posision_embeddings.transpose(0, 1).unsqueeze(1)
         keys_with_position = memory + position
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             output = layer(queries=output, keys=memory, key_point_embedding=position,
                            rope_position_embeddings=rope_position_embeddings,
                            num_k_exclude_rope=num_object_pointer_tokens,
-                           keys_with_position=keys_with_position)
+                           keys_with_position=keys_with_position,
+                           self_attention_done=index == 0 and shared_queries is not None)
         return self.layer_norm(output).transpose(0, 1)
 
 
@@ -730,6 +774,8 @@ class Sam2Tracker:
                                        strict=True)]
         results = {}
         memory_batches = []
+        # The first self-attention of the memory attention is the same for every object.
+        shared = model.memory_attention.shared_queries(feats[-1], pos_embeds[-1])
         for (_, num_ptr_tokens), members in batches:
             batch = len(members)
             memory = torch.cat([m for _, m, _ in members], dim=1).to(self._session.dtype)
@@ -738,7 +784,7 @@ class Sam2Tracker:
                 current_vision_features=feats[-1].expand(-1, batch, -1),
                 current_vision_position_embeddings=pos_embeds[-1].expand(-1, batch, -1),
                 memory=memory, memory_posision_embeddings=memory_pos,
-                num_object_pointer_tokens=num_ptr_tokens)
+                num_object_pointer_tokens=num_ptr_tokens, shared_queries=shared)
             # (1, B, HW, C) -> (B, C, H, W); transformers' own reshape assumes B == 1.
             pix_feat = conditioned[0].permute(0, 2, 1).reshape(batch, -1, height, width)
             head = self._sam_head(pix_feat, [h.expand(batch, -1, -1, -1) for h in high_res])

@@ -160,6 +160,8 @@ def _rotary_2d(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: t
     angle ``a`` is the complex product ``(x0 + i x1) * (cos a + i sin a)``, as the
     official SAM2 code computes it: the same products and sums (bit-identical on our CPUs,
     checked by test_sam2_tracker), one pass, with the frequencies broadcast over frames.
+    ONNX has no complex type: an exporter of the memory attention must trace transformers'
+    own module, not this inference swap.
     """
     freqs = torch.complex(cos[..., 0::2].float(), sin[..., 0::2].float())
     pairs = query.float().reshape(*query.shape[:-1], -1, 2)

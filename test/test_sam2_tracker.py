@@ -213,7 +213,7 @@ def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):
                                         inputs['current_vision_position_embeddings'][:, :1])
         actual = swapped(**dict(inputs, **frame), shared_queries=shared)
         unshared = swapped(**dict(inputs, **frame))
-    assert shared.shape == (1, 1, tokens, hidden)
+    assert shared.queries.shape == (1, 1, tokens, hidden)
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
     # The shared queries stand in for the per-object features (the caller's promise).
     with torch.inference_mode():

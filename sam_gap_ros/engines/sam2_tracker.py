@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -263,6 +263,13 @@ class _ChunkedFeedForwardMemoryLayer(modeling_sam2_video.Sam2VideoMemoryAttentio
         return queries + query
 
 
+class _FrameQueries(NamedTuple):
+    """One frame's first-layer self-attention output and its rotary embeddings."""
+
+    queries: torch.Tensor
+    rope_position_embeddings: Tuple[torch.Tensor, torch.Tensor]
+
+
 class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
     """Memory attention that skips work repeated across layers and objects (same outputs).
 
@@ -276,15 +283,17 @@ class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
 
     def shared_queries(self, current_vision_features: torch.Tensor,
                        current_vision_position_embeddings: Optional[torch.Tensor] = None
-                       ) -> torch.Tensor:
+                       ) -> _FrameQueries:
         """Return the first layer's self-attention output for one frame's features.
 
-        ``(HW, 1, C)`` features give ``(1, 1, HW, C)``, to pass to ``forward`` for any
-        number of objects.
+        ``(HW, 1, C)`` features give ``(1, 1, HW, C)`` queries (with the frame's rotary
+        embeddings), to pass to ``forward`` for any number of objects.
         """
         output, rope_position_embeddings = self._queries(current_vision_features,
                                                          current_vision_position_embeddings)
-        return self.layers[0].self_attention_block(output, rope_position_embeddings)
+        return _FrameQueries(
+            self.layers[0].self_attention_block(output, rope_position_embeddings),
+            rope_position_embeddings)
 
     def _queries(self, current_vision_features, current_vision_position_embeddings):
         output = current_vision_features
@@ -298,7 +307,7 @@ class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
                 current_vision_position_embeddings: Optional[torch.Tensor] = None,
                 memory_posision_embeddings: Optional[torch.Tensor] = None,
                 num_object_pointer_tokens: int = 0,
-                shared_queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+                shared_queries: Optional[_FrameQueries] = None) -> torch.Tensor:
         chunked = all(type(layer) is _ChunkedFeedForwardMemoryLayer for layer in self.layers)
         if self.training or memory_posision_embeddings is None or not chunked:
             if shared_queries is not None:
@@ -311,8 +320,8 @@ class _SharedKeysMemoryAttention(modeling_sam2_video.Sam2VideoMemoryAttention):
             output, rope_position_embeddings = self._queries(
                 current_vision_features, current_vision_position_embeddings)
         else:
-            output = shared_queries.expand(objects, -1, -1, -1)
-            rope_position_embeddings = self.rotary_emb(output[:, 0], self.position_ids)
+            output = shared_queries.queries.expand(objects, -1, -1, -1)
+            rope_position_embeddings = shared_queries.rope_position_embeddings
         memory = memory.transpose(0, 1).unsqueeze(1)
         position = memory_posision_embeddings.transpose(0, 1).unsqueeze(1)
         keys_with_position = memory + position

@@ -339,6 +339,31 @@ def test_reprompt_existing_object_adds_conditioning_frame():
     assert sorted(cond) == [0, 4]
 
 
+def test_reprompt_can_replace_conditioning_frames():
+    tracker = make_tracker()
+    video = frames(8)
+    tracker.track(video[0])
+    tracker.add_objects(boxes=[BOX_A, BOX_B])
+    for frame in video[1:3]:
+        tracker.track(frame)
+    before = tracker.last_result
+    tracker.add_objects(boxes=[BOX_B], object_ids=[1], replace_conditioning=True)
+    first, second = (tracker.session.output_dict_per_obj[i]['cond_frame_outputs']
+                     for i in (0, 1))
+    assert sorted(first) == [2] and sorted(second) == [0]
+    recent = tracker.session.output_dict_per_obj[0]['non_cond_frame_outputs']
+    assert 'maskmem_features' in recent[1]
+    # The prompt itself still reads the old memory; only what later frames read changes.
+    assert not np.array_equal(by_id(tracker.last_result)[1].mask, by_id(before)[1].mask)
+    # Pending on the next frame: replaced when it is applied, not before.
+    tracker.add_objects(3, masks=[by_id(tracker.last_result)[2].mask], object_ids=[2],
+                        replace_conditioning=True)
+    assert sorted(second) == [0]
+    tracker.track(video[3])
+    assert sorted(second) == [3] and sorted(first) == [2]
+    # A plain re-prompt adds to the (replaced) set again.
+    tracker.add_objects(boxes=[BOX_A], object_ids=[1])
+    assert sorted(first) == [2, 3]
 # ---------------------------------------------------------------- absence
 
 

@@ -20,10 +20,12 @@ that an endless robot stream needs:
   Nothing grows with stream length.
 
 Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
-conditioning frame. IDs are positive ints, assigned from 1 and never reused (not even
-after ``reset``). Absent objects keep ``score`` (the logit) and get ``box=None``,
-``area=0``. On CUDA with ``dtype='bfloat16'``/``'float16'`` the model runs in that dtype
-under autocast; on CPU everything is float32 (deterministic for a fixed seed).
+conditioning frame, or, with ``replace_conditioning=True``, replaces the object's earlier
+ones (re-anchoring on a fresh mask when the old prompts no longer describe the view).
+IDs are positive ints, assigned from 1 and never reused (not even after ``reset``).
+Absent objects keep ``score`` (the logit) and get ``box=None``, ``area=0``. On CUDA
+with ``dtype='bfloat16'``/``'float16'`` the model runs in that dtype under autocast;
+on CPU everything is float32 (deterministic for a fixed seed).
 
 Prompt timing (``add_objects(frame_index=...)``): exactly two frames accept prompts,
 
@@ -500,11 +502,14 @@ class Sam2Tracker:
         self._last_result: Optional[TrackResult] = None
         # object id -> frame index its first prompt is waiting for
         self._pending: Dict[int, int] = {}
+        # pending objects whose prompt replaces their earlier conditioning frames
+        self._replace_conditioning: set = set()
 
     def add_objects(self, frame_index: Optional[int] = None, *, boxes: Optional[ArrayLike] = None,
                     points: Optional[ArrayLike] = None, labels: Optional[ArrayLike] = None,
                     masks: Optional[ArrayLike] = None,
-                    object_ids: Optional[Sequence[int]] = None) -> List[int]:
+                    object_ids: Optional[Sequence[int]] = None,
+                    replace_conditioning: bool = False) -> List[int]:
         """Prompt new (or re-prompt existing) objects; return their IDs.
 
         One object per box / point set / mask: ``boxes`` ``(N, 4)`` as ``(x0, y0, x1, y1)``
@@ -513,8 +518,11 @@ class Sam2Tracker:
         per object; ``masks`` ``(N, H, W)`` boolean, exclusive with boxes and points.
         ``object_ids`` names the objects (positive ints); an existing ID re-prompts that
         object (a new conditioning frame), a new one creates it; by default new IDs are
-        assigned. ``frame_index`` must be the latest tracked frame (default) or the next
-        one, see the module docstring. Raises PromptError for invalid prompts.
+        assigned. ``replace_conditioning=True`` makes this prompt the only conditioning
+        frame of an existing object (its earlier prompts are dropped once it is applied;
+        its recent tracking memories stay). ``frame_index`` must be the latest tracked frame
+        (default) or the next one, see the module docstring. Raises PromptError for invalid
+        prompts.
         """
         if self._frame_index < 0 or self._image_size is None:
             raise PromptError('no frame tracked yet: call track(frame) first (cheap with no '
@@ -548,6 +556,10 @@ class Sam2Tracker:
         session.obj_with_new_inputs = []
         for obj_id in ids:
             self._pending[obj_id] = target
+            if replace_conditioning:
+                self._replace_conditioning.add(obj_id)
+            else:
+                self._replace_conditioning.discard(obj_id)
 
         if target == self._frame_index:
             with self._inference_context():
@@ -578,6 +590,7 @@ class Sam2Tracker:
             session._obj_idx_to_id[new] = obj_id
         session.obj_ids = list(keep)
         self._pending.pop(object_id, None)
+        self._replace_conditioning.discard(object_id)
         if self._last_result is not None:
             # A new result, so the one already handed to the caller is left untouched.
             self._last_result = TrackResult(
@@ -756,6 +769,10 @@ class Sam2Tracker:
             out['maskmem_features'] = memory
             out['maskmem_pos_enc'] = memory_pos
             store['non_cond_frame_outputs'].pop(frame_idx, None)
+            if obj_id in self._replace_conditioning:
+                # After the prediction: the prompt still refines what memory says (above).
+                store['cond_frame_outputs'].clear()
+                self._replace_conditioning.discard(obj_id)
             store['cond_frame_outputs'][frame_idx] = {k: out[k] for k in _KEPT_OUTPUT_KEYS}
             self._cap_conditioning(store['cond_frame_outputs'])
             self._pending.pop(obj_id, None)

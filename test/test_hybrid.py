@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_gap_ros.engines.concept_query import parse_concepts
+from sam_gap_ros.engines.concept_query import parse_concepts, resolve_duplicates
 from sam_gap_ros.engines.hybrid import associate, duplicate_tracks, HybridTracker
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
@@ -198,20 +198,57 @@ def test_concept_change_reset_and_bad_frames():
         HybridTracker(concepts, make_tracker(0.0), redetect_every_n=0)
 
 
+def test_detection_rules_follow_sam3_video():
+    part_of_a = rect(4, 4, 14, 24)              # IoU 0.5 with A: a partial mask of A
+    a_lagging = rect(14, 4, 34, 24)             # IoU 1/3 with A: A moved, SAM2 lags
+    wide = rect(0, 40, 40, 60)                  # one SAM2 mask over two touching objects
+    left, right = rect(0, 40, 22, 60), rect(22, 40, 40, 60)
+    script = {0: [det(A), det(part_of_a, 0.8), det(wide, 0.7)],
+              1: [det(a_lagging), det(left), det(right, 0.8)],
+              2: [det(A)]}
+    hybrid = HybridTracker(ScriptedConcepts(script), make_tracker(-3.0), redetect_every_n=1)
+    # NMS: the partial mask of A does not start a track of its own.
+    assert ids(hybrid.step(FRAME)) == [1, 2]
+    # Loose association keeps A's ID at IoU 1/3; of the two detections on track 2's mask
+    # one keeps the ID and the other is a piece of a tracked object, not a new one.
+    second = hybrid.step(FRAME)
+    assert ids(second) == [1, 2] and hybrid.track_ids == [1, 2]
+    assert np.array_equal(second[0].mask, a_lagging) and np.array_equal(second[1].mask, left)
+    # Re-anchoring: a matched track's new prompt replaces its earlier conditioning frames.
+    session = hybrid.tracker.session
+    assert list(session.output_dict_per_obj[session.obj_id_to_idx(1)]['cond_frame_outputs']) \
+        == [1]
+    hybrid.step(FRAME)
+    assert list(session.output_dict_per_obj[session.obj_id_to_idx(1)]['cond_frame_outputs']) \
+        == [2]
+    # The old rules (strict matching, no NMS): the partial mask becomes track 2, the
+    # lagging A and the right object get new IDs 4 and 5; only left keeps 3 (IoU 0.55).
+    old = HybridTracker(ScriptedConcepts(script), make_tracker(-3.0), redetect_every_n=1,
+                        match_iou=0.5, detection_nms_iou=1.0, reanchor=False)
+    assert ids(old.step(FRAME)) == [1, 2, 3]
+    assert ids(old.step(FRAME)) == [3, 4, 5]
+    with pytest.raises(ValueError):
+        HybridTracker(ScriptedConcepts({}), make_tracker(0.0), detection_nms_iou=0.0)
+
+
 def test_end_to_end_with_tiny_sam3():
     engine = Sam3ConceptEngine.from_config(seed=0, score_threshold=0.0, max_instances=3)
     hybrid = HybridTracker(engine, make_tracker(-3.0), redetect_every_n=2)
     concepts = ['apple', 'leaf but not apple']
     assert hybrid.set_concepts(concepts) == concepts
+    # Random weights: the three detections overlap, NMS keeps those it keeps.
+    expected = resolve_duplicates(engine.segment(FRAME), hybrid.detection_nms_iou)
     first = hybrid.step(FRAME)
-    assert ids(first) == [1, 2, 3]
+    assert ids(first) == list(range(1, len(expected) + 1))
+    for instance, detection in zip(first, expected, strict=True):
+        assert np.array_equal(instance.mask, detection.mask)
     for instance in first:
         assert instance.mask.shape == (H, W) and instance.area > 0
         assert instance.concept in ('apple', 'leaf but not apple')
     assert hybrid.step(FRAME) == []
     # The same frame again: SAM3 finds the same instances, so every ID is kept.
     again = hybrid.step(FRAME)
-    assert ids(again) == [1, 2, 3]
+    assert ids(again) == ids(first)
     for old, new in zip(first, again, strict=True):
         assert np.array_equal(old.mask, new.mask) and old.concept == new.concept
 

@@ -140,8 +140,6 @@ def test_sam2_new_apple_at_frame_30_is_tracked(track_scores):
     assert min(s.new_object_miou) >= 0.7
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + 'hybrid: 12 ID switches over 13 tracks '
-                   '(9.2 per 10, bar 1): SAM2-tiny carries tracks onto neighbouring apples')
 def test_hybrid_id_switches_per_10_tracks(engines):
     hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
                            redetect_every_n=quality.REDETECT_EVERY)
@@ -150,3 +148,6 @@ def test_hybrid_id_switches_per_10_tracks(engines):
           f'({s.switches_per_10:.2f} per 10), coverage {s.coverage:.3f}')
     assert s.tracks >= 10
     assert s.switches_per_10 <= 1.0
+    # Guard (ours): fewer switches must not come from reporting fewer apples. Measured
+    # 0.43 (the rules before SAM3's association defaults: 0.50 with 9.2 switches per 10).
+    assert s.coverage >= 0.4

@@ -6,17 +6,27 @@ across frames; the rules, per frame:
 
 * Every frame goes through ``tracker.track`` first, so SAM2 keeps its memory current.
 * Re-detection frames (the first frame, then every ``redetect_every_n`` frames, and the
-  frame after a concept change) also run ``concept_engine.segment``. Detections are
-  associated one-to-one with the live tracks by mask IoU (Hungarian assignment maximising
-  the total IoU over pairs with IoU >= ``match_iou``; the rest stay unmatched). A
-  track's mask for matching is its SAM2 mask on this frame, or, when SAM2 judges it
-  absent, its last known mask, so a briefly lost object is re-acquired where it was last
-  seen.
-* A matched track keeps its ID, takes the detection's concept and score, and (with
-  ``reprompt_matched``) SAM2 is re-prompted with the detection mask, so SAM2's memory is
-  re-anchored on SAM3's segmentation. An unmatched detection starts a new track with a new
-  ID (IDs are never reused, also not after ``reset``). A track left unmatched on
-  ``max_missed_redetections`` consecutive re-detections is dropped.
+  frame after a concept change) also run ``concept_engine.segment``. The rules follow
+  SAM3's video tracker (transformers ``Sam3VideoModel``: ``det_nms_thresh``,
+  ``assoc_iou_thresh``), whose defaults are ours:
+
+  - Detections go through mask NMS first (of two with IoU > ``detection_nms_iou``, 0.1,
+    the lower-scoring one goes): a partial mask or a duplicate of a detected object must
+    not start a second track.
+  - Detections are associated one-to-one with the live tracks by mask IoU (Hungarian
+    assignment maximising the total IoU over pairs with IoU >= ``match_iou``, 0.1; the
+    rest stay unmatched). The loose threshold is deliberate: SAM2's mask lags a moving
+    object between re-detections, and a lagging track must keep its ID. A track's mask
+    for matching is its SAM2 mask on this frame, or, when SAM2 judges it absent, its last
+    known mask, so a briefly lost object is re-acquired where it was last seen.
+  - A matched track keeps its ID, takes the detection's concept and score, and (with
+    ``reprompt_matched``) SAM2 is re-prompted with the detection mask. With ``reanchor``
+    that mask replaces the track's earlier prompts as its only conditioning frame: on a
+    moving camera an old prompt pulls the mask back towards where the object was.
+  - An unmatched detection starts a new track with a new ID (IDs are never reused, also
+    not after ``reset``), unless it overlaps a live track by IoU >= ``match_iou`` (a
+    piece of an object already tracked, SAM3's many-to-one rule). A track left unmatched
+    on ``max_missed_redetections`` consecutive re-detections is dropped.
 * Every frame, two tracks whose SAM2 masks cover one object (IoU > ``duplicate_iou``)
   are resolved: the one that strayed from its last SAM3-confirmed mask is dropped (see
   ``duplicate_tracks``), so an ID that SAM2 carried onto a neighbour does not take over
@@ -38,7 +48,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from sam_gap_ros.engines.concept_query import mask_overlaps
+from sam_gap_ros.engines.concept_query import mask_overlaps, resolve_duplicates
 from sam_gap_ros.engines.types import Instance
 from sam_gap_ros.mask_ops import mask_iou, mask_to_box
 
@@ -115,9 +125,13 @@ class HybridTracker:
     """Track every instance of text concepts: SAM3 re-detection plus SAM2 tracking (ROS-free)."""
 
     def __init__(self, concept_engine: Any, tracker: Any, redetect_every_n: int = 10,
-                 max_missed_redetections: int = 2, match_iou: float = 0.5,
-                 reprompt_matched: bool = True, duplicate_iou: float = 0.5) -> None:
-        """Combine a concept engine and a ``Sam2Tracker`` (which this object then owns)."""
+                 max_missed_redetections: int = 2, match_iou: float = 0.1,
+                 reprompt_matched: bool = True, duplicate_iou: float = 0.5,
+                 detection_nms_iou: float = 0.1, reanchor: bool = True) -> None:
+        """Combine a concept engine and a ``Sam2Tracker`` (which this object then owns).
+
+        See the module docstring for the rules; ``detection_nms_iou=1.0`` turns the NMS off.
+        """
         if redetect_every_n < 1:
             raise ValueError(f'redetect_every_n must be >= 1, got {redetect_every_n}')
         if max_missed_redetections < 1:
@@ -127,6 +141,8 @@ class HybridTracker:
             raise ValueError(f'match_iou must be in (0, 1], got {match_iou}')
         if not 0.0 < duplicate_iou <= 1.0:
             raise ValueError(f'duplicate_iou must be in (0, 1], got {duplicate_iou}')
+        if not 0.0 < detection_nms_iou <= 1.0:
+            raise ValueError(f'detection_nms_iou must be in (0, 1], got {detection_nms_iou}')
         self.concept_engine = concept_engine
         self.tracker = tracker
         self.redetect_every_n = int(redetect_every_n)
@@ -134,6 +150,8 @@ class HybridTracker:
         self.match_iou = float(match_iou)
         self.reprompt_matched = bool(reprompt_matched)
         self.duplicate_iou = float(duplicate_iou)
+        self.detection_nms_iou = float(detection_nms_iou)
+        self.reanchor = bool(reanchor)
         self._next_id = 1
         self._tracks: Dict[int, _Track] = {}
         self._frame_index = -1
@@ -213,13 +231,21 @@ class HybridTracker:
             self.tracker.remove_object(track_id)
 
     def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> List[Instance]:
-        detections = self.concept_engine.segment(frame)
+        detections = resolve_duplicates(self.concept_engine.segment(frame),
+                                        self.detection_nms_iou)
         # Only a detection that ran counts: after an error the next frame tries again.
         self._last_detection = self._frame_index
         track_ids = sorted(self._tracks)
         reference = [self._tracks[t].last_mask for t in track_ids]
         matches, unmatched_tracks, unmatched_detections = associate(
             reference, [d.mask for d in detections], self.match_iou)
+        if unmatched_detections and reference:
+            # SAM3's rule: a detection overlapping any track is not a new object.
+            overlap, _ = mask_overlaps([detections[d].mask for d in unmatched_detections],
+                                       reference)
+            unmatched_detections = [d for d, row in zip(unmatched_detections, overlap,
+                                                        strict=True)
+                                    if row.max() < self.match_iou]
         for index in unmatched_tracks:
             track_id = track_ids[index]
             track = self._tracks[track_id]
@@ -248,7 +274,8 @@ class HybridTracker:
             prompt_ids.append(track_id)
             prompt_masks.append(detection.mask)
         if prompt_ids:
-            self.tracker.add_objects(masks=np.stack(prompt_masks), object_ids=prompt_ids)
+            self.tracker.add_objects(masks=np.stack(prompt_masks), object_ids=prompt_ids,
+                                     replace_conditioning=self.reanchor)
         # Tracks SAM3 missed this time but SAM2 still sees stay visible until dropped.
         for track_id in self._tracks:
             obj = tracked.get(track_id)

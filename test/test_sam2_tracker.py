@@ -1,13 +1,15 @@
 """Tests of the SAM2 streaming tracker on tiny randomly initialised SAM2 models."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import Sam2VideoModel
 
-from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+from sam_gap_ros.engines.sam2_tracker import Sam2Tracker, use_inference_modules
 from sam_gap_ros.engines.tiny_sam2 import (
     build_sam2_video_processor,
     build_tiny_sam2,
@@ -172,6 +174,39 @@ def test_inference_module_swaps_keep_outputs_identical():
             assert len(getattr(expected, name)) == len(getattr(actual, name)) == 3
             assert all(torch.equal(a, b) for a, b in zip(
                 getattr(expected, name), getattr(actual, name), strict=True)), name
+
+
+def test_hiera_blocks_skip_linears_on_window_padding():
+    # Windows of 6 on the 8 x 8 stage-3 map: padded to 12 x 12, as hiera-tiny's 14 x 14
+    # windows pad its 64 x 64 map at 1024 px (the tiny default config never pads).
+    config = tiny_sam2_video_config()
+    backbone = config.vision_config.backbone_config
+    backbone.window_size_per_stage = [8, 4, 6, 4]
+    backbone.global_attention_blocks = []
+    torch.manual_seed(3)
+    reference = Sam2VideoModel(config).eval()
+    with torch.no_grad():
+        # transformers initialises biases to zero; padding gets the qkv bias, so make it real.
+        for block in reference.vision_encoder.backbone.blocks:
+            block.attn.qkv.bias.normal_(std=0.5)
+    swapped = use_inference_modules(copy.deepcopy(reference))
+    padded_blocks = []
+
+    def record(block, args):
+        height, width = args[0].shape[1:3]
+        if (block.window_size and not block.query_stride and block.dim == block.dim_out
+                and (height % block.window_size or width % block.window_size)):
+            padded_blocks.append(block)
+
+    for block in swapped.vision_encoder.backbone.blocks:
+        assert type(block).__name__ == '_UnpaddedWindowHieraBlock'
+        block.register_forward_pre_hook(record)
+    pixels = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference.get_image_features(pixels).fpn_hidden_states
+        actual = swapped.get_image_features(pixels).fpn_hidden_states
+    assert len(padded_blocks) == 1
+    assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True))
 
 
 def test_memory_attention_swaps_keep_outputs_identical(monkeypatch):

@@ -103,6 +103,61 @@ class _HieraAttention(modeling_sam2.Sam2MultiScaleAttention):
         return self.proj(output.reshape(batch_size, height, width, -1))
 
 
+class _UnpaddedWindowHieraBlock(modeling_sam2.Sam2MultiScaleBlock):
+    """Hiera block that runs its linear layers on the real tokens only, not on the padding.
+
+    A windowed block pads its feature map to a multiple of the window size (hiera-tiny's
+    14 x 14 windows on a 64 x 64 map at 1024 px, on a 16 x 16 map at 256 px) and then runs
+    the ``qkv`` and ``proj`` linears on every padded token, although padding is zeros
+    after the first layer norm, whose ``qkv`` rows are just the bias, and the padded
+    outputs are cropped away. Here ``qkv`` runs on the real tokens and the padding gets the
+    bias (where padding is at least ``_QKV_UNPADDED_FROM`` of the map); ``proj`` runs after
+    the crop. Attention still sees the same padded windows, so the outputs are those of
+    transformers (and of the official code): bit-identical in test_sam2_tracker. Measured
+    on one CPU thread, hiera-tiny's image encoder: 11.5 % faster at 256 px, 4 % at 512 px,
+    within noise at 1024 px. Blocks without padding, with query pooling or with a channel
+    change run transformers' forward.
+    """
+
+    # Computing qkv before partitioning moves 3x the channels through the padding and
+    # window copies; measured on CPU it pays off from 1.5x padded tokens (hiera-tiny: 3.1x
+    # at 256 px, 1.7x at 512 px, 1.2x at 1024 px, where only ``proj`` skips the padding).
+    _QKV_UNPADDED_FROM = 1.5
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        window = self.window_size
+        batch, height, width, _ = hidden_states.shape
+        if (window == 0 or self.query_stride or self.dim != self.dim_out
+                or not (height % window or width % window)):
+            return super().forward(hidden_states, **kwargs)
+        attn = self.attn
+        normed = self.layer_norm1(hidden_states)
+        padded_hw = (height + (-height) % window, width + (-width) % window)
+        if padded_hw[0] * padded_hw[1] >= self._QKV_UNPADDED_FROM * height * width:
+            qkv = attn.qkv(normed)
+            if attn.qkv.bias is None:
+                padded = qkv.new_zeros(batch, *padded_hw, qkv.shape[-1])
+            else:
+                padded = attn.qkv.bias.expand(batch, *padded_hw, -1).clone()
+            padded[:, :height, :width] = qkv
+            windows, _ = modeling_sam2.window_partition(padded, window)
+        else:
+            windows = attn.qkv(modeling_sam2.window_partition(normed, window)[0])
+        qkv = windows.reshape(windows.shape[0], window * window, 3, attn.num_attention_heads,
+                              -1)
+        query, key, value = torch.unbind(qkv, 2)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn.config._attn_implementation, modeling_sam2.eager_attention_forward)
+        output, _ = attention(attn, query.transpose(1, 2), key.transpose(1, 2),
+                              value.transpose(1, 2), attention_mask=None,
+                              is_causal=attn.is_causal, scaling=attn.scale, **kwargs)
+        output = modeling_sam2.window_unpartition(
+            output.reshape(windows.shape[0], window, window, -1), window, padded_hw,
+            (height, width))
+        hidden_states = hidden_states + attn.proj(output)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
 class _StaticPosEmbedHiera(modeling_sam2.Sam2HieraDetModel):
     """Hiera backbone that interpolates its position embedding once per input size.
 
@@ -341,6 +396,7 @@ _INFERENCE_SWAPS = {
     modeling_sam2_video.Sam2VideoRoPEAttention: _RoPEAttention,
     modeling_sam2_video.Sam2VideoMemoryAttentionLayer: _ChunkedFeedForwardMemoryLayer,
     modeling_sam2.Sam2MultiScaleAttention: _HieraAttention,
+    modeling_sam2.Sam2MultiScaleBlock: _UnpaddedWindowHieraBlock,
     modeling_sam2.Sam2HieraDetModel: _StaticPosEmbedHiera,
     modeling_sam2.Sam2SinePositionEmbedding: _StaticSinePositionEmbedding,
 }

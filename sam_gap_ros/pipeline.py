@@ -48,6 +48,8 @@ class PipelineConfig:
     engine_path: str = ''
     concepts: Sequence[str] = ('apple',)
     score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    """Mask probability a pixel needs to belong to a SAM3 instance (sam3/hybrid)."""
     max_instances: int = 50
     redetect_every_n: int = 10
     min_depth_pixels: int = 5
@@ -60,6 +62,8 @@ class PipelineConfig:
             raise ValueError(f"mode '{self.mode}' is not one of {MODES}")
         if not 0.0 <= float(self.score_threshold) < 1.0:
             raise ValueError(f'score_threshold {self.score_threshold} is outside [0, 1)')
+        if not 0.0 < float(self.mask_threshold) < 1.0:
+            raise ValueError(f'mask_threshold {self.mask_threshold} is outside (0, 1)')
         if int(self.max_instances) < 1:
             raise ValueError(f'max_instances {self.max_instances} must be >= 1')
         if int(self.redetect_every_n) < 1:
@@ -218,6 +222,7 @@ class SegmentationPipeline:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
         engine = Sam3ConceptEngine.load(model_dir, device=device, dtype=self.config.dtype)
         engine.score_threshold = float(self.config.score_threshold)
+        engine.mask_threshold = float(self.config.mask_threshold)
         engine.max_instances = int(self.config.max_instances)
         return engine
 
@@ -297,6 +302,14 @@ class SegmentationPipeline:
         with self._lock:
             self.config.score_threshold = float(value)
             self._set_on_concept_engine('score_threshold', float(value))
+
+    def set_mask_threshold(self, value: float) -> None:
+        """Change the mask probability threshold of SAM3 instances (sam3/hybrid)."""
+        if not 0.0 < value < 1.0:
+            raise ValueError(f'mask_threshold {value} is outside (0, 1)')
+        with self._lock:
+            self.config.mask_threshold = float(value)
+            self._set_on_concept_engine('mask_threshold', float(value))
 
     def set_max_instances(self, value: int) -> None:
         """Change the maximum number of instances per frame (sam3/hybrid)."""

@@ -92,6 +92,14 @@ def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
     request = SetParameters.Request(parameters=[
         Parameter('score_threshold', value=1.5).to_parameter_msg()])
     assert not ros.call(client, request).results[0].successful  # outside the declared range
+    request = SetParameters.Request(parameters=[
+        Parameter('mask_threshold', value=0.3).to_parameter_msg()])
+    assert ros.call(client, request).results[0].successful
+    assert node.pipeline._engine.mask_threshold == 0.3
+    request = SetParameters.Request(parameters=[
+        Parameter('mask_threshold', value=1.0).to_parameter_msg()])
+    assert not ros.call(client, request).results[0].successful
+    assert node.pipeline._engine.mask_threshold == 0.3
 
     name = node.get_fully_qualified_name()
     assert ros.spin_until(lambda: any(s.name.startswith(name) for d in diagnostics

@@ -89,6 +89,11 @@ def test_sam3_ids_persist_on_a_static_scene_and_concepts_are_validated(models):
         pipeline.set_score_threshold(1.0)
     with pytest.raises(ValueError):
         pipeline.set_max_instances(0)
+    pipeline.set_mask_threshold(0.3)
+    assert pipeline._engine.mask_threshold == 0.3 == pipeline.config.mask_threshold
+    with pytest.raises(ValueError):
+        pipeline.set_mask_threshold(1.0)
+    assert pipeline._engine.mask_threshold == 0.3
 
 
 def test_hybrid_tracks_keep_ids_between_redetections(models):

@@ -108,3 +108,6 @@ def test_config_validation():
         PipelineConfig(mode='hybrid', model_dir='x').validate()
     with pytest.raises(ValueError, match='score_threshold'):
         PipelineConfig(mode='sam3', model_dir='x', score_threshold=1.5).validate()
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match='mask_threshold'):
+            PipelineConfig(mode='sam3', model_dir='x', mask_threshold=bad).validate()

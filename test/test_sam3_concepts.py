@@ -63,6 +63,27 @@ def test_outputs_are_full_resolution_instances(engine):
     engine.score_threshold = 0.5
 
 
+def test_mask_threshold_sets_the_mask_probability_cut(engine):
+    engine.set_concepts(['apple'])
+    strict, loose = 0.5, 0.45  # random weights: mask probabilities all near 0.5
+    try:
+        engine.mask_threshold = strict
+        tight = engine.detect(frame(), score_threshold=0.0, max_instances=5)['apple']
+        engine.mask_threshold = loose
+        wide = engine.detect(frame(), score_threshold=0.0, max_instances=5)['apple']
+    finally:
+        engine.mask_threshold = 0.5
+    # Same queries (scores do not depend on it); each looser mask contains the stricter one.
+    # (Queries whose strict mask is empty are dropped from the strict list.)
+    by_score = {round(i.score, 6): i.mask for i in wide}
+    assert tight and all(round(i.score, 6) in by_score for i in tight)
+    assert all(np.array_equal(i.mask & by_score[round(i.score, 6)], i.mask) for i in tight)
+    assert sum(i.area for i in wide) > sum(i.area for i in tight)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match='mask_threshold'):
+            Sam3ConceptEngine.from_config(seed=0, mask_threshold=bad)
+
+
 def test_matches_naive_processor_and_model_call(engine):
     """Cached text + broadcast backbone give the same detections as the plain HF recipe."""
     engine.set_concepts(['ripe apple', 'trunk', 'leaf', 'green apple'])

@@ -58,11 +58,16 @@ class Sam3ConceptEngine:
                  duplicate_iou: float = 0.7, phrase_batch_size: int = 8) -> None:
         """Wrap a loaded ``Sam3Model`` and its ``Sam3Processor``.
 
-        ``phrase_batch_size`` bounds how many phrases go through the detector at once
-        (the mask decoder's activations grow with it); all share the one backbone pass.
+        ``mask_threshold`` is the mask probability a pixel needs to belong to an instance
+        (0.5 as in transformers' post-processing; a model with under-confident masks may
+        be calibrated lower). ``phrase_batch_size`` bounds how many phrases go through the
+        detector at once (the mask decoder's activations grow with it); all share the one
+        backbone pass.
         """
         if phrase_batch_size < 1:
             raise ValueError(f'phrase_batch_size must be >= 1, got {phrase_batch_size}')
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f'mask_threshold must be in (0, 1), got {mask_threshold}')
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self._model = model.to(device=self._device, dtype=self._dtype).eval()

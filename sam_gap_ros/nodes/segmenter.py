@@ -65,6 +65,9 @@ def _declare_all(node: LifecycleNode) -> None:
                                      'settable at runtime')),
         ('score_threshold', 0.5, dict(description='minimum detection probability in [0, 1)',
                                       float_range=(0.0, 0.999))),
+        ('mask_threshold', 0.5, dict(description='mask probability a pixel needs to belong to '
+                                     'an instance, in (0, 1) (sam3/hybrid)',
+                                     float_range=(0.01, 0.99))),
         ('max_instances', 50, dict(description='maximum instances per frame',
                                    int_range=(1, 1000))),
         ('redetect_every_n', 10, dict(description='hybrid: run concept detection every N frames',
@@ -185,7 +188,8 @@ class SegmenterNode(LifecycleNode):
             tracker_model_dir=param('tracker_model_dir'), device=param('device'),
             dtype=param('dtype'), engine_path=param('engine_path'),
             concepts=list(param('concepts')), score_threshold=param('score_threshold'),
-            max_instances=param('max_instances'), redetect_every_n=param('redetect_every_n'),
+            mask_threshold=param('mask_threshold'), max_instances=param('max_instances'),
+            redetect_every_n=param('redetect_every_n'),
             min_depth_pixels=param('min_depth_pixels'))
         try:
             input_qos(param('input_qos'))
@@ -596,6 +600,8 @@ class SegmenterNode(LifecycleNode):
                     continue
                 elif param.name == 'score_threshold':
                     pipeline.set_score_threshold(float(param.value))
+                elif param.name == 'mask_threshold':
+                    pipeline.set_mask_threshold(float(param.value))
                 elif param.name == 'max_instances':
                     pipeline.set_max_instances(int(param.value))
                 elif param.name == 'redetect_every_n':

@@ -75,12 +75,10 @@ def test_sam3_ripe_vs_unripe_mask_iou_of_matched_instances(concept_scores):
     assert s.miou >= 0.6
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM3-tiny finds 69 of the 87 ripe/unripe '
-                   'apples (79.3%) at score >= 0.3 (bar 80%: 70)')
 def test_sam3_ripe_vs_unripe_recall(concept_scores):
     s = concept_scores
     print(f'sam3: {s.num_truth} instances, recall={s.recall:.3f} at score >= '
-          f'{quality.SCORE_THRESHOLD}')
+          f'{quality.SCORE_THRESHOLD} (mask threshold {quality.MASK_THRESHOLD})')
     assert s.num_truth >= 40
     assert s.recall >= 0.8
 
@@ -150,4 +148,5 @@ def test_hybrid_id_switches_per_10_tracks(engines):
     assert s.switches_per_10 <= 1.0
     # Guard (ours): fewer switches must not come from reporting fewer apples. Measured
     # 0.43 (the rules before SAM3's association defaults: 0.50 with 9.2 switches per 10).
+    # Both models' scores move it: a better model must not trade coverage for switches.
     assert s.coverage >= 0.4

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 
+from sam_gap_ros.demo import TINY_SAM3_THRESHOLDS
 from sam_gap_ros.engines.hybrid import associate
 from sam_gap_ros.mask_ops import mask_iou, mask_to_box
 from sam_gap_ros.synthetic import (generate_scene, OrchardSceneConfig, OrchardVideo,
@@ -47,8 +48,10 @@ SAM3_CONFIG = REPO / 'training' / 'configs' / 'tiny_orchard_sam3.yaml'
 
 MIN_AREA = 40
 MATCH_IOU = 0.5
-SCORE_THRESHOLD = 0.3
+SCORE_THRESHOLD = TINY_SAM3_THRESHOLDS['score_threshold']
 """SAM3 operating score threshold of the tests (the one ``make demo`` runs the segmenter with)."""
+MASK_THRESHOLD = TINY_SAM3_THRESHOLDS['mask_threshold']
+"""SAM3 mask threshold of the tests and ``make demo``, chosen on validation scenes."""
 CONCEPTS = ('ripe red apple', 'unripe green apple')
 ABSENT_CONCEPT = 'trunk'
 CLIP_FRAMES = 60
@@ -338,7 +341,8 @@ def load_engines(device: str = 'cpu') -> Dict[str, Any]:
     from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 
     return {'sam3': Sam3ConceptEngine.load(SAM3_DIR, device=device,
-                                           score_threshold=SCORE_THRESHOLD),
+                                           score_threshold=SCORE_THRESHOLD,
+                                           mask_threshold=MASK_THRESHOLD),
             'sam2': Sam2Tracker.load(SAM2_DIR, device=device)}
 
 

@@ -38,10 +38,9 @@ lint: setup
 	$(VENV)/bin/ruff check sam_gap_ros training test benchmarks launch
 	$(VENV)/bin/flake8 sam_gap_ros training test benchmarks launch
 
-# sam2 (boxes on the first frame's apples, then tracking) by default: the tiny SAM3 does not
-# find apples yet (docs/tiny_models.md), so hybrid/sam3 would show empty overlays.
-# `make demo DEMO_MODE=hybrid` runs the full product path.
-DEMO_MODE ?= sam2
+# hybrid, the product's default mode (the tiny SAM3 finds the apples, the tiny SAM2 tracks
+# them); `make demo DEMO_MODE=sam2` (boxes on the first frame's apples) or `=sam3`.
+DEMO_MODE ?= hybrid
 
 demo: build
 	source $(VENV)/bin/activate && source $(WS)/install/setup.bash && \

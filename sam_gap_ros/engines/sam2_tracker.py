@@ -138,7 +138,8 @@ class _UnpaddedWindowHieraBlock(modeling_sam2.Sam2MultiScaleBlock):
             if attn.qkv.bias is None:
                 padded = qkv.new_zeros(batch, *padded_hw, qkv.shape[-1])
             else:
-                padded = attn.qkv.bias.expand(batch, *padded_hw, -1).clone()
+                # In qkv's dtype: under autocast the linear's output is half precision.
+                padded = attn.qkv.bias.to(qkv.dtype).expand(batch, *padded_hw, -1).clone()
             padded[:, :height, :width] = qkv
             windows, _ = modeling_sam2.window_partition(padded, window)
         else:

@@ -67,9 +67,11 @@ def test_evaluate_end_to_end_with_tiny_models(coco_dir, tmp_path):
     out = tmp_path / 'report'
     code = evaluate.main(['--coco', str(coco_dir), '--sam2', str(sam2_dir), '--sam3',
                           str(sam3_dir), '--out', str(out), '--device', 'cpu',
-                          '--sam2-prompt', 'box+points', '--ap-score-threshold', '0.0'])
+                          '--sam2-prompt', 'box+points', '--ap-score-threshold', '0.0',
+                          '--mask-threshold', '0.45'])
     assert code == 0
     report = json.loads((out / 'evaluation.json').read_text())
+    assert report['sam3_mask_threshold'] == 0.45
     phrases = CocoInstances(coco_dir).noun_phrases
     assert report['phrases'] == phrases
     n_gt = report['results']['sam2']['overall']['instances']

@@ -274,6 +274,21 @@ def test_starting_model_stays_best_when_training_does_not_help(assets, tmp_path,
     assert set(summary['retention_before']) == set(summary['retention_after'])
 
 
+def test_eval_mask_threshold_reaches_post_processing(assets, tmp_path, monkeypatch):
+    cfg = _cfg(assets, **{'eval.mask_threshold': 0.35, 'eval.max_images': 1})
+    tuner = Sam3FineTuner(cfg, str(tmp_path))
+    seen = []
+    original = tuner.processor.post_process_instance_segmentation
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs['mask_threshold'])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuner.processor, 'post_process_instance_segmentation', spy)
+    tuner.evaluate(tuner.val_set)
+    assert seen and set(seen) == {0.35}
+
+
 def test_memory_estimate_and_resolution(assets):
     model, processor = load_sam3(str(assets['model_dir']), image_size=56)
     assert processor.image_processor.size == {'height': 56, 'width': 56}

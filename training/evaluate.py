@@ -305,7 +305,8 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
              sam2_prompt: str = 'box', phrases: Optional[Sequence[str]] = None,
              max_images: Optional[int] = None, device: str = 'auto',
              score_threshold: float = 0.5, ap_score_threshold: float = 0.05,
-             sam2_tracker: Any = None, sam3_engine: Any = None) -> Dict[str, Any]:
+             mask_threshold: float = 0.5, sam2_tracker: Any = None,
+             sam3_engine: Any = None) -> Dict[str, Any]:
     """Run both families (model dirs, or ready engines for tests) and write the reports.
 
     Returns the report dict that is also written as ``evaluation.json``.
@@ -321,7 +322,8 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
         sam2_tracker = Sam2Tracker.load(sam2_dir, device=device)
     if sam3_engine is None and sam3_dir is not None:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
-        sam3_engine = Sam3ConceptEngine.load(sam3_dir, device=device)
+        sam3_engine = Sam3ConceptEngine.load(sam3_dir, device=device,
+                                             mask_threshold=mask_threshold)
     if sam2_tracker is None and sam3_engine is None:
         raise ValueError('nothing to evaluate: give a SAM2 and/or a SAM3 model')
     results: Dict[str, Any] = {}
@@ -335,6 +337,7 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
     report = {'dataset': str(coco_root), 'num_images': _count(dataset, max_images),
               'phrases': list(phrases), 'sam2_prompt': sam2_prompt,
               'score_threshold': score_threshold, 'ap_score_threshold': ap_score_threshold,
+              'sam3_mask_threshold': getattr(sam3_engine, 'mask_threshold', None),
               'match_iou': MATCH_IOU, 'sam2_model': str(sam2_dir) if sam2_dir else None,
               'sam3_model': str(sam3_dir) if sam3_dir else None, 'results': results}
     out = Path(out_dir)
@@ -362,12 +365,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='SAM3 operating point for mIoU / recall / precision')
     parser.add_argument('--ap-score-threshold', type=float, default=0.05,
                         help='lowest SAM3 score kept for AP')
+    parser.add_argument('--mask-threshold', type=float, default=0.5,
+                        help='SAM3 mask probability cut (the tiny orchard model: 0.35)')
     args = parser.parse_args(argv)
     report = evaluate(args.coco, args.out, sam2_dir=args.sam2, sam3_dir=args.sam3,
                       ann_file=args.ann_file, sam2_prompt=args.sam2_prompt,
                       phrases=args.phrases, max_images=args.max_images, device=args.device,
                       score_threshold=args.score_threshold,
-                      ap_score_threshold=args.ap_score_threshold)
+                      ap_score_threshold=args.ap_score_threshold,
+                      mask_threshold=args.mask_threshold)
     for family, rows in report['results'].items():
         row = rows['overall']
         print(f"{family}: miou={row['miou']:.4f} ap={row['ap']:.4f} recall={row['recall']:.4f} "

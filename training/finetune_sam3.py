@@ -723,6 +723,7 @@ class Sam3FineTuner:
         was_training = self.model.training
         self.model.eval()
         threshold = float(self.ecfg.get('score_threshold', 0.5))
+        mask_threshold = float(self.ecfg.get('mask_threshold', 0.5))
         num_negatives = int(self.ecfg.get('negatives_per_image', 2))
         max_images = self.ecfg.get('max_images')
         count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
@@ -745,7 +746,7 @@ class Sam3FineTuner:
             losses.append(float(self.total_loss(self.compute_losses(outputs, targets))))
             height, width = sample.image.shape[:2]
             results = self.processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, mask_threshold=0.5,
+                outputs, threshold=threshold, mask_threshold=mask_threshold,
                 target_sizes=[(height, width)] * len(phrases))
             presence = outputs.presence_logits.float().sigmoid()[:, 0].cpu().numpy()
             for row, phrase in enumerate(phrases):

@@ -63,20 +63,26 @@ def associate(track_masks: Sequence[np.ndarray], detection_masks: Sequence[np.nd
     ``matches`` holds ``(track, detection)`` pairs from the assignment that maximises the
     total IoU over the pairs with IoU >= ``min_iou``.
     """
+    return assign_by_iou(mask_overlaps(track_masks, detection_masks)[0], min_iou)
+
+
+def assign_by_iou(iou: np.ndarray, min_iou: float
+                  ) -> Tuple[List[Tuple[int, int]], List[int], List[int]]:
+    """``associate`` on a ready ``(tracks, detections)`` IoU matrix."""
     if min_iou <= 0.0:
         raise ValueError(f'min_iou must be > 0, got {min_iou}')
+    num_tracks, num_detections = iou.shape
     matches: List[Tuple[int, int]] = []
-    if len(track_masks) and len(detection_masks):
-        iou, _ = mask_overlaps(track_masks, detection_masks)
+    if num_tracks and num_detections:
         # Pairs below the threshold must not steal a valid partner in the assignment.
-        iou = np.where(iou >= min_iou, iou, 0.0)
-        rows, cols = linear_sum_assignment(iou, maximize=True)
+        valid = np.where(iou >= min_iou, iou, 0.0)
+        rows, cols = linear_sum_assignment(valid, maximize=True)
         matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True)
-                   if iou[r, c] >= min_iou]
+                   if valid[r, c] >= min_iou]
     matched_tracks = {t for t, _ in matches}
     matched_detections = {d for _, d in matches}
-    return (matches, [t for t in range(len(track_masks)) if t not in matched_tracks],
-            [d for d in range(len(detection_masks)) if d not in matched_detections])
+    return (matches, [t for t in range(num_tracks) if t not in matched_tracks],
+            [d for d in range(num_detections) if d not in matched_detections])
 
 
 def duplicate_tracks(current: Mapping[int, np.ndarray], anchors: Mapping[int, np.ndarray],
@@ -237,15 +243,12 @@ class HybridTracker:
         self._last_detection = self._frame_index
         track_ids = sorted(self._tracks)
         reference = [self._tracks[t].last_mask for t in track_ids]
-        matches, unmatched_tracks, unmatched_detections = associate(
-            reference, [d.mask for d in detections], self.match_iou)
-        if unmatched_detections and reference:
+        iou, _ = mask_overlaps(reference, [d.mask for d in detections])
+        matches, unmatched_tracks, unmatched_detections = assign_by_iou(iou, self.match_iou)
+        if reference:
             # SAM3's rule: a detection overlapping any track is not a new object.
-            overlap, _ = mask_overlaps([detections[d].mask for d in unmatched_detections],
-                                       reference)
-            unmatched_detections = [d for d, row in zip(unmatched_detections, overlap,
-                                                        strict=True)
-                                    if row.max() < self.match_iou]
+            unmatched_detections = [d for d in unmatched_detections
+                                    if iou[:, d].max() < self.match_iou]
         for index in unmatched_tracks:
             track_id = track_ids[index]
             track = self._tracks[track_id]
@@ -290,4 +293,4 @@ class HybridTracker:
                         instance_id=track_id)
 
 
-__all__ = ['HybridTracker', 'associate', 'duplicate_tracks']
+__all__ = ['HybridTracker', 'assign_by_iou', 'associate', 'duplicate_tracks']

@@ -86,9 +86,12 @@ class _HieraAttention(modeling_sam2.Sam2MultiScaleAttention):
     """
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        batch_size, height, width, _ = hidden_states.shape
-        qkv = self.qkv(hidden_states).reshape(
-            batch_size, height * width, 3, self.num_attention_heads, -1)
+        return self.proj(self.attend(self.qkv(hidden_states), **kwargs))
+
+    def attend(self, qkv: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Return the attention output (before ``proj``) of projected ``(B, H, W, 3C)`` qkv."""
+        batch_size, height, width, _ = qkv.shape
+        qkv = qkv.reshape(batch_size, height * width, 3, self.num_attention_heads, -1)
         query, key, value = torch.unbind(qkv, 2)
         if self.query_stride:
             query = modeling_sam2.do_pool(
@@ -100,7 +103,7 @@ class _HieraAttention(modeling_sam2.Sam2MultiScaleAttention):
         output, _ = attention(self, query.transpose(1, 2), key.transpose(1, 2),
                               value.transpose(1, 2), attention_mask=None,
                               is_causal=self.is_causal, scaling=self.scale, **kwargs)
-        return self.proj(output.reshape(batch_size, height, width, -1))
+        return output.reshape(batch_size, height, width, -1)
 
 
 class _UnpaddedWindowHieraBlock(modeling_sam2.Sam2MultiScaleBlock):
@@ -144,17 +147,9 @@ class _UnpaddedWindowHieraBlock(modeling_sam2.Sam2MultiScaleBlock):
             windows, _ = modeling_sam2.window_partition(padded, window)
         else:
             windows = attn.qkv(modeling_sam2.window_partition(normed, window)[0])
-        qkv = windows.reshape(windows.shape[0], window * window, 3, attn.num_attention_heads,
-                              -1)
-        query, key, value = torch.unbind(qkv, 2)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn.config._attn_implementation, modeling_sam2.eager_attention_forward)
-        output, _ = attention(attn, query.transpose(1, 2), key.transpose(1, 2),
-                              value.transpose(1, 2), attention_mask=None,
-                              is_causal=attn.is_causal, scaling=attn.scale, **kwargs)
-        output = modeling_sam2.window_unpartition(
-            output.reshape(windows.shape[0], window, window, -1), window, padded_hw,
-            (height, width))
+        # attn is a _HieraAttention: use_inference_modules swaps both classes together.
+        output = modeling_sam2.window_unpartition(attn.attend(windows, **kwargs), window,
+                                                  padded_hw, (height, width))
         hidden_states = hidden_states + attn.proj(output)
         return hidden_states + self.mlp(self.layer_norm2(hidden_states))
 

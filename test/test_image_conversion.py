@@ -102,6 +102,15 @@ def test_image_msg_to_numpy_does_not_alias_the_message():
     assert image_msg_to_numpy(msg)[0, 0] == 200
 
 
+def test_built_messages_store_their_data_array_without_a_per_publish_copy():
+    """Kilted's uint8[] setter copies an array.array unless the message checks its fields."""
+    for msg in (numpy_to_image_msg(np.zeros((4, 6), np.uint16), 'mono16'),
+                numpy_to_compressed_msg(np.zeros((4, 6, 3), np.uint8), 'png')):
+        data = array.array('B', b'\x01\x02')
+        msg.data = data
+        assert msg.data is data
+
+
 @pytest.mark.parametrize('big_endian, expected', [(1, 0x0102), (0, 0x0201)])
 def test_is_bigendian_selects_byte_order(big_endian, expected):
     msg = Image(height=1, width=1, encoding='mono16', is_bigendian=big_endian, step=2,

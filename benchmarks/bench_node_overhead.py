@@ -62,6 +62,8 @@ def _engine_call(pipeline):
 
 
 def main(argv=None):
+    from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, EXECUTORS, make_executor
+
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='few frames, < 60 s')
     parser.add_argument('--mode', choices=('sam2', 'sam3', 'hybrid'), default='sam3')
@@ -72,6 +74,8 @@ def main(argv=None):
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--depth', action='store_true', help='also send depth + camera_info')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--executor', choices=EXECUTORS, default=DEFAULT_EXECUTOR,
+                        help='rclpy executor (default: the one the segmenter executable uses)')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
     args = parser.parse_args(argv)
     if args.quick:
@@ -79,7 +83,6 @@ def main(argv=None):
 
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
@@ -130,7 +133,7 @@ def main(argv=None):
     image_pub = probe.create_publisher(Image, f'{ns}/image', qos)
     depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
     info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
-    executor = SingleThreadedExecutor(context=context)
+    executor = make_executor(args.executor, context=context)
     executor.add_node(node)
     executor.add_node(probe)
 
@@ -173,7 +176,8 @@ def main(argv=None):
     engine_ms = statistics.median(engine_only) * 1e3
     overhead = (e2e_ms - engine_ms) / engine_ms * 100.0
     result = {
-        'mode': args.mode, 'device': args.device, 'frames': len(end_to_end),
+        'mode': args.mode, 'device': args.device, 'executor': args.executor,
+        'frames': len(end_to_end),
         'image_size': [640, 480], 'depth': bool(args.depth),
         'end_to_end_ms_p50': round(e2e_ms, 2),
         'end_to_end_ms_p95': round(float(np.percentile(end_to_end, 95)) * 1e3, 2),

@@ -39,6 +39,8 @@ ARGUMENTS = (
     ('use_depth', '', 'true/false: pair depth + camera_info for 3D poses (empty = params_file)'),
     ('image_transport', '', 'raw | compressed (empty = params_file value)'),
     ('synthetic', 'false', 'also start a synthetic orchard camera (robot-less run)'),
+    ('executor', 'events', 'rclpy executor of the segmenter: events (faster; falls back to '
+     'single_threaded where rclpy lacks it) | single_threaded'),
     ('log_level', 'info', 'ROS log level'),
 )
 
@@ -125,7 +127,8 @@ def _setup(context, *args, **kwargs):
                         ('depth', f'{camera}/depth/image_raw'),
                         ('camera_info', f'{camera}/camera_info')],
             # --ros-args in `arguments` works on every distro (ros_arguments is newer).
-            arguments=['--ros-args', '--log-level', value['log_level']],
+            arguments=['--executor', value['executor'] or 'events',
+                       '--ros-args', '--log-level', value['log_level']],
             # numpy's BLAS only multiplies small mask matrices; a multi-threaded OpenBLAS
             # competing with torch for the cores is many times slower there.
             additional_env={'OPENBLAS_NUM_THREADS': '1'}))

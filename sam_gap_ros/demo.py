@@ -111,7 +111,6 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     """Run the demo and return the summary (also written to ``summary.json``)."""
     import rclpy
     from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
@@ -119,6 +118,7 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     import torch
 
     from sam_gap_ros import image_conversion, instances_json
+    from sam_gap_ros.nodes.ros_utils import make_executor
     from sam_gap_ros.nodes.segmenter import SegmenterNode
     from sam_gap_ros.nodes.synthetic_camera import SyntheticCameraNode
 
@@ -167,7 +167,7 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     if mode == 'sam2':
         _prompt_ground_truth(camera, segmenter, namespace, recorder)
 
-    executor = SingleThreadedExecutor(context=context)
+    executor = make_executor(context=context)
     for node in (camera, segmenter, recorder):
         executor.add_node(node)
     start = time.monotonic()

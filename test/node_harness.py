@@ -6,12 +6,12 @@ import uuid
 import numpy as np
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros.image_conversion import numpy_to_image_msg
+from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, make_executor
 
 H, W = 96, 128
 K = [100.0, 0.0, 64.0, 0.0, 100.0, 48.0, 0.0, 0.0, 1.0]
@@ -36,13 +36,17 @@ def make_depth(mm=1500):
 
 
 class Harness:
-    """An isolated rclpy context with an executor and a probe node for pub/sub."""
+    """An isolated rclpy context with an executor and a probe node for pub/sub.
 
-    def __init__(self):
+    ``executor`` is an ``EXECUTORS`` kind: the node tests run under the one the node
+    executable spins by default, and the segmenter tests also under the other one.
+    """
+
+    def __init__(self, executor=DEFAULT_EXECUTOR):
         self.context = Context()
         rclpy.init(context=self.context)
         self.ns = '/t' + uuid.uuid4().hex[:10]
-        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor = make_executor(executor, context=self.context)
         self.probe = rclpy.create_node('probe', namespace=self.ns, context=self.context)
         self.executor.add_node(self.probe)
         self.nodes = []

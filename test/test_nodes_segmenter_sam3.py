@@ -14,6 +14,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from node_harness import Harness, make_depth
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy
+from sam_gap_ros.nodes.ros_utils import EXECUTORS
 
 
 @pytest.fixture(scope='module')
@@ -22,11 +23,11 @@ def sam3_dir(tmp_path_factory):
     return str(save_tiny_sam3(tmp_path_factory.mktemp('sam3') / 'tiny-sam3', seed=0))
 
 
-@pytest.fixture
-def ros():
+@pytest.fixture(params=EXECUTORS)
+def ros(request):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    harness = Harness()
+    harness = Harness(request.param)
     yield harness
     harness.close()
     torch.set_num_threads(threads)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Optional, Sequence
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import ParameterType
+from rclpy.context import Context
+from rclpy.executors import Executor, SingleThreadedExecutor
+from rclpy.logging import get_logger
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
+from rclpy.utilities import get_default_context, remove_ros_args
 
 INPUT_QOS = ('sensor_data', 'reliable')
+EXECUTORS = ('events', 'single_threaded')
+DEFAULT_EXECUTOR = 'events'
 
 _TYPES = {
     bool: ParameterType.PARAMETER_BOOL,
@@ -57,3 +64,50 @@ def stamp_to_sec(stamp: Any) -> float:
 def stamp_to_ns(stamp: Any) -> int:
     """Return a builtin_interfaces/Time as integer nanoseconds."""
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def make_executor(kind: str = DEFAULT_EXECUTOR, context: Optional[Context] = None) -> Executor:
+    """Return the executor that spins the nodes: ``events`` or ``single_threaded``.
+
+    ``events`` is rclpy's EventsExecutor (``rclpy.experimental``): it waits and dispatches
+    in C++, where the SingleThreadedExecutor rebuilds a Python wait set over every entity
+    of the node (a lifecycle node with parameter services has dozens) on each spin. For the
+    segmenter that is about 1 ms less per frame from image in to masks out (measured by
+    benchmarks/bench_node_overhead.py). Where rclpy has no EventsExecutor (before Kilted),
+    ``events`` falls back to the single-threaded executor with a warning.
+    """
+    if kind not in EXECUTORS:
+        raise ValueError(f"executor '{kind}' is not one of {EXECUTORS}")
+    if kind == 'events':
+        try:
+            from rclpy.experimental import EventsExecutor
+        except ImportError:
+            get_logger('sam_gap_ros').warning(
+                'this rclpy has no EventsExecutor: using the SingleThreadedExecutor')
+        else:
+            return EventsExecutor(context=context)
+    return SingleThreadedExecutor(context=context)
+
+
+def spin_until_shutdown(executor: Executor, context: Optional[Context] = None) -> None:
+    """Spin ``executor`` until ``context`` (default: the global one) shuts down.
+
+    A loop of short ``spin_once`` calls, not ``executor.spin()``: the EventsExecutor's
+    ``spin()`` (rclpy 9.1) blocks in C++ and ignores SIGINT, so Ctrl-C and launch's
+    shutdown could never stop the node; between ``spin_once`` calls Python's signal
+    handling runs (SIGINT raises KeyboardInterrupt, SIGTERM shuts the context down).
+    """
+    context = context or get_default_context()
+    while context.ok():
+        executor.spin_once(timeout_sec=0.1)
+
+
+def executor_arg(args: Optional[Sequence[str]], prog: str) -> str:
+    """Return the ``--executor`` choice from the non-ROS part of ``args`` (a full argv).
+
+    Parse before ``rclpy.init`` (``--help`` or a bad value exits here, like any CLI).
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument('--executor', choices=EXECUTORS, default=DEFAULT_EXECUTOR,
+                        help=f'rclpy executor (default {DEFAULT_EXECUTOR})')
+    return parser.parse_args(remove_ros_args(args=list(args))[1:] if args else []).executor

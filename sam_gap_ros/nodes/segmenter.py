@@ -18,7 +18,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PolygonStamped, Pose, PoseArray
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rcl_interfaces.msg import SetParametersResult
@@ -32,7 +32,8 @@ from sam_gap_ros import instances_json
 from sam_gap_ros.engines.concept_query import parse_concepts
 from sam_gap_ros.engines.types import ConceptError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics
-from sam_gap_ros.nodes.ros_utils import describe, input_qos, INPUT_QOS, stamp_to_ns
+from sam_gap_ros.nodes.ros_utils import describe, executor_arg, input_qos, INPUT_QOS
+from sam_gap_ros.nodes.ros_utils import make_executor, spin_until_shutdown, stamp_to_ns
 from sam_gap_ros.nodes.ros_utils import stamp_to_sec
 from sam_gap_ros.overlay import id_color, render_overlay
 from sam_gap_ros.pipeline import FrameResult, is_out_of_memory, memory_stats, MODES
@@ -666,12 +667,14 @@ class SegmenterNode(LifecycleNode):
 
 def main(args: Optional[List[str]] = None) -> None:
     """Run the segmenter node until shutdown."""
+    args = sys.argv if args is None else args
+    executor_kind = executor_arg(args, 'segmenter')
     rclpy.init(args=args)
     node = SegmenterNode()
-    executor = SingleThreadedExecutor()
+    executor = make_executor(executor_kind)
     executor.add_node(node)
     try:
-        executor.spin()
+        spin_until_shutdown(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

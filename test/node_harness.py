@@ -132,3 +132,42 @@ def save_present_sam2(path, seed=0):
     model.save_pretrained(path, safe_serialization=True)
     build_sam2_video_processor(model.config.image_size).save_pretrained(path)
     return path
+
+
+def probe_segmenter(full_name, names=(), timeout_s=60.0):
+    """Return (lifecycle state label, {parameter: value}) of a segmenter in another process.
+
+    Waits until the node reports ``active`` (or ``timeout_s`` passes), then reads ``names``.
+    """
+    from lifecycle_msgs.srv import GetState
+    from rcl_interfaces.srv import GetParameters
+    context = Context()
+    rclpy.init(args=[], context=context)
+    node = rclpy.create_node('segmenter_probe', context=context)
+    executor = make_executor('single_threaded', context=context)
+    executor.add_node(node)
+    try:
+        deadline = time.monotonic() + timeout_s
+        state, values = None, {}
+        state_client = node.create_client(GetState, f'{full_name}/get_state')
+        while time.monotonic() < deadline and state != 'active':
+            if state_client.wait_for_service(timeout_sec=2.0):
+                future = state_client.call_async(GetState.Request())
+                executor.spin_until_future_complete(future, timeout_sec=5.0)
+                if future.result() is not None:
+                    state = future.result().current_state.label
+            time.sleep(0.2)
+        if names:
+            client = node.create_client(GetParameters, f'{full_name}/get_parameters')
+            if client.wait_for_service(timeout_sec=5.0):
+                future = client.call_async(GetParameters.Request(names=list(names)))
+                executor.spin_until_future_complete(future, timeout_sec=5.0)
+                if future.result() is not None:
+                    values = {name: rclpy.parameter.parameter_value_to_python(value)
+                              for name, value in zip(names, future.result().values,
+                                                     strict=True)}
+        return state, values
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)

@@ -10,13 +10,14 @@ import importlib.util
 import os
 from pathlib import Path
 import threading
-import time
 
 import pytest
 import rclpy
 import rclpy.executors
 from rclpy.context import Context
 from rclpy.parameter import parameter_dict_from_yaml_file
+
+from node_harness import probe_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = ROOT / 'launch' / 'orchard.launch.py'
@@ -117,40 +118,6 @@ def test_shipped_defaults_rank_below_params_file_and_launch_arguments():
         os.unlink(path)
 
 
-def _probe_segmenter(full_name, names, timeout_s=60.0):
-    """Return (lifecycle state label, {parameter: value}) of a running segmenter."""
-    from lifecycle_msgs.srv import GetState
-    from rcl_interfaces.srv import GetParameters
-    context = Context()
-    rclpy.init(args=[], context=context)
-    node = rclpy.create_node('launch_probe', context=context)
-    executor = rclpy.executors.SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    try:
-        deadline = time.monotonic() + timeout_s
-        state, values = None, {}
-        while time.monotonic() < deadline and state != 'active':
-            state_client = node.create_client(GetState, f'{full_name}/get_state')
-            if state_client.wait_for_service(timeout_sec=2.0):
-                future = state_client.call_async(GetState.Request())
-                executor.spin_until_future_complete(future, timeout_sec=5.0)
-                if future.result() is not None:
-                    state = future.result().current_state.label
-            time.sleep(0.5)
-        client = node.create_client(GetParameters, f'{full_name}/get_parameters')
-        if client.wait_for_service(timeout_sec=5.0):
-            future = client.call_async(GetParameters.Request(names=list(names)))
-            executor.spin_until_future_complete(future, timeout_sec=5.0)
-            if future.result() is not None:
-                values = {name: rclpy.parameter.parameter_value_to_python(value)
-                          for name, value in zip(names, future.result().values, strict=True)}
-        return state, values
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-
-
 @pytest.mark.slow
 @NEEDS_LAUNCH_ROS
 def test_launch_service_runs_the_installed_launch_file():
@@ -173,7 +140,7 @@ def test_launch_service_runs_the_installed_launch_file():
 
     def probe():
         try:
-            result['state'], result['params'] = _probe_segmenter(
+            result['state'], result['params'] = probe_segmenter(
                 '/launch_test/segmenter', ('mode', 'device', 'concepts', 'model_dir'))
         finally:
             service.shutdown()

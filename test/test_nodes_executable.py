@@ -5,14 +5,11 @@ from pathlib import Path
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
-from lifecycle_msgs.srv import GetState
 import pytest
-import rclpy
-from rclpy.context import Context
 
+from node_harness import probe_segmenter
 from sam_gap_ros.nodes.ros_utils import EXECUTORS, executor_arg, make_executor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,31 +25,6 @@ def _env():
     env['PYTHONPATH'] = os.pathsep.join(p for p in (str(REPO), env.get('PYTHONPATH')) if p)
     env.setdefault('OMP_NUM_THREADS', '1')
     return env
-
-
-def _lifecycle_state(name, timeout_s=60.0):
-    """Return the lifecycle state label of node ``name`` once it is active (or the last)."""
-    context = Context()
-    rclpy.init(args=[], context=context)
-    probe = rclpy.create_node('executable_probe', context=context)
-    executor = make_executor('single_threaded', context=context)
-    executor.add_node(probe)
-    client = probe.create_client(GetState, f'{name}/get_state')
-    state = None
-    try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and state != 'active':
-            if client.wait_for_service(timeout_sec=1.0):
-                future = client.call_async(GetState.Request())
-                executor.spin_until_future_complete(future, timeout_sec=5.0)
-                if future.result() is not None:
-                    state = future.result().current_state.label
-            time.sleep(0.2)
-        return state
-    finally:
-        executor.shutdown()
-        probe.destroy_node()
-        rclpy.shutdown(context=context)
 
 
 def test_executor_arg_reads_only_the_non_ros_arguments():
@@ -73,7 +45,8 @@ def test_bad_executor_exits_with_usage_before_starting_ros():
 
 
 @pytest.mark.parametrize('executor, stop_signal', [
-    ('events', signal.SIGINT), ('events', signal.SIGTERM), ('single_threaded', signal.SIGINT)])
+    ('events', signal.SIGINT), ('events', signal.SIGTERM), ('single_threaded', signal.SIGINT)],
+    ids=['events-SIGINT', 'events-SIGTERM', 'single_threaded-SIGINT'])
 def test_segmenter_executable_autostarts_and_stops_cleanly(executor, stop_signal):
     """Ctrl-C (SIGINT) and launch's/systemd's SIGTERM stop the node with exit code 0."""
     assert executor in EXECUTORS
@@ -84,7 +57,7 @@ def test_segmenter_executable_autostarts_and_stops_cleanly(executor, stop_signal
                            '-p', 'device:=cpu', '-p', "concepts:=['apple']"),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        state = _lifecycle_state(f'{namespace}/segmenter')
+        state, _ = probe_segmenter(f'{namespace}/segmenter')
         assert process.poll() is None, 'the segmenter exited while starting'
         assert state == 'active'
         process.send_signal(stop_signal)

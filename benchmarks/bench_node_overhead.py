@@ -6,7 +6,9 @@ Both are measured on the same 640x480 synthetic orchard frames in one process:
 * end-to-end: a probe node publishes a sensor_msgs/Image (with depth + camera_info when
   ``--depth``) and waits for ``~/masks`` with the same stamp; one frame in flight at a
   time, so this is pure per-frame latency (message conversion, DDS, pairing, label image,
-  JSON, poses, markers, publishing), not queueing.
+  JSON, poses, publishing), not queueing. The probe subscribes like a harvest planner:
+  ``~/masks`` and ``~/instances`` (and ``~/fruit_poses`` with ``--depth``); markers and
+  the overlay are only built while someone (RViz) subscribes.
 
 overhead % = (median end-to-end - median engine-only) / median engine-only * 100. The target
 (<= 10 %) is meant for production-size models; with the tiny CPU models the engine call is
@@ -85,7 +87,9 @@ def main(argv=None):
     from rclpy.context import Context
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from geometry_msgs.msg import PoseArray
     from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import String
     import torch
 
     from sam_gap_ros.image_conversion import numpy_to_image_msg
@@ -130,6 +134,13 @@ def main(argv=None):
         Image, f'{ns}/segmenter/masks',
         lambda m: received.setdefault(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
                                       time.perf_counter()), qos)
+    # Subscribed like a harvest planner (masks + instances, poses with depth), so the node
+    # builds and publishes those outputs; markers and the overlay (RViz) are unwatched.
+    instances = []
+    probe.create_subscription(String, f'{ns}/segmenter/instances', instances.append, qos)
+    poses = []
+    if args.depth:
+        probe.create_subscription(PoseArray, f'{ns}/segmenter/fruit_poses', poses.append, qos)
     image_pub = probe.create_publisher(Image, f'{ns}/image', qos)
     depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
     info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
@@ -165,6 +176,15 @@ def main(argv=None):
                 end_to_end.append(received[stamp_ns] - sent)
                 engine_only.append(engine_s)
         stats = node.stats()
+        # Spin out the last frame's instances/poses: every processed frame must have them.
+        deadline = time.perf_counter() + 5.0
+        while (len(instances) < stats['frames_processed']
+               or len(poses) < stats['frames_processed'] * bool(args.depth)) \
+                and time.perf_counter() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        if len(instances) < stats['frames_processed']:
+            raise SystemExit(f'{len(instances)} ~/instances for '
+                             f"{stats['frames_processed']} processed frames")
     finally:
         node._teardown()
         executor.shutdown()
@@ -189,6 +209,7 @@ def main(argv=None):
         'node_pipeline_ms_p50': round(stats['inference_ms_p50'], 2),
         'node_frames_processed': stats['frames_processed'],
         'node_frames_dropped': stats['frames_dropped'],
+        'instances_received': len(instances), 'poses_received': len(poses),
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -1,6 +1,7 @@
 """Segmenter node in sam3 mode: concepts through the parameter service, outputs, markers."""
 
 from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import PoseArray
 import numpy as np
 import pytest
 from rcl_interfaces.srv import SetParameters
@@ -111,6 +112,26 @@ def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
                 'latency_ms_p95', 'device', 'rss_mib', 'mode', 'model', 'active_concepts'):
         assert key in values, key
     assert values['mode'] == 'sam3' and values['device'] == 'cpu'
+
+
+def test_optional_outputs_follow_their_subscribers(ros, sam3_dir):
+    """Instances, poses and markers are built while subscribed: a late subscriber gets them."""
+    ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
+                       input_qos='reliable', score_threshold=0.0, max_instances=4,
+                       depth_wait_s=1.0, concepts=['apple'])
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    ros.publish_frame(0, 10**9, depth=make_depth(2000))
+    assert ros.spin_until(lambda: len(masks) >= 1)
+
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    poses = ros.subscribe(PoseArray, f'{ros.ns}/segmenter/fruit_poses')
+    markers = ros.subscribe(MarkerArray, f'{ros.ns}/segmenter/markers')
+    ros.publish_frame(1, 2 * 10**9, depth=make_depth(2000))
+    assert ros.spin_until(lambda: docs and poses and markers)
+    doc = instances_json.loads(docs[-1].data)
+    assert (doc['header']['stamp']['sec'], poses[-1].header.stamp.sec,
+            markers[-1].markers[0].header.stamp.sec) == (2, 2, 2)
+    assert len(poses[-1].poses) == len(doc['instances']) >= 1
 
 
 def test_concepts_set_while_unconfigured_are_validated_and_used(ros, sam3_dir):

@@ -177,14 +177,19 @@ def main(argv=None):
                 engine_only.append(engine_s)
         stats = node.stats()
         # Spin out the last frame's instances/poses: every processed frame must have them.
+        expected = {'instances': stats['frames_processed'],
+                    'poses': stats['frames_processed'] if args.depth else 0}
+
+        def missing():
+            return {name: count for name, count in (('instances', len(instances)),
+                                                    ('poses', len(poses)))
+                    if count < expected[name]}
+
         deadline = time.perf_counter() + 5.0
-        while (len(instances) < stats['frames_processed']
-               or len(poses) < stats['frames_processed'] * bool(args.depth)) \
-                and time.perf_counter() < deadline:
+        while missing() and time.perf_counter() < deadline:
             executor.spin_once(timeout_sec=0.05)
-        if len(instances) < stats['frames_processed']:
-            raise SystemExit(f'{len(instances)} ~/instances for '
-                             f"{stats['frames_processed']} processed frames")
+        if missing():
+            raise SystemExit(f'received {missing()} of {expected} outputs')
     finally:
         node._teardown()
         executor.shutdown()

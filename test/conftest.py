@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from sam_gap_ros.nodes.ros_utils import EXECUTORS
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -21,3 +23,16 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(params=EXECUTORS)
+def ros(request):
+    """A node-test ``Harness`` (isolated rclpy context), once under every executor kind.
+
+    The segmenter tests run under each executor the executable can spin; a module whose
+    nodes do not depend on it overrides ``ros`` with a single-executor harness.
+    """
+    from node_harness import Harness
+    harness = Harness(request.param)
+    yield harness
+    harness.close()

@@ -15,25 +15,14 @@ from std_msgs.msg import String, UInt32
 from std_srvs.srv import SetBool, Trigger
 import torch
 
-from node_harness import H, Harness, make_depth, save_present_sam2, W
+from node_harness import H, make_depth, save_present_sam2, W
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_image_msg
-from sam_gap_ros.nodes.ros_utils import EXECUTORS
 
 
 @pytest.fixture(scope='module')
 def sam2_dir(tmp_path_factory):
     return str(save_present_sam2(tmp_path_factory.mktemp('sam2') / 'tiny-sam2'))
-
-
-@pytest.fixture(params=EXECUTORS)
-def ros(request):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    harness = Harness(request.param)
-    yield harness
-    harness.close()
-    torch.set_num_threads(threads)
 
 
 def _box(ros, x0, y0, x1, y1):

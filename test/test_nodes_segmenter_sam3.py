@@ -9,29 +9,18 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
-import torch
+import torch  # noqa: F401 - imported first, so conftest runs every test on 1 thread
 from visualization_msgs.msg import Marker, MarkerArray
 
-from node_harness import Harness, make_depth
+from node_harness import make_depth
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy
-from sam_gap_ros.nodes.ros_utils import EXECUTORS
 
 
 @pytest.fixture(scope='module')
 def sam3_dir(tmp_path_factory):
     from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
     return str(save_tiny_sam3(tmp_path_factory.mktemp('sam3') / 'tiny-sam3', seed=0))
-
-
-@pytest.fixture(params=EXECUTORS)
-def ros(request):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    harness = Harness(request.param)
-    yield harness
-    harness.close()
-    torch.set_num_threads(threads)
 
 
 def _set_concepts(ros, client, concepts):

@@ -73,7 +73,7 @@ def make_executor(kind: str = DEFAULT_EXECUTOR, context: Optional[Context] = Non
     in C++, where the SingleThreadedExecutor rebuilds a Python wait set over every entity
     of the node (a lifecycle node with parameter services has dozens) on each spin. For the
     segmenter that is about 1 ms less per frame from image in to masks out (measured by
-    benchmarks/bench_node_overhead.py). Where rclpy has no EventsExecutor (before Kilted),
+    benchmarks/bench_node_overhead.py). Where rclpy has no EventsExecutor (older distributions),
     ``events`` falls back to the single-threaded executor with a warning.
     """
     if kind not in EXECUTORS:

@@ -27,7 +27,7 @@ def _one_torch_thread():
 
 @pytest.fixture(params=EXECUTORS)
 def ros(request):
-    """A node-test ``Harness`` (isolated rclpy context), once under every executor kind.
+    """Yield a node-test ``Harness`` (isolated rclpy context), once per executor kind.
 
     The segmenter tests run under each executor the executable can spin; a module whose
     nodes do not depend on it overrides ``ros`` with a single-executor harness.

@@ -1,0 +1,56 @@
+"""The memory benchmark's storage counter, and its quick run on the shipped tiny models."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_memory.py'
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('bench_node_memory', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counter_follows_storages_not_tensors(bench):
+    mib = 1 << 20
+    existing = torch.zeros(mib // 4)  # 1 MiB that existed before: never counted
+    with bench.LiveTensorMemory() as live:
+        a = torch.ones(mib // 4)        # +1 MiB
+        b = a * 2                       # +1 MiB (peak 2)
+        view = b[:10]                   # a view: no new storage
+        del a
+        assert live.current == mib
+        existing.add_(1)                # in-place into an old storage: not counted
+        torch.add(b, 1, out=existing)   # out= into an old storage: not counted
+        assert live.current == mib
+        del b
+        assert live.current == mib      # the view keeps b's storage alive
+        del view
+        assert live.current == 0
+        c = torch.ones(3 * mib // 4)    # +3 MiB: the new peak
+        del c
+    assert live.peak == 3 * mib and live.current == 0
+
+
+def test_quick_run_reports_every_mode(bench, capsys):
+    assert bench.main(['--quick', '--objects', '1,2', '--frames', '3']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = {line.split(':')[0]: dict(kv.split('=') for kv in line.split(': ')[1].split())
+            for line in lines if line.startswith(('sam2@', 'sam3:', 'hybrid:'))}
+    assert set(rows) == {'sam2@1', 'sam2@2', 'sam3', 'hybrid'}
+    for row in rows.values():
+        assert 0.0 < float(row['state_mib']) <= float(row['peak_mib'])
+        assert float(row['total_mib']) == pytest.approx(
+            float(row['weights_mib']) + float(row['peak_mib']), abs=0.11)
+    assert int(rows['sam2@2']['objects']) == 2
+    assert int(rows['hybrid']['objects']) > 0  # the tiny SAM3 found apples for SAM2 to track
+    # Weights of the shipped tiny models: SAM2 1.6 M and SAM3 1.2 M float32 parameters.
+    assert float(rows['sam2@1']['weights_mib']) == pytest.approx(6.1, abs=0.2)
+    assert float(rows['hybrid']['weights_mib']) == pytest.approx(10.7, abs=0.3)
+    assert lines[-1].startswith('node_memory_mib sam2=')

@@ -55,6 +55,10 @@ class PipelineConfig:
     min_depth_pixels: int = 5
     track_iou: float = 0.3
     """Minimum mask IoU to keep an ID between frames in sam3 mode."""
+    max_object_batch: int = 0
+    """SAM2 objects run through memory attention together (sam2/hybrid); 0 = as many as the
+    tracker's byte budget allows. Each object of a batch adds about 137 MiB of float32
+    activations at 1024 px (DEVELOPERS.md), so this bounds the peak memory."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -70,6 +74,9 @@ class PipelineConfig:
             raise ValueError(f'redetect_every_n {self.redetect_every_n} must be >= 1')
         if int(self.min_depth_pixels) < 1:
             raise ValueError(f'min_depth_pixels {self.min_depth_pixels} must be >= 1')
+        if int(self.max_object_batch) < 0:
+            raise ValueError(f'max_object_batch {self.max_object_batch} must be >= 0 '
+                             '(0 = no cap)')
         if not str(self.model_dir).strip():
             raise ValueError('model_dir is empty: set it to a local model directory')
         if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():
@@ -216,7 +223,9 @@ class SegmentationPipeline:
 
     def _load_tracker(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
-        return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype)
+        cap = int(self.config.max_object_batch)
+        return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype,
+                                max_object_batch=cap or None)
 
     def _load_concepts(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine

@@ -115,6 +115,15 @@ def test_hybrid_tracks_keep_ids_between_redetections(models):
     assert pipeline.object_ids == []
 
 
+def test_max_object_batch_caps_the_trackers_batches(models):
+    """0 leaves the batch size to the tracker's byte budget; N caps it (peak GPU memory)."""
+    assert _pipeline('sam2', models)._tracker._max_batch is None
+    assert _pipeline('sam2', models, max_object_batch=2)._tracker._max_batch == 2
+    assert _pipeline('hybrid', models, max_object_batch=3)._tracker._max_batch == 3
+    with pytest.raises(ValueError, match='max_object_batch -1 must be >= 0'):
+        PipelineConfig(mode='sam2', model_dir='x', max_object_batch=-1).validate()
+
+
 def test_load_errors_and_tensorrt_fallback(models, tmp_path):
     bad = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'none')))
     with pytest.raises(ModelLoadError):

@@ -73,6 +73,9 @@ def _declare_all(node: LifecycleNode) -> None:
                                    int_range=(1, 1000))),
         ('redetect_every_n', 10, dict(description='hybrid: run concept detection every N frames',
                                       int_range=(1, 10000))),
+        ('max_object_batch', 0, dict(description='sam2/hybrid: most objects per memory-'
+                                     'attention batch, bounds the peak GPU memory; 0 = sized '
+                                     'by the tracker', int_range=(0, 1000), read_only=ro)),
         ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
@@ -191,7 +194,8 @@ class SegmenterNode(LifecycleNode):
             concepts=list(param('concepts')), score_threshold=param('score_threshold'),
             mask_threshold=param('mask_threshold'), max_instances=param('max_instances'),
             redetect_every_n=param('redetect_every_n'),
-            min_depth_pixels=param('min_depth_pixels'))
+            min_depth_pixels=param('min_depth_pixels'),
+            max_object_batch=param('max_object_batch'))
         try:
             input_qos(param('input_qos'))
             if param('image_transport') not in ('raw', 'compressed'):

@@ -29,6 +29,7 @@ The LAST line is ``node_memory_mib sam2=<f> sam3=<f> hybrid=<f>`` (weights + pea
 """
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -49,7 +50,6 @@ if importlib.util.find_spec('sam_gap_ros') is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MIB = float(1 << 20)
-REPO = Path(__file__).resolve().parents[1]
 CONCEPTS = ('ripe apple', 'damaged apple')
 TINY_CONCEPTS = ('ripe red apple', 'unripe green apple')  # what the tiny SAM3 knows
 
@@ -69,10 +69,6 @@ class LiveTensorMemory(TorchDispatchMode):
         self.current = 0
         self.peak = 0
 
-    def reset_peak(self) -> None:
-        """Start a new peak from what is live now."""
-        self.peak = self.current
-
     def _release(self, key: int, tensor_id: int) -> None:
         self._tracked.discard((key, tensor_id))
         entry = self._live.get(key)
@@ -85,8 +81,7 @@ class LiveTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+        inputs = None  # storages of the op's inputs, collected only when a new one shows up
         for tensor in tree_flatten(out)[0]:
             if not isinstance(tensor, torch.Tensor):
                 continue
@@ -96,6 +91,10 @@ class LiveTensorMemory(TorchDispatchMode):
                 continue
             entry = self._live.get(key)
             if entry is None:
+                if inputs is None:
+                    inputs = {t.untyped_storage().data_ptr()
+                              for t in tree_flatten((args, kwargs))[0]
+                              if isinstance(t, torch.Tensor)}
                 if key in inputs:
                     continue  # a view of / write into a storage that existed before
                 entry = self._live[key] = [storage.nbytes(), 0]
@@ -120,14 +119,13 @@ def weight_bytes(*modules: torch.nn.Module) -> int:
 def measure(step: Callable[[np.ndarray], Any], frames: Sequence[np.ndarray],
             start: Callable[[np.ndarray], Any]) -> Dict[str, float]:
     """Run ``start(frames[0])`` then ``step`` on the other frames; return MiB and seconds."""
-    gc_free = __import__('gc').collect
     with LiveTensorMemory() as live:
         began = time.perf_counter()
         start(frames[0])
         for frame in frames[1:]:
             step(frame)
         seconds = time.perf_counter() - began
-        gc_free()
+        gc.collect()
         state = live.current
     return {'state_mib': state / MIB, 'peak_mib': live.peak / MIB,
             'seconds_per_frame': seconds / len(frames)}
@@ -135,14 +133,12 @@ def measure(step: Callable[[np.ndarray], Any], frames: Sequence[np.ndarray],
 
 def synthetic_frames(count: int, tiny_scene: bool) -> List[np.ndarray]:
     """Return 640x480 orchard frames (the close-range scene the tiny models know if asked)."""
-    import yaml
-
     from sam_gap_ros.demo import TINY_MODEL_SCENE
-    from sam_gap_ros.synthetic.config import scene_config_from_mapping
+    from sam_gap_ros.synthetic.config import scene_config_from_text
     from sam_gap_ros.synthetic.video import OrchardVideo
 
-    scene = dict(yaml.safe_load(TINY_MODEL_SCENE)) if tiny_scene else {}
-    config = scene_config_from_mapping(dict(scene, width=640, height=480))
+    config = scene_config_from_text(TINY_MODEL_SCENE if tiny_scene else '', width=640,
+                                    height=480)
     video = OrchardVideo(0, config, n_frames=count)
     return [video[i].image for i in range(count)]
 
@@ -162,13 +158,13 @@ def build_engines(quick: bool) -> Dict[str, Any]:
     from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 
     if quick:
-        from sam_gap_ros.demo import TINY_SAM3_THRESHOLDS
+        from sam_gap_ros.demo import find_trained_model, TINY_SAM3_THRESHOLDS, TRAINED
 
         def sam2() -> Any:
-            return Sam2Tracker.load(REPO / 'models' / 'tiny-orchard-sam2', device='cpu')
+            return Sam2Tracker.load(find_trained_model(TRAINED['sam2']), device='cpu')
 
         def sam3() -> Any:
-            return Sam3ConceptEngine.load(REPO / 'models' / 'tiny-orchard-sam3', device='cpu',
+            return Sam3ConceptEngine.load(find_trained_model(TRAINED['sam3']), device='cpu',
                                           **TINY_SAM3_THRESHOLDS)
         return {'sam2': sam2, 'sam3': sam3}
 

@@ -76,5 +76,5 @@ def label_image(masks: Sequence[np.ndarray], ids: Sequence[int], shape: Tuple[in
         if not 0 < object_id <= np.iinfo(np.uint16).max:
             raise ValueError(
                 f'instance id {object_id} does not fit a mono16 label image (1..65535)')
-        labels[masks[index]] = object_id
+        np.copyto(labels, object_id, where=masks[index])
     return labels

@@ -7,7 +7,9 @@ classes are only imported when a message has to be built.
 
 Array layout follows cv_bridge: single-channel encodings give ``(H, W)`` arrays,
 multi-channel ones ``(H, W, C)`` in the channel order the encoding names. Every array
-returned is a C-contiguous, native-byte-order copy that does not alias the message.
+returned is C-contiguous and in native byte order, and is a copy that does not alias the
+message, except where a caller that owns the message asks ``image_msg_to_rgb`` for a
+view (``copy=False``).
 """
 
 from __future__ import annotations
@@ -150,10 +152,15 @@ def _squeeze_single_channel(image: np.ndarray) -> np.ndarray:
     return image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
-def _convert_layout(image: np.ndarray, source: str, target: str) -> np.ndarray:
-    """Return a new uint8 array with ``image``'s channels rearranged to ``target``."""
+def _convert_layout(image: np.ndarray, source: str, target: str,
+                    copy: bool = True) -> np.ndarray:
+    """Return ``image``'s channels rearranged to ``target`` as a C-contiguous uint8 array.
+
+    A new array, unless ``copy`` is False and ``image`` already has that layout and is
+    contiguous: then ``image`` itself.
+    """
     if source == target:
-        return np.array(image, order='C')
+        return np.array(image, order='C', copy=True if copy else None)
     if source == 'GRAY':
         image = _squeeze_single_channel(image)
     code = getattr(cv2, f'COLOR_{source}2{target}', None)
@@ -186,14 +193,18 @@ def image_msg_to_numpy(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     return _squeeze_single_channel(view.astype(native, order='C', copy=True))
 
 
-def image_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
+def image_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE, *,
+                     copy: bool = True) -> np.ndarray:
     """Return a ``sensor_msgs/Image`` as an ``(H, W, 3)`` uint8 RGB array for the engines.
 
     Accepts rgb8, bgr8, rgba8 (alpha dropped), bgra8 and mono8; raises ValueError for
     depth, 16-bit and generic encodings, and for every case image_msg_to_numpy rejects.
+    With ``copy=False`` an rgb8 message without row padding is returned as a view of its
+    buffer (read-only when ``data`` is immutable), which saves a frame-sized copy; the
+    caller must own the message and leave it unchanged while the array is in use.
     """
     layout = _rgb_layout(msg.encoding)
-    return _convert_layout(_message_view(msg, max_side), layout, 'RGB')
+    return _convert_layout(_message_view(msg, max_side), layout, 'RGB', copy=copy)
 
 
 def _array_for_encoding(image: Any, encoding: str) -> np.ndarray:

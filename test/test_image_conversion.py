@@ -2,6 +2,7 @@
 
 import array
 import struct
+from types import SimpleNamespace
 
 import cv2
 from hypothesis import example, given, settings
@@ -157,6 +158,33 @@ def test_image_msg_to_rgb_orders_channels(image, padding):
     assert rgb.flags.c_contiguous
     np.testing.assert_array_equal(rgb, expected)
     assert not np.shares_memory(rgb, _message_buffer(msg))
+
+
+@PROPERTY_SETTINGS
+@given(image=images(encodings=tuple(sorted(RGB_SOURCE_ENCODINGS))), padding=st.integers(0, 5))
+def test_image_msg_to_rgb_without_copy_gives_the_same_pixels(image, padding):
+    encoding, pixels = image
+    msg = raw_image_msg(pixels, encoding, padding)
+
+    view = image_msg_to_rgb(msg, copy=False)
+
+    np.testing.assert_array_equal(view, image_msg_to_rgb(msg))
+    assert view.dtype == np.uint8 and view.flags.c_contiguous
+    # Only rgb8 rows that follow each other without padding (or a single row) already are
+    # the engines' layout; everything else is converted into a new array.
+    in_place = encoding == 'rgb8' and (padding == 0 or pixels.shape[0] == 1)
+    assert np.shares_memory(view, _message_buffer(msg)) == in_place
+
+
+def test_image_msg_to_rgb_view_of_immutable_data_is_read_only():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    msg = SimpleNamespace(height=2, width=3, encoding='rgb8', is_bigendian=0, step=9,
+                          data=pixels.tobytes())
+
+    view = image_msg_to_rgb(msg, copy=False)
+
+    np.testing.assert_array_equal(view, pixels)
+    assert not view.flags.writeable  # the engines only read frames; a write would raise
 
 
 @pytest.mark.parametrize('encoding', ['mono16', '16UC1', '32FC1', '16UC3', '8UC1', '8UC3'])

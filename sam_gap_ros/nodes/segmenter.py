@@ -398,7 +398,9 @@ class SegmenterNode(LifecycleNode):
             if isinstance(msg, CompressedImage):
                 rgb = image_conversion.compressed_msg_to_rgb(msg, max_side=max_side)
             else:
-                rgb = image_conversion.image_msg_to_rgb(msg, max_side=max_side)
+                # The message was deserialized for this node alone and is never written, so
+                # an rgb8 frame is read in place (a frame-sized copy less on the hot path).
+                rgb = image_conversion.image_msg_to_rgb(msg, max_side=max_side, copy=False)
         except (ValueError, TypeError) as exc:
             self._warn('bad_input', f'dropping malformed image: {exc}')
             return

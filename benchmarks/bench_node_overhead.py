@@ -92,12 +92,15 @@ def main(argv=None):
     from std_msgs.msg import String
     import torch
 
+    from sam_gap_ros.allocator import keep_freed_buffers
     from sam_gap_ros.image_conversion import numpy_to_image_msg
     from sam_gap_ros.nodes.segmenter import SegmenterNode
     from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
     from sam_gap_ros.synthetic.config import OrchardSceneConfig
     from sam_gap_ros.synthetic.video import OrchardVideo
 
+    # The process-wide setting every node executable applies before rclpy.init.
+    keep_freed_buffers()
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
     model_dir, tracker_dir = _prepare_models(args, workdir)

@@ -109,6 +109,7 @@ def write_strip(frames: Sequence[np.ndarray], path: Path, columns: int = 4) -> N
 def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: int, height: int,
              concepts: Sequence[str], seed: int = 0) -> Dict[str, object]:
     """Run the demo and return the summary (also written to ``summary.json``)."""
+    from sam_gap_ros.allocator import keep_freed_buffers
     import rclpy
     from rclpy.context import Context
     from rclpy.parameter import Parameter
@@ -131,6 +132,7 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     print(f'[demo] mode={mode} models: {model_text}', flush=True)
 
     random_weights = 'RANDOM' in model_text
+    keep_freed_buffers()  # as the node executables do: image buffers are reused, not faulted in
     context = Context()
     rclpy.init(context=context)
     namespace = '/demo'

@@ -32,7 +32,8 @@ from sam_gap_ros import instances_json
 from sam_gap_ros.engines.concept_query import parse_concepts
 from sam_gap_ros.engines.types import ConceptError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics
-from sam_gap_ros.nodes.ros_utils import describe, executor_arg, input_qos, INPUT_QOS
+from sam_gap_ros.nodes.ros_utils import describe, executor_arg, init_node_process, input_qos
+from sam_gap_ros.nodes.ros_utils import INPUT_QOS
 from sam_gap_ros.nodes.ros_utils import make_executor, spin_until_shutdown, stamp_to_ns
 from sam_gap_ros.nodes.ros_utils import stamp_to_sec
 from sam_gap_ros.overlay import id_color, render_overlay
@@ -680,7 +681,7 @@ def main(args: Optional[List[str]] = None) -> None:
     """Run the segmenter node until shutdown."""
     args = sys.argv if args is None else args
     executor_kind = executor_arg(args, 'segmenter')
-    rclpy.init(args=args)
+    init_node_process(args, 'segmenter')
     node = SegmenterNode()
     executor = make_executor(executor_kind)
     executor.add_node(node)

@@ -18,7 +18,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe
+from sam_gap_ros.nodes.ros_utils import describe, init_node_process
 from sam_gap_ros.synthetic.config import scene_config_from_text
 from sam_gap_ros.synthetic.video import OrchardVideo
 
@@ -99,7 +99,7 @@ class SyntheticCameraNode(Node):
 
 def main(args: Optional[List[str]] = None) -> None:
     """Run the synthetic_camera node until shutdown."""
-    rclpy.init(args=args)
+    init_node_process(args, 'synthetic_camera')
     try:
         node = SyntheticCameraNode()
     except (ValueError, TypeError) as exc:

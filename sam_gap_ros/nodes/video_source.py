@@ -19,7 +19,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe
+from sam_gap_ros.nodes.ros_utils import describe, init_node_process
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -147,7 +147,7 @@ class VideoSourceNode(Node):
 
 def main(args: Optional[List[str]] = None) -> None:
     """Run the video_source node until shutdown."""
-    rclpy.init(args=args)
+    init_node_process(args, 'video_source')
     try:
         node = VideoSourceNode()
     except ValueError as exc:

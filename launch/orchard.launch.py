@@ -42,7 +42,15 @@ ARGUMENTS = (
     ('executor', 'events', 'rclpy executor of the segmenter: events (faster; falls back to '
      'single_threaded where rclpy lacks it) | single_threaded'),
     ('log_level', 'info', 'ROS log level'),
+    ('dds_profile', 'large_images', 'Fast DDS profile of the started nodes: large_images (the '
+     'shipped config/fastdds_large_images.xml, unless FASTDDS_DEFAULT_PROFILES_FILE is set '
+     'already), a file path, or none (leave the middleware settings alone)'),
 )
+
+# Fast DDS 3 (Kilted and newer) reads the first; Fast DDS 2 (Humble to Jazzy) only the
+# second, which rmw_fastrtps on Fast DDS 3 still honours with a deprecation warning.
+PROFILE_VARIABLES = ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')
+FAST_DDS_2_DISTROS = ('humble', 'iron', 'jazzy')
 
 
 def _shipped_model(name):
@@ -80,6 +88,26 @@ def _defaults_file(defaults):
     return stream.name
 
 
+def _dds_environment(choice, environ=os.environ):
+    """Return the variables that point Fast DDS at ``choice`` (see the dds_profile argument).
+
+    The shipped profile gives shared-memory segments that hold whole camera frames:
+    without it Fast DDS sends every image over fragmented UDP (~10x slower between
+    processes, see config/fastdds_large_images.xml). Other middlewares ignore it.
+    """
+    if choice in ('', 'none'):
+        return {}
+    if choice == 'large_images':
+        if any(environ.get(name) for name in PROFILE_VARIABLES):
+            return {}  # the robot's own profile wins over the default
+        choice = os.path.join(get_package_share_directory(PACKAGE), 'config',
+                              'fastdds_large_images.xml')
+    if not os.path.isfile(choice):
+        raise FileNotFoundError(f'dds_profile {choice!r} is not a file')
+    fast_dds_2 = environ.get('ROS_DISTRO', '') in FAST_DDS_2_DISTROS
+    return {PROFILE_VARIABLES[1] if fast_dds_2 else PROFILE_VARIABLES[0]: choice}
+
+
 def _truthy(text):
     return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
 
@@ -112,6 +140,7 @@ def _setup(context, *args, **kwargs):
         overrides['use_depth'] = _truthy(value['use_depth'])
 
     cameras = [c.strip().rstrip('/') for c in value['camera'].split(',') if c.strip()]
+    dds_env = _dds_environment(value['dds_profile'])
     actions = []
     for camera in cameras:
         # One node per camera; with several cameras each gets its own sub-namespace.
@@ -131,11 +160,12 @@ def _setup(context, *args, **kwargs):
                        '--ros-args', '--log-level', value['log_level']],
             # numpy's BLAS only multiplies small mask matrices; a multi-threaded OpenBLAS
             # competing with torch for the cores is many times slower there.
-            additional_env={'OPENBLAS_NUM_THREADS': '1'}))
+            additional_env={'OPENBLAS_NUM_THREADS': '1', **dds_env}))
         if _truthy(value['synthetic']):
             actions.append(Node(
                 package=PACKAGE, executable='synthetic_camera', name='synthetic_camera',
                 namespace=namespace, output='screen', parameters=[params_file],
+                additional_env=dds_env,
                 remappings=[('image', f'{camera}/image_raw'),
                             ('depth', f'{camera}/depth/image_raw'),
                             ('camera_info', f'{camera}/camera_info')]))

@@ -162,3 +162,40 @@ def test_rcl_loads_orchard_yaml_into_the_segmenter():
     for name in ('max_instances', 'use_depth', 'dtype', 'concepts', 'min_depth_pixels'):
         assert values[name] == rclpy.parameter.parameter_value_to_python(
             expected[name].value), name
+
+
+@NEEDS_LAUNCH_ROS
+def test_dds_profile_argument_points_fast_dds_at_the_chosen_file(tmp_path):
+    module = _load_launch_file()
+    own = tmp_path / 'robot.xml'
+    own.write_text('<dds/>')
+    assert module._dds_environment('none', environ={}) == {}
+    # A path is applied under the variable name of the distribution's Fast DDS.
+    assert module._dds_environment(str(own), environ={'ROS_DISTRO': 'kilted'}) == {
+        'FASTDDS_DEFAULT_PROFILES_FILE': str(own)}
+    assert module._dds_environment(str(own), environ={'ROS_DISTRO': 'humble'}) == {
+        'FASTRTPS_DEFAULT_PROFILES_FILE': str(own)}
+    # The default yields to a profile the robot's environment already sets.
+    for variable in module.PROFILE_VARIABLES:
+        assert module._dds_environment('large_images', environ={variable: str(own)}) == {}
+    with pytest.raises(FileNotFoundError, match='dds_profile'):
+        module._dds_environment(str(tmp_path / 'missing.xml'), environ={})
+
+
+def test_fast_dds_profile_segments_hold_whole_camera_frames():
+    """The shipped profile parses, and its shared memory holds two 1080p rgb8 frames."""
+    import xml.etree.ElementTree as ElementTree
+    namespace = {'dds': 'http://www.eprosima.com'}
+    root = ElementTree.parse(ROOT / 'config' / 'fastdds_large_images.xml').getroot()
+    descriptors = {d.findtext('dds:transport_id', namespaces=namespace): d
+                   for d in root.iterfind('.//dds:transport_descriptor', namespace)}
+    participant = root.find('.//dds:participant', namespace)
+    assert participant.get('is_default_profile') == 'true'
+    used = [t.text for t in participant.iterfind('.//dds:userTransports/dds:transport_id',
+                                                 namespace)]
+    assert participant.findtext('.//dds:useBuiltinTransports', namespaces=namespace) == 'false'
+    types = {descriptors[name].findtext('dds:type', namespaces=namespace) for name in used}
+    assert types == {'SHM', 'UDPv4'}  # shared memory on the host, UDP for everything else
+    shm = next(descriptors[n] for n in used
+               if descriptors[n].findtext('dds:type', namespaces=namespace) == 'SHM')
+    assert int(shm.findtext('dds:segment_size', namespaces=namespace)) >= 2 * 1920 * 1080 * 3

@@ -10,6 +10,11 @@ Both are measured on the same 640x480 synthetic orchard frames in one process:
   ``~/masks`` and ``~/instances`` (and ``~/fruit_poses`` with ``--depth``); markers and
   the overlay are only built while someone (RViz) subscribes.
 
+``--process separate`` runs the segmenter executable in its own process instead, as
+``orchard.launch.py`` starts it (OPENBLAS_NUM_THREADS=1, the Fast DDS large-image profile
+under rmw_fastrtps_cpp): the robot's topology, with the camera and planner elsewhere. The
+engine-only reference then runs in the probe's process, still frame by frame in lockstep.
+
 overhead % = (median end-to-end - median engine-only) / median engine-only * 100. The target
 (<= 10 %) is meant for production-size models; with the tiny CPU models the engine call is
 only tens of milliseconds, so the fixed per-frame cost weighs more (the absolute overhead
@@ -63,6 +68,60 @@ def _engine_call(pipeline):
     return engine.track
 
 
+def _start_segmenter_process(namespace, params, threads):
+    """Start the segmenter executable with ``params``, in the environment the launch file gives."""
+    import subprocess
+    env = dict(os.environ, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS=str(threads),
+               PYTHONUNBUFFERED='1')
+    command = [sys.executable, '-m', 'sam_gap_ros.nodes.segmenter', '--ros-args',
+               '-r', f'__ns:={namespace}']
+    for name, value in params.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        command += ['-p', f'{name}:={text}' if text else f"{name}:=''"]
+    return subprocess.Popen(command, env=env)
+
+
+def _use_large_image_profile():
+    """Point Fast DDS at the shipped large-image profile, as orchard.launch.py does.
+
+    Set in this process before its first participant exists, so the probe publishes its
+    images the way the README asks camera drivers to; the segmenter process inherits it.
+    """
+    if os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp') == 'rmw_fastrtps_cpp':
+        os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(
+            Path(__file__).resolve().parents[1] / 'config' / 'fastdds_large_images.xml'))
+
+
+def _wait_until(done, executor, child, timeout_s=60.0, fail=True):
+    deadline = time.perf_counter() + timeout_s
+    while not done() and time.perf_counter() < deadline:
+        if child is not None and child.poll() is not None:
+            raise SystemExit(f'the segmenter process exited with code {child.returncode}')
+        executor.spin_once(timeout_sec=0.05)
+    if fail and not done():
+        raise SystemExit(f'timed out after {timeout_s} s waiting for the segmenter')
+
+
+def _wait_for_segmenter(child, executor, image_pub, probe, masks_topic):
+    """Wait until the segmenter process subscribes to images and publishes masks."""
+    _wait_until(lambda: image_pub.get_subscription_count() > 0
+                and probe.count_publishers(masks_topic) > 0, executor, child)
+    # The node subscribes at configure and processes once active: give it a moment.
+    _wait_until(lambda: False, executor, child, timeout_s=2.0, fail=False)
+
+
+def _stop_segmenter_process(child):
+    import signal
+    import subprocess
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def main(argv=None):
     from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, EXECUTORS, make_executor
 
@@ -78,6 +137,8 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--executor', choices=EXECUTORS, default=DEFAULT_EXECUTOR,
                         help='rclpy executor (default: the one the segmenter executable uses)')
+    parser.add_argument('--process', choices=('same', 'separate'), default='same',
+                        help='segmenter in the probe\'s process, or its own (as launched)')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
     args = parser.parse_args(argv)
     if args.quick:
@@ -87,7 +148,7 @@ def main(argv=None):
     from rclpy.context import Context
     from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from geometry_msgs.msg import PoseArray
+    from geometry_msgs.msg import Point32, Polygon, PolygonStamped, PoseArray
     from sensor_msgs.msg import CameraInfo, Image
     from std_msgs.msg import String
     import torch
@@ -102,6 +163,8 @@ def main(argv=None):
     # The process-wide setting every node executable applies before rclpy.init.
     keep_freed_buffers()
     torch.set_num_threads(args.threads)
+    if args.process == 'separate':
+        _use_large_image_profile()
     workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
     model_dir, tracker_dir = _prepare_models(args, workdir)
     video = OrchardVideo(0, OrchardSceneConfig(width=640, height=480),
@@ -114,10 +177,14 @@ def main(argv=None):
     params = {'mode': args.mode, 'model_dir': model_dir, 'tracker_model_dir': tracker_dir,
               'device': args.device, 'input_qos': 'reliable', 'use_depth': bool(args.depth),
               'depth_wait_s': 1.0, 'score_threshold': 0.0, 'max_instances': 10}
-    node = SegmenterNode(context=context, namespace=ns,
-                         parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    if node.pipeline is None:
-        raise SystemExit(f'segmenter failed to configure: {node.last_error}')
+    node = child = None
+    if args.process == 'same':
+        node = SegmenterNode(context=context, namespace=ns, parameter_overrides=[
+            Parameter(k, value=v) for k, v in params.items()])
+        if node.pipeline is None:
+            raise SystemExit(f'segmenter failed to configure: {node.last_error}')
+    else:
+        child = _start_segmenter_process(ns, params, args.threads)
     # The engine-only reference: a second pipeline from the same weights, stepped in lockstep
     # with the node (same frames, same tracker state), timed right after each node frame so
     # that the load of this shared machine drifts equally over both measurements.
@@ -126,7 +193,8 @@ def main(argv=None):
         score_threshold=0.0, max_instances=10))
     reference.load()
     if args.mode == 'sam2':
-        node.pipeline.add_box(BOX)
+        if node is not None:
+            node.pipeline.add_box(BOX)
         reference.add_box(BOX)
         reference.process(frames[0].image)  # attaches the prompt exactly as the node does
     call = _engine_call(reference)
@@ -148,8 +216,19 @@ def main(argv=None):
     depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
     info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
     executor = make_executor(args.executor, context=context)
-    executor.add_node(node)
+    if node is not None:
+        executor.add_node(node)
     executor.add_node(probe)
+    if child is not None:
+        _wait_for_segmenter(child, executor, image_pub, probe, f'{ns}/segmenter/masks')
+        if args.mode == 'sam2':
+            # Queued by the node until its first frame, as add_box is in-process.
+            box_pub = probe.create_publisher(PolygonStamped, f'{ns}/segmenter/prompt_box', qos)
+            _wait_until(lambda: box_pub.get_subscription_count() > 0, executor, child)
+            box_pub.publish(PolygonStamped(polygon=Polygon(points=[
+                Point32(x=float(BOX[0]), y=float(BOX[1])),
+                Point32(x=float(BOX[2]), y=float(BOX[3]))])))
+            _wait_until(lambda: False, executor, child, timeout_s=1.0, fail=False)
 
     end_to_end, engine_only = [], []
     try:
@@ -169,7 +248,12 @@ def main(argv=None):
             while stamp_ns not in received and time.perf_counter() < deadline:
                 executor.spin_once(timeout_sec=0.05)
             if stamp_ns not in received:
-                raise SystemExit(f'no ~/masks for frame {index} within 60 s: {node.stats()}')
+                raise SystemExit(f'no ~/masks for frame {index} within 60 s'
+                                 + (f': {node.stats()}' if node is not None else ''))
+            if args.mode == 'sam2' and index == 0:
+                _wait_until(lambda: instances, executor, child)
+                if not json.loads(instances[0].data)['instances']:
+                    raise SystemExit('the box prompt gave no object on frame 0')
             if args.mode == 'sam2' and index == 0:
                 continue  # the reference consumed frame 0 to attach the prompt
             start = time.perf_counter()
@@ -178,10 +262,9 @@ def main(argv=None):
             if index >= args.warmup:
                 end_to_end.append(received[stamp_ns] - sent)
                 engine_only.append(engine_s)
-        stats = node.stats()
-        # Spin out the last frame's instances/poses: every processed frame must have them.
-        expected = {'instances': stats['frames_processed'],
-                    'poses': stats['frames_processed'] if args.depth else 0}
+        # Every processed frame has its instances (and poses): spin out the last ones.
+        processed = node.stats()['frames_processed'] if node is not None else len(frames)
+        expected = {'instances': processed, 'poses': processed if args.depth else 0}
 
         def missing():
             return {name: count for name, count in (('instances', len(instances)),
@@ -193,10 +276,15 @@ def main(argv=None):
             executor.spin_once(timeout_sec=0.05)
         if missing():
             raise SystemExit(f'received {missing()} of {expected} outputs')
+        stats = node.stats() if node is not None else {}
     finally:
-        node._teardown()
+        if node is not None:
+            node._teardown()
+        if child is not None:
+            _stop_segmenter_process(child)
         executor.shutdown()
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         probe.destroy_node()
         rclpy.shutdown(context=context)
 
@@ -205,6 +293,7 @@ def main(argv=None):
     overhead = (e2e_ms - engine_ms) / engine_ms * 100.0
     result = {
         'mode': args.mode, 'device': args.device, 'executor': args.executor,
+        'process': args.process,
         'frames': len(end_to_end),
         'image_size': [640, 480], 'depth': bool(args.depth),
         'end_to_end_ms_p50': round(e2e_ms, 2),
@@ -212,13 +301,15 @@ def main(argv=None):
         'engine_only_ms_p50': round(engine_ms, 2),
         'engine_only_ms_p95': round(float(np.percentile(engine_only, 95)) * 1e3, 2),
         'overhead_ms_p50': round(e2e_ms - engine_ms, 2),
-        # Inside the node: receive -> publish, and the pipeline (engine + post-processing).
-        'node_latency_ms_p50': round(stats['latency_ms_p50'], 2),
-        'node_pipeline_ms_p50': round(stats['inference_ms_p50'], 2),
-        'node_frames_processed': stats['frames_processed'],
-        'node_frames_dropped': stats['frames_dropped'],
         'instances_received': len(instances), 'poses_received': len(poses),
     }
+    if stats:
+        # Inside the node: receive -> publish, and the pipeline (engine + post-processing).
+        result.update({
+            'node_latency_ms_p50': round(stats['latency_ms_p50'], 2),
+            'node_pipeline_ms_p50': round(stats['inference_ms_p50'], 2),
+            'node_frames_processed': stats['frames_processed'],
+            'node_frames_dropped': stats['frames_dropped']})
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + '\n')

@@ -1,0 +1,32 @@
+"""The node overhead benchmark runs in both topologies and reports every frame."""
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_overhead.py'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('process', ['same', 'separate'])
+def test_sam2_run_reports_overhead_for_every_frame(process, tmp_path):
+    out = tmp_path / 'result.json'
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), '--mode', 'sam2', '--frames', '4', '--warmup', '1',
+         '--process', process, '--json', str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith('node_overhead_pct=')
+    float(last.split('=', 1)[1])
+    report = json.loads(out.read_text())
+    print(report)
+    assert report['process'] == process and report['frames'] == 4
+    assert report['end_to_end_ms_p50'] > 0 and report['engine_only_ms_p50'] > 0
+    # Frame 0 attaches the box prompt; then each of the 5 frames got its instances.
+    assert report['instances_received'] == 5

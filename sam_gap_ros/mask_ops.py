@@ -18,8 +18,10 @@ def mask_to_box(mask: np.ndarray) -> Optional[Box]:
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    # Columns only within the occupied rows: fruit masks cover a small band of the frame.
+    cols = np.flatnonzero(mask[y0:y1].any(axis=0))
+    return (float(cols[0]), float(y0), float(cols[-1] + 1), float(y1))
 
 
 def mask_centroid(mask: np.ndarray) -> Optional[Tuple[float, float]]:
@@ -63,18 +65,26 @@ def mask_coverage(inner: np.ndarray, outer: np.ndarray) -> float:
 
 
 def label_image(masks: Sequence[np.ndarray], ids: Sequence[int], shape: Tuple[int, int],
-                scores: Optional[Sequence[float]] = None) -> np.ndarray:
+                scores: Optional[Sequence[float]] = None,
+                boxes: Optional[Sequence[Optional[Box]]] = None) -> np.ndarray:
     """Paint instance masks into a ``uint16`` label image (0 = background).
 
     Where masks overlap, the higher-scoring instance wins (the later one when no
-    scores are given), so a pixel never carries two IDs.
+    scores are given), so a pixel never carries two IDs. ``boxes``, each mask's
+    ``mask_to_box`` (None for an empty mask), limits the painting to those boxes.
     """
     labels = np.zeros(shape, dtype=np.uint16)
+    if boxes is not None and len(boxes) != len(masks):
+        raise ValueError(f'{len(boxes)} boxes for {len(masks)} masks')
     order = range(len(masks)) if scores is None else np.argsort(np.asarray(scores), kind='stable')
     for index in order:
         object_id = int(ids[index])
         if not 0 < object_id <= np.iinfo(np.uint16).max:
             raise ValueError(
                 f'instance id {object_id} does not fit a mono16 label image (1..65535)')
-        np.copyto(labels, object_id, where=masks[index])
+        if boxes is None:
+            np.copyto(labels, object_id, where=masks[index])
+        elif boxes[index] is not None:
+            x0, y0, x1, y1 = (int(v) for v in boxes[index])
+            np.copyto(labels[y0:y1, x0:x1], object_id, where=masks[index][y0:y1, x0:x1])
     return labels

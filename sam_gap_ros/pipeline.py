@@ -449,7 +449,9 @@ class SegmentationPipeline:
         for object_id, text, score, mask in zip(ids, labels_txt, scores, masks,
                                                 strict=True):
             records.append(self._record(object_id, text, score, mask, depth_m, intrinsics))
-        labels = label_image(masks, ids, (height, width), scores)
+        # The records' boxes bound each mask: paint only there, not over the whole frame.
+        labels = label_image(masks, ids, (height, width), scores,
+                             boxes=[record.bbox for record in records])
         return FrameResult(frame_index, labels, records, masks, inference_s)
 
     def _record(self, object_id: int, text: str, score: float, mask: np.ndarray,

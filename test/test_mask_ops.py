@@ -62,3 +62,25 @@ def test_label_image_rejects_ids_outside_mono16():
         label_image([mask], [0], (4, 4))
     with pytest.raises(ValueError, match='mono16'):
         label_image([mask], [70000], (4, 4))
+
+
+def test_box_of_irregular_masks_matches_the_pixel_extremes():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        mask = np.zeros((24, 31), dtype=bool)
+        mask[rng.integers(0, 24, 6), rng.integers(0, 31, 6)] = True  # scattered pixels
+        ys, xs = np.nonzero(mask)
+        assert mask_to_box(mask) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+def test_label_image_within_boxes_equals_painting_whole_masks():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        masks = [rng.random((20, 26)) > threshold for threshold in (0.7, 0.9, 0.97, 1.1)]
+        ids, scores = [3, 1, 65535, 8], rng.random(4)
+        boxes = [mask_to_box(m) for m in masks]  # the last mask is empty: None
+        np.testing.assert_array_equal(
+            label_image(masks, ids, (20, 26), scores, boxes=boxes),
+            label_image(masks, ids, (20, 26), scores))
+    with pytest.raises(ValueError, match='2 boxes for 1 masks'):
+        label_image([masks[0]], [1], (20, 26), boxes=[None, None])

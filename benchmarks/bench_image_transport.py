@@ -115,22 +115,18 @@ def _run_case(size, heap, dds, processes, messages, topic):
         env.pop('FASTDDS_DEFAULT_PROFILES_FILE', None)
     command = [sys.executable, __file__, '--size', size, '--heap', heap,
                '--messages', str(messages), '--topic', topic]
-    if processes == 1:
-        result = subprocess.run(command + ['--role', 'both'], env=env, capture_output=True,
-                                text=True, timeout=TIMEOUT_S * 2)
-        output = result.stdout
-    else:
-        subscriber = subprocess.Popen(command + ['--role', 'sub'], env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # The process that receives: the only one (--role both) or the subscriber of a pair.
+    receiver = subprocess.Popen(command + ['--role', 'both' if processes == 1 else 'sub'],
+                                env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    if processes == 2:
         publisher = subprocess.run(command + ['--role', 'pub'], env=env, capture_output=True,
                                    text=True, timeout=TIMEOUT_S * 2)
-        output, errors = subscriber.communicate(timeout=TIMEOUT_S * 2)
         if publisher.returncode:
             raise SystemExit(f'publisher failed: {publisher.stderr[-2000:]}')
-        result = subscriber
-        result.stderr = errors
-    if result.returncode:
-        raise SystemExit(f'case {size} {heap} {dds} failed: {result.stderr[-2000:]}')
+    output, errors = receiver.communicate(timeout=TIMEOUT_S * 2)
+    if receiver.returncode:
+        raise SystemExit(f'case {size} {heap} {dds} failed: {errors[-2000:]}')
     data = json.loads(output.strip().splitlines()[-1])
     ages = data['ages_ms'][SKIPPED:]
     if not ages:
@@ -165,7 +161,7 @@ def main(argv=None):
         cases += [(2, 'default', 'profile'), (2, 'kept', 'profile')]
     else:
         print('not rmw_fastrtps_cpp: the Fast DDS profile cases are skipped', file=sys.stderr)
-    summary = {}
+    first = None  # the medians of the first size, for the last line
     for size in args.sizes.split(','):
         medians = {}
         for index, (processes, heap, dds) in enumerate(cases):
@@ -182,9 +178,8 @@ def main(argv=None):
             ratios['both_between_processes'] = ('xproc_builtin_default', 'xproc_profile_kept')
         for label, (slow, fast) in ratios.items():
             print(f'{size:>10s}  speed-up {label:28s} {medians[slow] / medians[fast]:6.2f}x')
-        summary.setdefault('first', (size, medians))
-    size, medians = summary['first']
-    print('image_transport_ms ' + ' '.join(f'{k}={v:.2f}' for k, v in medians.items()))
+        first = medians if first is None else first
+    print('image_transport_ms ' + ' '.join(f'{k}={v:.2f}' for k, v in first.items()))
     return 0
 
 

@@ -254,7 +254,6 @@ def main(argv=None):
                 _wait_until(lambda: instances, executor, child)
                 if not json.loads(instances[0].data)['instances']:
                     raise SystemExit('the box prompt gave no object on frame 0')
-            if args.mode == 'sam2' and index == 0:
                 continue  # the reference consumed frame 0 to attach the prompt
             start = time.perf_counter()
             call(frame.image)

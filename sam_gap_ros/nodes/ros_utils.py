@@ -96,7 +96,7 @@ def init_node_process(args: Optional[Sequence[str]], name: str) -> None:
     """Initialise rclpy for a node executable whose process moves camera-sized images.
 
     Keeps freed image-sized buffers on the heap first (see ``sam_gap_ros.allocator``):
-    about half the publish-to-callback time of a 640x480 frame.
+    ~40 % less publish-to-callback time for a 640x480 frame (1.44 -> 0.86 ms measured).
     """
     reason = keep_freed_buffers()
     rclpy.init(args=args)

@@ -95,6 +95,33 @@ def test_load_from_saved_tiny_directory(tmp_path):
         assert np.array_equal(a.objects[0].mask, b.objects[0].mask)
 
 
+def test_tiny_config_backbone_width_and_depth(tmp_path):
+    # The defaults are the architecture of the shipped tiny orchard model.
+    default = tiny_sam2_video_config().vision_config
+    assert default.backbone_config.embed_dim_per_stage == [16, 32, 64, 128]
+    assert default.backbone_config.blocks_per_stage == [1, 1, 2, 1]
+    assert default.backbone_config.global_attention_blocks == [3]
+    config = tiny_sam2_video_config(backbone_width=32, blocks_per_stage=(1, 2, 3, 1))
+    backbone = config.vision_config.backbone_config
+    assert backbone.embed_dim_per_stage == [32, 64, 128, 256]
+    assert config.vision_config.backbone_channel_list == [256, 128, 64, 32]
+    # Last block of stage 3 is the global one: blocks 0 | 1-2 | 3-5 | 6.
+    assert backbone.global_attention_blocks == [5]
+    model_dir = save_tiny_sam2(tmp_path / 'wide', backbone_width=32, blocks_per_stage=(1, 2, 3, 1))
+    tracker = Sam2Tracker.load(model_dir, device='cpu')
+    assert tracker.model.config.vision_config.backbone_config.embed_dim_per_stage[0] == 32
+    set_presence(tracker, 3.0)
+    video = frames(3)
+    tracker.track(video[0])
+    tracker.add_objects(boxes=[BOX_A])
+    for frame in video[1:]:
+        assert tracker.track(frame).objects[0].mask.shape == (H, W)
+    with pytest.raises(ValueError, match='backbone_width'):
+        tiny_sam2_video_config(backbone_width=12)
+    with pytest.raises(ValueError, match='blocks_per_stage'):
+        tiny_sam2_video_config(blocks_per_stage=(1, 1, 2))
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ModelLoadError, match='does not exist'):
         Sam2Tracker.load(tmp_path / 'missing')

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import torch
 from transformers import (
@@ -46,31 +46,43 @@ def resize_sam2_video_config(config: Sam2VideoConfig, image_size: int) -> Sam2Vi
 
 def tiny_sam2_video_config(image_size: int = 128, hidden_size: int = 128,
                            num_maskmem: int = 7, memory_attention_layers: int = 1,
-                           max_object_pointers_in_encoder: int = 16) -> Sam2VideoConfig:
+                           max_object_pointers_in_encoder: int = 16,
+                           backbone_width: int = 16,
+                           blocks_per_stage: Sequence[int] = (1, 1, 2, 1)) -> Sam2VideoConfig:
     """Return a small ``Sam2VideoConfig`` of the real SAM2.1 architecture.
 
     ``hidden_size`` must be a multiple of 64 and at least 128: the memory-attention
     cross-attention reads 64-channel memories (hard-wired in transformers), and object
     pointers are split into ``hidden_size // 64`` memory tokens exactly as in the full
     model (transformers only handles pointers correctly on that split path).
+
+    The Hiera backbone has four stages of ``backbone_width * (1, 2, 4, 8)`` channels and
+    ``blocks_per_stage`` blocks (Hiera-tiny: 96 wide, ``(1, 2, 7, 2)``); as in Hiera-tiny,
+    the last block of stage 3 attends globally and the others within windows.
     """
     if hidden_size < 128 or hidden_size % 64 != 0:
         raise ValueError(f'hidden_size must be a multiple of 64 and >= 128, got {hidden_size}')
+    if backbone_width < 8 or backbone_width % 8 != 0:
+        raise ValueError(f'backbone_width must be a multiple of 8 and >= 8, got {backbone_width}')
+    blocks = [int(b) for b in blocks_per_stage]
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError(f'blocks_per_stage needs 4 positive counts, got {blocks_per_stage}')
+    dims = [backbone_width * factor for factor in (1, 2, 4, 8)]
     backbone = {
         'model_type': 'sam2_hiera_det_model',
-        'hidden_size': 16,
+        'hidden_size': dims[0],
         'num_attention_heads': 1,
-        'blocks_per_stage': [1, 1, 2, 1],
-        'embed_dim_per_stage': [16, 32, 64, 128],
+        'blocks_per_stage': blocks,
+        'embed_dim_per_stage': dims,
         'num_attention_heads_per_stage': [1, 1, 2, 2],
         'window_size_per_stage': [8, 4, 4, 4],
-        'global_attention_blocks': [3],
+        'global_attention_blocks': [sum(blocks[:3]) - 1],
         'window_positional_embedding_background_size': [4, 4],
     }
     vision = {
         'model_type': 'sam2_vision_model',
         'backbone_config': backbone,
-        'backbone_channel_list': [128, 64, 32, 16],
+        'backbone_channel_list': dims[::-1],
         'fpn_hidden_size': hidden_size,
     }
     config = Sam2VideoConfig(

@@ -19,6 +19,7 @@ from pathlib import Path
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,6 +45,8 @@ def main() -> int:
     concepts = quality.evaluate_concepts(engines['sam3'], scene_seeds)
     sam3_s = time.perf_counter() - started
     tracks = quality.evaluate_tracking(engines['sam2'], clip_seeds)
+    prompt_seeds = quality.PROMPT_SEEDS[:10] if args.quick else quality.PROMPT_SEEDS
+    prompted = quality.evaluate_prompted_frames(engines['sam2'], prompt_seeds)
     sam2_s = time.perf_counter() - started - sam3_s
     hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
                            redetect_every_n=quality.REDETECT_EVERY)
@@ -62,6 +65,8 @@ def main() -> int:
         'sam2_left_frames': tracks.left_frames,
         'sam2_left_reported_present': tracks.left_reported_present,
         'sam2_disturbance_min_iou': tracks.disturbance_min_iou,
+        'sam2_prompted_frame_miou': float(np.mean(prompted)) if prompted else 0.0,
+        'sam2_prompted_apples': len(prompted),
         'hybrid_id_switches': hybrid_scores.switches, 'hybrid_tracks': hybrid_scores.tracks,
         'hybrid_id_switches_per_10': hybrid_scores.switches_per_10,
         'hybrid_coverage': hybrid_scores.coverage,

@@ -138,6 +138,18 @@ def test_sam2_new_apple_at_frame_30_is_tracked(track_scores):
     assert min(s.new_object_miou) >= 0.7
 
 
+def test_sam2_box_prompt_masks_on_the_prompted_frame(engines):
+    # Guard (ours): the tracker's starting point, the box-prompted mask before any memory
+    # is involved. Measured 0.575 over 108 apples (38 % >= 0.7): together with drift, the
+    # reason the track bar above is not met (docs/tiny_models.md).
+    ious = quality.evaluate_prompted_frames(engines['sam2'])
+    mean = sum(ious) / len(ious)
+    print(f'sam2: prompted-frame box mIoU {mean:.3f} over {len(ious)} apples, '
+          f'{sum(i >= 0.7 for i in ious)} at >= 0.7')
+    assert len(ious) >= 60
+    assert mean >= 0.5
+
+
 def test_hybrid_id_switches_per_10_tracks(engines):
     hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
                            redetect_every_n=quality.REDETECT_EVERY)

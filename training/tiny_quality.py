@@ -19,6 +19,10 @@ at the image border or behind a leaf):
   the frames where it is visible; after an apple has left the image it must be absent. A
   new apple is prompted at frame ``NEW_OBJECT_FRAME`` and the other tracks must be the
   same as in a run without that prompt.
+* SAM2 prompted frames (a diagnostic of the tracker's starting point): the mask IoU of each
+  apple's box prompt on the first frame of ``PROMPT_SEEDS`` pans, before any tracking. A
+  track whose first mask is poor is lost within a few frames, so this bounds
+  ``track_miou``.
 * Hybrid (SAM3 every ``REDETECT_EVERY`` frames + SAM2): ground-truth apples are matched to
   reported instances per frame (IoU >= ``MATCH_IOU``); an ID switch is a matched apple
   whose instance ID differs from the ID it was last matched to (CLEAR-MOT).
@@ -62,6 +66,7 @@ REDETECT_EVERY = 10
 # 100_000 + index) and never equal to the SAM3 dataset's spread sample seeds.
 SCENE_SEEDS = tuple(range(700_000, 700_040))
 CLIP_SEEDS = (800_000, 800_001, 800_002)
+PROMPT_SEEDS = tuple(range(800_100, 800_130))
 
 
 def _scene_config(config_path: Path, key: str, overrides: Mapping[str, Any]
@@ -96,7 +101,7 @@ def check_held_out() -> None:
     base = int(sam2['seed'])
     used |= set(range(base, base + int(sam2['num_train_videos'])))
     used |= set(range(base + 100_000, base + 100_000 + int(sam2['num_val_videos'])))
-    overlap = used & (set(SCENE_SEEDS) | set(CLIP_SEEDS))
+    overlap = used & (set(SCENE_SEEDS) | set(CLIP_SEEDS) | set(PROMPT_SEEDS))
     if overlap:
         raise ValueError(f'held-out seeds {sorted(overlap)} were used for training')
 
@@ -283,6 +288,23 @@ def evaluate_tracking(tracker: Any, seeds: Sequence[int] = CLIP_SEEDS,
                     same = 1.0 if not a.any() and not b.any() else mask_iou(a, b)
                     scores.disturbance_min_iou = min(scores.disturbance_min_iou, same)
     return scores
+
+
+def evaluate_prompted_frames(tracker: Any, seeds: Sequence[int] = PROMPT_SEEDS) -> List[float]:
+    """Return the mask IoU of every apple box-prompted on the first frame of each pan."""
+    ious = []
+    for seed in seeds:
+        first = make_clip(seed)[0]
+        ids = sorted(t for t, m in first.masks.items()
+                     if t in _apple_ids(first) and int(m.sum()) >= MIN_AREA)
+        if not ids:
+            continue
+        tracker.reset()
+        tracker.track(first.image)
+        tracker.add_objects(boxes=_boxes(first, ids), object_ids=ids)
+        ious.extend(mask_iou(obj.mask, first.masks[obj.object_id])
+                    for obj in tracker.last_result.objects)
+    return ious
 
 
 # ----------------------------------------------------------------------------- hybrid

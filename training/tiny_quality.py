@@ -219,16 +219,25 @@ def _boxes(frame: Scene, ids: Sequence[int]) -> np.ndarray:
     return np.asarray([mask_to_box(masks[i]) for i in ids], dtype=np.float32)
 
 
+def _visible_apples(frame: Scene) -> List[int]:
+    """Return the track IDs of the apples with >= ``MIN_AREA`` visible pixels on ``frame``."""
+    return sorted(i for i in _apple_ids(frame) if int(frame.masks[i].sum()) >= MIN_AREA)
+
+
+def _start_tracks(tracker: Any, frame: Scene, ids: Sequence[int]) -> None:
+    """Reset ``tracker`` and box-prompt the apples ``ids`` on ``frame``, its first frame."""
+    tracker.reset()
+    tracker.track(frame.image)
+    tracker.add_objects(boxes=_boxes(frame, ids), object_ids=ids)
+
+
 def run_tracker(tracker: Any, clip: OrchardVideo, prompt_new: bool) -> Dict[int, list]:
     """Track ``clip`` from box prompts; return per track ID the per-frame ``TrackedObject``."""
     first = clip[0]
-    ids = sorted(t for t, m in first.masks.items()
-                 if t in _apple_ids(first) and int(m.sum()) >= MIN_AREA)
+    ids = _visible_apples(first)
     if not ids:
         raise ValueError(f'clip {clip.seed} has no apple to prompt on frame 0')
-    tracker.reset()
-    tracker.track(first.image)
-    tracker.add_objects(boxes=_boxes(first, ids), object_ids=ids)
+    _start_tracks(tracker, first, ids)
     history: Dict[int, list] = {i: [None] * clip.n_frames for i in ids}
     for obj in tracker.last_result.objects:
         history[obj.object_id][0] = obj
@@ -295,13 +304,10 @@ def evaluate_prompted_frames(tracker: Any, seeds: Sequence[int] = PROMPT_SEEDS) 
     ious = []
     for seed in seeds:
         first = make_clip(seed)[0]
-        ids = sorted(t for t, m in first.masks.items()
-                     if t in _apple_ids(first) and int(m.sum()) >= MIN_AREA)
+        ids = _visible_apples(first)
         if not ids:
             continue
-        tracker.reset()
-        tracker.track(first.image)
-        tracker.add_objects(boxes=_boxes(first, ids), object_ids=ids)
+        _start_tracks(tracker, first, ids)
         ious.extend(mask_iou(obj.mask, first.masks[obj.object_id])
                     for obj in tracker.last_result.objects)
     return ious
@@ -342,8 +348,7 @@ def evaluate_hybrid(hybrid: Any, seeds: Sequence[int] = CLIP_SEEDS,
         for t in range(clip.n_frames):
             frame = clip[t]
             instances = hybrid.step(frame.image)
-            truth_ids = sorted(i for i in _apple_ids(frame)
-                               if int(frame.masks[i].sum()) >= MIN_AREA)
+            truth_ids = _visible_apples(frame)
             matches, _, _ = associate([frame.masks[i] for i in truth_ids],
                                       [inst.mask for inst in instances], MATCH_IOU)
             scores.truth_frames += len(truth_ids)

@@ -59,6 +59,9 @@ class PipelineConfig:
     """SAM2 objects run through memory attention together (sam2/hybrid); 0 = as many as the
     tracker's byte budget allows. Each object of a batch adds about 137 MiB of float32
     activations at 1024 px (DEVELOPERS.md), so this bounds the peak memory."""
+    box_mask_margin: float = 0.1
+    """On a box prompt's frame, cut the SAM2 mask to the box grown by this fraction of its
+    size per side (box prompts, sam2 mode); < 0 keeps SAM2's uncut mask."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -77,6 +80,9 @@ class PipelineConfig:
         if int(self.max_object_batch) < 0:
             raise ValueError(f'max_object_batch {self.max_object_batch} must be >= 0 '
                              '(0 = no cap)')
+        if float(self.box_mask_margin) > 10.0:
+            raise ValueError(f'box_mask_margin {self.box_mask_margin} must be <= 10 '
+                             '(< 0 = no cut)')
         if not str(self.model_dir).strip():
             raise ValueError('model_dir is empty: set it to a local model directory')
         if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():
@@ -224,8 +230,10 @@ class SegmentationPipeline:
     def _load_tracker(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
         cap = int(self.config.max_object_batch)
+        margin = float(self.config.box_mask_margin)
         return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype,
-                                max_object_batch=cap or None)
+                                max_object_batch=cap or None,
+                                box_mask_margin=margin if margin >= 0 else None)
 
     def _load_concepts(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine

@@ -124,6 +124,15 @@ def test_max_object_batch_caps_the_trackers_batches(models):
         PipelineConfig(mode='sam2', model_dir='x', max_object_batch=-1).validate()
 
 
+def test_box_mask_margin_reaches_the_tracker(models):
+    """0.1 by default; a negative margin keeps SAM2's uncut box-prompted masks."""
+    assert _pipeline('sam2', models)._tracker._box_mask_margin == pytest.approx(0.1)
+    assert _pipeline('sam2', models, box_mask_margin=0.0)._tracker._box_mask_margin == 0.0
+    assert _pipeline('sam2', models, box_mask_margin=-1.0)._tracker._box_mask_margin is None
+    with pytest.raises(ValueError, match='box_mask_margin 11.0 must be <= 10'):
+        PipelineConfig(mode='sam2', model_dir='x', box_mask_margin=11.0).validate()
+
+
 def test_load_errors_and_tensorrt_fallback(models, tmp_path):
     bad = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'none')))
     with pytest.raises(ModelLoadError):

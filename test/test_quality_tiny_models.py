@@ -100,7 +100,7 @@ def test_sam3_finds_the_concept_when_it_is_present(concept_scores):
     assert s.present_found_rate >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM2-tiny track mIoU 0.50 over 13 apples '
+@pytest.mark.xfail(strict=True, reason=NOT_YET + 'SAM2-tiny track mIoU 0.54 over 13 apples '
                    '(bar 0.7)')
 def test_sam2_tracks_each_apple_from_one_box(track_scores):
     s = track_scores
@@ -140,14 +140,15 @@ def test_sam2_new_apple_at_frame_30_is_tracked(track_scores):
 
 def test_sam2_box_prompt_masks_on_the_prompted_frame(engines):
     # Guard (ours): the tracker's starting point, the box-prompted mask before any memory
-    # is involved. Measured 0.575 over 108 apples (38 % >= 0.7): together with drift, the
+    # is involved. Measured 0.680 over 108 apples (SAM2's uncut masks: 0.575; the tracker
+    # cuts a box-prompted mask to its box, box_mask_margin): together with drift, the
     # reason the track bar above is not met (docs/tiny_models.md).
     ious = quality.evaluate_prompted_frames(engines['sam2'])
     mean = sum(ious) / len(ious)
     print(f'sam2: prompted-frame box mIoU {mean:.3f} over {len(ious)} apples, '
           f'{sum(i >= 0.7 for i in ious)} at >= 0.7')
     assert len(ious) >= 60
-    assert mean >= 0.5
+    assert mean >= 0.62
 
 
 def test_hybrid_id_switches_per_10_tracks(engines):

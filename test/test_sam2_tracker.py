@@ -156,7 +156,8 @@ def test_processor_size_must_match_model():
 
 def test_matches_plain_transformers_streaming_loop():
     """Batched tracking equals transformers' own per-object streaming forward."""
-    tracker = make_tracker(skip_absent_memory=False)
+    # SAM2's own rules: absent frames memorised and box-prompted masks left uncut.
+    tracker = make_tracker(skip_absent_memory=False, box_mask_margin=None)
     video = frames(9)
     ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
 
@@ -461,6 +462,76 @@ def test_absent_frames_memorised_when_asked():
 
 
 # ---------------------------------------------------------------- prompts
+
+
+def _grown(box, margin):
+    x0, y0, x1, y1 = box
+    return (x0 - margin * (x1 - x0), y0 - margin * (y1 - y0),
+            x1 + margin * (x1 - x0), y1 + margin * (y1 - y0))
+
+
+def _inside(mask, box):
+    """True where every mask pixel's centre lies in ``box`` (x0, y0, x1, y1)."""
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = box
+    return bool(((xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0)
+                 & (ys + 0.5 <= y1)).all())
+
+
+def _first_memory(tracker, obj_id):
+    store = tracker.session.output_dict_per_obj[tracker.session.obj_id_to_idx(obj_id)]
+    return store['cond_frame_outputs'][0]['maskmem_features']
+
+
+@pytest.mark.parametrize('margin', [0.0, 0.1, 0.5])
+def test_box_prompt_mask_is_cut_to_its_grown_box(margin):
+    """A box-prompted mask (output and first memory) stays inside the box plus margin."""
+    video = frames(3)
+    uncut = make_tracker(box_mask_margin=None)
+    cut = make_tracker(box_mask_margin=margin)
+    for tracker in (uncut, cut):
+        tracker.track(video[0])
+        tracker.add_objects(boxes=[BOX_A, BOX_B])
+    # The output is upsampled from the low-res logits, whose cells (image_size / 4 per
+    # side) straddle the box edge: the mask may reach into the cells on the edge.
+    cell_x = W / (cut.model.config.image_size / 4)
+    cell_y = H / (cut.model.config.image_size / 4)
+    grown = [_grown(BOX_A, margin), _grown(BOX_B, margin)]
+    for obj, raw, box in zip(cut.last_result.objects, uncut.last_result.objects, grown,
+                             strict=True):
+        # The random decoder spills far outside the box: the cut is what keeps it inside.
+        assert not _inside(raw.mask, box)
+        assert obj.area > 0 and _inside(obj.mask, (box[0] - cell_x, box[1] - cell_y,
+                                                   box[2] + cell_x, box[3] + cell_y))
+        # Inside the box, SAM2's mask is kept as it was (up to the upsampling of the
+        # cut low-res logits at the box edge).
+        x0, y0, x1, y1 = (int(np.ceil(box[0])) + 2, int(np.ceil(box[1])) + 2,
+                          int(box[2]) - 2, int(box[3]) - 2)
+        assert np.array_equal(obj.mask[y0:y1, x0:x1], raw.mask[y0:y1, x0:x1])
+        # The memory the track starts from is encoded from the cut mask.
+        assert not torch.equal(_first_memory(cut, obj.object_id),
+                               _first_memory(uncut, raw.object_id))
+    assert cut.track(video[1]).objects and cut.track(video[2]).objects
+
+
+def test_box_mask_cut_leaves_point_prompts_and_huge_margins_alone():
+    video = frames(2)
+    results = []
+    for margin in (None, 0.1, 10.0):
+        tracker = make_tracker(box_mask_margin=margin)
+        tracker.track(video[0])
+        tracker.add_objects(points=[[[30, 30]]], labels=[[1]])
+        tracker.add_objects(boxes=[BOX_B])
+        results.append((by_id(tracker.last_result), _first_memory(tracker, 1),
+                        _first_memory(tracker, 2)))
+    (none, none_mem1, none_mem2), (tenth, tenth_mem1, _), (huge, _, huge_mem2) = results
+    # A click prompt has no box to cut to.
+    assert np.array_equal(tenth[1].mask, none[1].mask) and torch.equal(tenth_mem1, none_mem1)
+    # A box grown 10 times its size per side covers the frame: nothing is cut.
+    assert np.array_equal(huge[2].mask, none[2].mask) and torch.equal(huge_mem2, none_mem2)
+    assert not np.array_equal(tenth[2].mask, none[2].mask)
+    with pytest.raises(ValueError, match='box_mask_margin'):
+        make_tracker(box_mask_margin=-0.1)
 
 
 def test_prompt_validation():

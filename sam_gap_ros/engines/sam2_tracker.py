@@ -19,6 +19,13 @@ that an endless robot stream needs:
   bytes each); at most ``max_conditioning_frames`` prompted frames are kept per object.
   Nothing grows with stream length.
 
+A box prompt also bounds its object on that frame: the mask (output and the memory the
+object starts from) is cut to the box grown by ``box_mask_margin`` of its size per side.
+SAM2 itself does not cut, and a small decoder lets the first mask spill onto a touching
+fruit of the same colour, which the track then follows as part of the object (on the tiny
+orchard model: box-prompted mIoU 0.58 -> 0.68, docs/tiny_models.md). ``None`` keeps
+SAM2's rule.
+
 Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
 conditioning frame, or, with ``replace_conditioning=True``, replaces the object's earlier
 ones (re-anchoring on a fresh mask when the old prompts no longer describe the view).
@@ -423,7 +430,8 @@ class Sam2Tracker:
                  device: Union[str, torch.device] = 'cpu',
                  dtype: Union[str, torch.dtype] = 'float32',
                  *, max_conditioning_frames: int = 4, skip_absent_memory: bool = True,
-                 max_object_batch: Optional[int] = None) -> None:
+                 max_object_batch: Optional[int] = None,
+                 box_mask_margin: Optional[float] = 0.1) -> None:
         """Wrap a loaded ``Sam2VideoModel`` and its processor.
 
         ``max_conditioning_frames`` caps the prompted frames kept per object (the first
@@ -433,11 +441,18 @@ class Sam2Tracker:
         Tracked objects go through memory attention, mask decoder and memory encoder in
         batches sized by their memory keys (see ``_object_batch_size``);
         ``max_object_batch`` caps a batch further (None: no cap).
+        ``box_mask_margin``: on the frame of a box prompt, the object's mask is cut to its
+        box grown by this fraction of the box's width/height on each side, both in the
+        output and in the memory it starts from (None: SAM2's uncut mask; see
+        ``_cut_to_prompt_box``).
         """
         if max_conditioning_frames < 1:
             raise ValueError('max_conditioning_frames must be >= 1')
         if max_object_batch is not None and max_object_batch < 1:
             raise ValueError('max_object_batch must be >= 1 or None')
+        if box_mask_margin is not None and not 0.0 <= box_mask_margin <= 10.0:
+            raise ValueError('box_mask_margin must be in [0, 10] or None')
+        self._box_mask_margin = None if box_mask_margin is None else float(box_mask_margin)
         self._max_batch = None if max_object_batch is None else int(max_object_batch)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
@@ -812,6 +827,7 @@ class Sam2Tracker:
                 inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx, batch_size=1,
                 is_init_cond_frame=is_init, point_inputs=point_inputs,
                 mask_inputs=mask_inputs, reverse=False, streaming=True)
+            self._cut_to_prompt_box(out, point_inputs)
             # Each prompted object gets its own memory-encoder call: transformers binarises
             # the masks of a whole batch when any member was prompted, which would alter
             # the memories of objects tracked on the same frame.
@@ -831,6 +847,39 @@ class Sam2Tracker:
             results[obj_id] = {'pred_masks': out['pred_masks'],
                                'object_score_logits': out['object_score_logits']}
         return results
+
+    def _cut_to_prompt_box(self, out: dict, point_inputs: Optional[dict]) -> None:
+        """Set the mask logits outside a box prompt (grown by the margin) to "no object".
+
+        A box says where the object is on its frame, but SAM2's decoder, small ones above
+        all, lets a mask spill onto a touching neighbour of the same colour; that spill
+        would be encoded into the object's first memory and followed from then on.
+        """
+        if self._box_mask_margin is None or point_inputs is None:
+            return
+        labels = point_inputs['point_labels'].reshape(-1)
+        corners = point_inputs['point_coords'].reshape(-1, 2)
+        if not bool((labels == 2).any()) or not bool((labels == 3).any()):
+            return
+        # Box corners are in model-input pixels (the processor's square resize).
+        (x0, y0), (x1, y1) = (corners[labels == k][0].tolist() for k in (2, 3))
+        grow_x = self._box_mask_margin * (x1 - x0)
+        grow_y = self._box_mask_margin * (y1 - y0)
+        for key in ('high_res_masks', 'pred_masks'):
+            out[key] = self._cut_outside(out[key], (x0 - grow_x, y0 - grow_y,
+                                                    x1 + grow_x, y1 + grow_y))
+
+    def _cut_outside(self, logits: torch.Tensor, box) -> torch.Tensor:
+        """Return ``logits`` (..., h, w) with "no object" outside ``box`` (model pixels)."""
+        x0, y0, x1, y1 = box
+        size = float(self._model.config.image_size)
+        height, width = logits.shape[-2:]
+        ys = (torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (
+            size / height)
+        xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (
+            size / width)
+        inside = (((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :])
+        return torch.where(inside, logits, torch.full_like(logits, _NO_OBJ_SCORE))
 
     def _run_tracking(self, frame_idx: int, ids: Sequence[int]) -> Dict[int, dict]:
         """Propagate all unprompted objects to ``frame_idx``, batched by memory layout."""

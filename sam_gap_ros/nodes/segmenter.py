@@ -77,6 +77,10 @@ def _declare_all(node: LifecycleNode) -> None:
         ('max_object_batch', 0, dict(description='sam2/hybrid: most objects per memory-'
                                      'attention batch, bounds the peak GPU memory; 0 = sized '
                                      'by the tracker', int_range=(0, 1000), read_only=ro)),
+        ('box_mask_margin', 0.1, dict(description='sam2: on a box prompt\'s frame the '
+                                      'mask is cut to the box grown by this fraction of its '
+                                      'size per side; < 0 = SAM2\'s uncut mask',
+                                      float_range=(-1.0, 10.0), read_only=ro)),
         ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
@@ -196,7 +200,8 @@ class SegmenterNode(LifecycleNode):
             mask_threshold=param('mask_threshold'), max_instances=param('max_instances'),
             redetect_every_n=param('redetect_every_n'),
             min_depth_pixels=param('min_depth_pixels'),
-            max_object_batch=param('max_object_batch'))
+            max_object_batch=param('max_object_batch'),
+            box_mask_margin=param('box_mask_margin'))
         try:
             input_qos(param('input_qos'))
             if param('image_transport') not in ('raw', 'compressed'):

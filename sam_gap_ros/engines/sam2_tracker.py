@@ -420,6 +420,37 @@ def use_inference_modules(model: Sam2VideoModel) -> Sam2VideoModel:
     return model
 
 
+def cut_to_prompt_box(out: dict, point_inputs: Optional[dict], margin: float,
+                      image_size: int) -> None:
+    """Set ``out``'s mask logits outside its box prompt (grown by ``margin``) to "no object".
+
+    ``out`` is a SAM2 frame output (``high_res_masks``, ``pred_masks``) and ``point_inputs``
+    the session's prompt of that frame (a box is the corner pair labelled 2 and 3, in
+    model-input pixels); without a box nothing changes. A box bounds its object, but SAM2's
+    decoder, small ones above all, lets a mask spill onto a touching neighbour of the same
+    colour, and that spill would be encoded into the object's memory and followed.
+    """
+    if point_inputs is None:
+        return
+    labels = point_inputs['point_labels'].reshape(-1)
+    corners = point_inputs['point_coords'].reshape(-1, 2)
+    if not bool((labels == 2).any()) or not bool((labels == 3).any()):
+        return
+    (x0, y0), (x1, y1) = (corners[labels == k][0].tolist() for k in (2, 3))
+    grow_x, grow_y = margin * (x1 - x0), margin * (y1 - y0)
+    for key in ('high_res_masks', 'pred_masks'):
+        logits = out[key]
+        height, width = logits.shape[-2:]
+        # Pixel centres in model-input pixels (the processor's square resize).
+        ys = (torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (
+            image_size / height)
+        xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (
+            image_size / width)
+        inside = (((ys >= y0 - grow_y) & (ys <= y1 + grow_y))[:, None]
+                  & ((xs >= x0 - grow_x) & (xs <= x1 + grow_x))[None, :])
+        out[key] = torch.where(inside, logits, torch.full_like(logits, _NO_OBJ_SCORE))
+
+
 class Sam2Tracker:
     """Track objects on an endless RGB stream with SAM2's memory bank (ROS-free)."""
 
@@ -444,7 +475,7 @@ class Sam2Tracker:
         ``box_mask_margin``: on the frame of a box prompt, the object's mask is cut to its
         box grown by this fraction of the box's width/height on each side, both in the
         output and in the memory it starts from (None: SAM2's uncut mask; see
-        ``_cut_to_prompt_box``).
+        ``cut_to_prompt_box``).
         """
         if max_conditioning_frames < 1:
             raise ValueError('max_conditioning_frames must be >= 1')
@@ -827,7 +858,9 @@ class Sam2Tracker:
                 inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx, batch_size=1,
                 is_init_cond_frame=is_init, point_inputs=point_inputs,
                 mask_inputs=mask_inputs, reverse=False, streaming=True)
-            self._cut_to_prompt_box(out, point_inputs)
+            if self._box_mask_margin is not None:
+                cut_to_prompt_box(out, point_inputs, self._box_mask_margin,
+                                  model.config.image_size)
             # Each prompted object gets its own memory-encoder call: transformers binarises
             # the masks of a whole batch when any member was prompted, which would alter
             # the memories of objects tracked on the same frame.
@@ -847,39 +880,6 @@ class Sam2Tracker:
             results[obj_id] = {'pred_masks': out['pred_masks'],
                                'object_score_logits': out['object_score_logits']}
         return results
-
-    def _cut_to_prompt_box(self, out: dict, point_inputs: Optional[dict]) -> None:
-        """Set the mask logits outside a box prompt (grown by the margin) to "no object".
-
-        A box says where the object is on its frame, but SAM2's decoder, small ones above
-        all, lets a mask spill onto a touching neighbour of the same colour; that spill
-        would be encoded into the object's first memory and followed from then on.
-        """
-        if self._box_mask_margin is None or point_inputs is None:
-            return
-        labels = point_inputs['point_labels'].reshape(-1)
-        corners = point_inputs['point_coords'].reshape(-1, 2)
-        if not bool((labels == 2).any()) or not bool((labels == 3).any()):
-            return
-        # Box corners are in model-input pixels (the processor's square resize).
-        (x0, y0), (x1, y1) = (corners[labels == k][0].tolist() for k in (2, 3))
-        grow_x = self._box_mask_margin * (x1 - x0)
-        grow_y = self._box_mask_margin * (y1 - y0)
-        for key in ('high_res_masks', 'pred_masks'):
-            out[key] = self._cut_outside(out[key], (x0 - grow_x, y0 - grow_y,
-                                                    x1 + grow_x, y1 + grow_y))
-
-    def _cut_outside(self, logits: torch.Tensor, box) -> torch.Tensor:
-        """Return ``logits`` (..., h, w) with "no object" outside ``box`` (model pixels)."""
-        x0, y0, x1, y1 = box
-        size = float(self._model.config.image_size)
-        height, width = logits.shape[-2:]
-        ys = (torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (
-            size / height)
-        xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (
-            size / width)
-        inside = (((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :])
-        return torch.where(inside, logits, torch.full_like(logits, _NO_OBJ_SCORE))
 
     def _run_tracking(self, frame_idx: int, ids: Sequence[int]) -> Dict[int, dict]:
         """Propagate all unprompted objects to ``frame_idx``, batched by memory layout."""

@@ -471,7 +471,7 @@ def _grown(box, margin):
 
 
 def _inside(mask, box):
-    """True where every mask pixel's centre lies in ``box`` (x0, y0, x1, y1)."""
+    """Return whether every mask pixel's centre lies in ``box`` (x0, y0, x1, y1)."""
     ys, xs = np.nonzero(mask)
     x0, y0, x1, y1 = box
     return bool(((xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0)

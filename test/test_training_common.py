@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import platform
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -201,3 +205,27 @@ def test_scalar_logger_writes_event_file(tmp_path):
     logger.log({'loss': 1.5}, step=1, prefix='train')
     logger.close()
     assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))
+
+
+def test_check_cpu_kernels_warns_when_the_kernels_differ_from_the_recorded_ones():
+    running = torch.backends.cpu.get_cpu_capability()
+    cpu = torch.device('cpu')
+    assert common.check_cpu_kernels({}, cpu) is None
+    assert common.check_cpu_kernels({'cpu_kernels': running.lower()}, cpu) is None
+    assert common.check_cpu_kernels({'cpu_kernels': 'AVX2'}, torch.device('cuda')) is None
+    other = 'AVX2' if running != 'AVX2' else 'AVX512'
+    warning = common.check_cpu_kernels({'cpu_kernels': other}, cpu)
+    assert f'runs {running} CPU kernels' in warning and f'trained with {other}' in warning
+    assert ('ATEN_CPU_CAPABILITY=avx2' in warning) == (other == 'AVX2')
+
+
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'),
+                    reason='AVX2 kernels exist on x86 CPUs only')
+def test_documented_environment_selects_avx2_kernels():
+    # The hint check_cpu_kernels gives must really switch PyTorch to its AVX2 kernels.
+    env = dict(os.environ, **dict(item.split('=') for item in
+                                  common.CPU_KERNEL_ENV['AVX2'].split()))
+    out = subprocess.run([sys.executable, '-c', 'import torch; '
+                          'print(torch.backends.cpu.get_cpu_capability())'],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() in ('AVX2', 'DEFAULT')  # DEFAULT: a CPU without AVX2

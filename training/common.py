@@ -107,6 +107,34 @@ def training_device(cfg: Mapping[str, Any]) -> torch.device:
     return resolve_device(cfg.get('device', 'auto'))
 
 
+# The environment that makes PyTorch, MKL and oneDNN run their AVX2 kernels on any x86 CPU.
+CPU_KERNEL_ENV = {'AVX2': 'ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 '
+                          'ONEDNN_MAX_CPU_ISA=AVX2'}
+
+
+def check_cpu_kernels(cfg: Mapping[str, Any], device: torch.device) -> Optional[str]:
+    """Return a warning when a CPU run cannot reproduce the config's recorded weights.
+
+    ``cfg['cpu_kernels']`` names the PyTorch CPU capability (``AVX2``) the shipped weights
+    were trained with. Float results differ between AVX2 and AVX-512 kernels, and over
+    thousands of steps a seeded run then ends at different weights (see
+    docs/tiny_models.md); the same seed gives the same weights only with the same kernels.
+    The capability is fixed when torch starts, hence a warning with the environment to set
+    instead of a switch here.
+    """
+    wanted = cfg.get('cpu_kernels')
+    if not wanted or device.type != 'cpu':
+        return None
+    wanted = str(wanted).upper()
+    running = torch.backends.cpu.get_cpu_capability()
+    if running == wanted:
+        return None
+    how = CPU_KERNEL_ENV.get(wanted)
+    hint = f'; run with {how} to reproduce them' if how else ''
+    return (f'PyTorch runs {running} CPU kernels but this config\'s weights were trained with '
+            f'{wanted}: the run will not reproduce them bit for bit{hint}')
+
+
 # ----------------------------------------------------------------------------- seeding + RNG
 
 

@@ -322,6 +322,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     seed = int(cfg.get('seed', 0))
     common.seed_everything(seed)
     device = common.training_device(cfg)
+    warning = common.check_cpu_kernels(cfg, device)
+    if warning:
+        print(f'warning: {warning}', file=sys.stderr)
     precision = str(cfg.get('precision', 'fp32'))
     output_dir = Path(cfg.get('output_dir', 'runs/sam2'))
     output_dir.mkdir(parents=True, exist_ok=True)

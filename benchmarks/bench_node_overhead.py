@@ -48,15 +48,26 @@ if importlib.util.find_spec('sam_gap_ros') is None:
 
 
 def _prepare_models(args, workdir):
+    """Return (model_dir, tracker_model_dir, scene overrides for the camera)."""
     if args.model_dir:
-        return args.model_dir, args.tracker_model_dir
-    from sam_gap_ros.demo import prepare_models
+        return args.model_dir, args.tracker_model_dir, ''
+    from sam_gap_ros.demo import prepare_models, TINY_MODEL_SCENES
     model_dir, tracker_dir, text = prepare_models(args.mode, workdir)
     print(f'models: {text}', file=sys.stderr)
-    return model_dir, tracker_dir
+    # The tiny models only know the close-range apples they were trained on: show them
+    # those, as make demo does, so that the sam2 prompt gives an object to track.
+    random_weights = 'RANDOM' in text
+    scene = '' if random_weights else TINY_MODEL_SCENES['sam2' if args.mode == 'sam2'
+                                                        else 'sam3']
+    return model_dir, tracker_dir, scene
 
 
-BOX = (250, 180, 390, 300)
+def _prompt_box(scene):
+    """Box of the largest apple on the first frame: the sam2-mode prompt."""
+    apples = sorted(scene.instances_of('apple'), key=lambda inst: -inst.area)
+    if not apples:
+        raise SystemExit('the first synthetic frame has no apple to prompt')
+    return tuple(float(v) for v in apples[0].box)
 
 
 def _engine_call(pipeline):
@@ -157,7 +168,7 @@ def main(argv=None):
     from sam_gap_ros.image_conversion import numpy_to_image_msg
     from sam_gap_ros.nodes.segmenter import SegmenterNode
     from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
-    from sam_gap_ros.synthetic.config import OrchardSceneConfig
+    from sam_gap_ros.synthetic.config import scene_config_from_text
     from sam_gap_ros.synthetic.video import OrchardVideo
 
     # The process-wide setting every node executable applies before rclpy.init.
@@ -166,10 +177,11 @@ def main(argv=None):
     if args.process == 'separate':
         _use_large_image_profile()
     workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
-    model_dir, tracker_dir = _prepare_models(args, workdir)
-    video = OrchardVideo(0, OrchardSceneConfig(width=640, height=480),
+    model_dir, tracker_dir, scene = _prepare_models(args, workdir)
+    video = OrchardVideo(0, scene_config_from_text(scene, width=640, height=480),
                          n_frames=args.frames + args.warmup)
     frames = [video[i] for i in range(len(video))]
+    box = _prompt_box(frames[0])
 
     context = Context()
     rclpy.init(context=context)
@@ -194,8 +206,8 @@ def main(argv=None):
     reference.load()
     if args.mode == 'sam2':
         if node is not None:
-            node.pipeline.add_box(BOX)
-        reference.add_box(BOX)
+            node.pipeline.add_box(box)
+        reference.add_box(box)
         reference.process(frames[0].image)  # attaches the prompt exactly as the node does
     call = _engine_call(reference)
     probe = rclpy.create_node('bench_probe', namespace=ns, context=context)
@@ -226,8 +238,7 @@ def main(argv=None):
             box_pub = probe.create_publisher(PolygonStamped, f'{ns}/segmenter/prompt_box', qos)
             _wait_until(lambda: box_pub.get_subscription_count() > 0, executor, child)
             box_pub.publish(PolygonStamped(polygon=Polygon(points=[
-                Point32(x=float(BOX[0]), y=float(BOX[1])),
-                Point32(x=float(BOX[2]), y=float(BOX[3]))])))
+                Point32(x=box[0], y=box[1]), Point32(x=box[2], y=box[3])])))
             _wait_until(lambda: False, executor, child, timeout_s=1.0, fail=False)
 
     end_to_end, engine_only = [], []

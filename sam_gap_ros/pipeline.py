@@ -62,6 +62,13 @@ class PipelineConfig:
     box_mask_margin: float = 0.1
     """On a box prompt's frame, cut the SAM2 mask to the box grown by this fraction of its
     size per side (box prompts, sam2 mode); < 0 keeps SAM2's uncut mask."""
+    motion_compensation: bool = True
+    """sam2/hybrid: move each object's prompted-frame memory with the camera's image motion
+    (``engines.scene_motion``); False keeps SAM2's fixed memory."""
+    motion_gate_margin: float = 0.25
+    """sam2/hybrid: a tracked mask must lie (at least half) in the object's last box, moved
+    by the camera motion and grown by this fraction per side, or the object is reported
+    absent; < 0 = no gate."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -83,6 +90,9 @@ class PipelineConfig:
         if float(self.box_mask_margin) > 10.0:
             raise ValueError(f'box_mask_margin {self.box_mask_margin} must be <= 10 '
                              '(< 0 = no cut)')
+        if float(self.motion_gate_margin) > 10.0:
+            raise ValueError(f'motion_gate_margin {self.motion_gate_margin} must be <= 10 '
+                             '(< 0 = no gate)')
         if not str(self.model_dir).strip():
             raise ValueError('model_dir is empty: set it to a local model directory')
         if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():
@@ -231,9 +241,13 @@ class SegmentationPipeline:
         from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
         cap = int(self.config.max_object_batch)
         margin = float(self.config.box_mask_margin)
+        gate = float(self.config.motion_gate_margin)
+        # ROS parameters cannot be None: a negative value switches a rule off.
         return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype,
                                 max_object_batch=cap or None,
-                                box_mask_margin=margin if margin >= 0 else None)
+                                box_mask_margin=margin if margin >= 0 else None,
+                                motion_compensation=bool(self.config.motion_compensation),
+                                motion_gate_margin=gate if gate >= 0 else None)
 
     def _load_concepts(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine

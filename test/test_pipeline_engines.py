@@ -42,7 +42,9 @@ def _check_consistent(result):
 
 
 def test_sam2_prompt_before_first_frame_and_depth_positions(models):
-    pipeline = _pipeline('sam2', models)
+    # The random decoder's tracked masks wander off their boxes, which the motion gate
+    # reports as absent: this test is about prompts and records.
+    pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
     assert pipeline.add_box((20, 30, 50, 60)) == 1  # no frame yet: kept for the first
     assert pipeline.object_ids == [1]
     intr = CameraIntrinsics.from_k(K, 128, 96)
@@ -131,6 +133,17 @@ def test_box_mask_margin_reaches_the_tracker(models):
     assert _pipeline('sam2', models, box_mask_margin=-1.0)._tracker._box_mask_margin is None
     with pytest.raises(ValueError, match='box_mask_margin 11.0 must be <= 10'):
         PipelineConfig(mode='sam2', model_dir='x', box_mask_margin=11.0).validate()
+
+
+def test_motion_settings_reach_the_tracker(models):
+    """Camera-motion memory and gate are on by default; False / < 0 switch them off."""
+    default = _pipeline('sam2', models)._tracker
+    assert default._align_memory and default._gate_margin == pytest.approx(0.25)
+    off = _pipeline('sam2', models, motion_compensation=False,
+                    motion_gate_margin=-1.0)._tracker
+    assert not off._align_memory and off._gate_margin is None and off._scene_motion is None
+    with pytest.raises(ValueError, match='motion_gate_margin 11.0 must be <= 10'):
+        PipelineConfig(mode='sam2', model_dir='x', motion_gate_margin=11.0).validate()
 
 
 def test_load_errors_and_tensorrt_fallback(models, tmp_path):

@@ -3,6 +3,7 @@
 import copy
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from transformers import Sam2VideoModel
 
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker, use_inference_modules
+from sam_gap_ros.engines.scene_motion import shift_memory
 from sam_gap_ros.engines.tiny_sam2 import (
     build_sam2_video_processor,
     build_tiny_sam2,
@@ -157,7 +159,8 @@ def test_processor_size_must_match_model():
 def test_matches_plain_transformers_streaming_loop():
     """Batched tracking equals transformers' own per-object streaming forward."""
     # SAM2's own rules: absent frames memorised and box-prompted masks left uncut.
-    tracker = make_tracker(skip_absent_memory=False, box_mask_margin=None)
+    tracker = make_tracker(skip_absent_memory=False, box_mask_margin=None,
+                           motion_compensation=False, motion_gate_margin=None)
     video = frames(9)
     ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
 
@@ -403,7 +406,9 @@ def test_reprompt_existing_object_adds_conditioning_frame():
 
 
 def test_reprompt_can_replace_conditioning_frames():
-    tracker = make_tracker()
+    # The random decoder's masks wander off their boxes, which the motion gate would
+    # report as absent (no memory): this test is about the conditioning bookkeeping.
+    tracker = make_tracker(motion_gate_margin=None)
     video = frames(8)
     tracker.track(video[0])
     tracker.add_objects(boxes=[BOX_A, BOX_B])
@@ -619,7 +624,8 @@ def test_memory_stays_bounded():
         with_memory = [f for f, entry in non_cond.items() if 'maskmem_features' in entry]
         assert len(with_memory) <= 3  # num_maskmem - 1
         assert all(set(entry) <= {'object_pointer', 'object_score_logits', 'maskmem_features',
-                                  'maskmem_pos_enc'} for entry in non_cond.values())
+                                  'maskmem_pos_enc', 'scene_offset'}
+                   for entry in non_cond.values())
     assert all(not table for table in session.frames_tracked_per_obj.values())
 
 
@@ -667,3 +673,82 @@ def test_object_batch_size_follows_key_bytes(monkeypatch):
     # bf16 keys take half the bytes.
     tracker._max_batch = None
     assert tracker._object_batch_size(memory.bfloat16()) == 6
+
+
+# ---------------------------------------------------------------- camera motion
+
+
+def panned(count, step_px, seed=0):
+    """Return a textured view panned by ``step_px`` per frame (content moves right)."""
+    rng = np.random.RandomState(seed)
+    world = rng.randint(0, 255, (H, W + step_px * count, 3), np.uint8)
+    world = np.ascontiguousarray(cv2.GaussianBlur(world, (5, 5), 1.5))
+    right = world.shape[1]
+    return [world[:, right - W - step_px * i:right - step_px * i] for i in range(count)]
+
+
+def test_still_camera_tracks_exactly_as_without_motion_compensation():
+    """No camera motion, no change: the aligned memory is SAM2's memory bit for bit."""
+    video = [frames(1)[0]] * 6
+    results = []
+    for compensate in (False, True):
+        tracker = make_tracker(motion_compensation=compensate, motion_gate_margin=None)
+        results.append(run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])}))
+        assert np.hypot(*tracker.scene_offset) < 1e-6
+    for plain, aligned in zip(*results, strict=True):
+        for a, b in zip(plain.objects, aligned.objects, strict=True):
+            assert a.score == b.score and np.array_equal(a.mask, b.mask)
+
+
+def test_prompted_memory_moves_with_the_camera():
+    step = 4
+    video = panned(6, step)
+    tracker = make_tracker(motion_gate_margin=None)
+    plain = make_tracker(motion_compensation=False, motion_gate_margin=None)
+    ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+    theirs = run(plain, video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+    # The estimate is in model-input pixels (the frame is resized to a square).
+    size = tracker.model.config.image_size
+    x, y = tracker.scene_offset
+    assert x == pytest.approx(step * 5 * size / W, abs=1.0) and abs(y) < 0.5
+    assert plain.scene_offset == (0.0, 0.0)
+    # What frame 5 reads: the prompted memory moved by the offset, recent ones as stored.
+    store = tracker.session.output_dict_per_obj[0]
+    cond = store['cond_frame_outputs'][0]
+    memory, _, _ = tracker._gather_memory(0, 6)
+    grid = tracker.model.backbone_feature_sizes[-1]
+    tokens = grid[0] * grid[1]
+    expected = shift_memory(cond['maskmem_features'], (x, y), grid, size)
+    assert torch.allclose(memory[:tokens].float(), expected.float())
+    recent = [entry['maskmem_features'] for _, entry in sorted(
+        store['non_cond_frame_outputs'].items()) if 'maskmem_features' in entry]
+    assert len(recent) == 5 and torch.equal(memory[tokens:tokens * 6].float(),
+                                            torch.cat(recent).float())
+    # ... and the tracks use it.
+    assert any(not np.array_equal(a.mask, b.mask)
+               for a, b in zip(ours[5].objects, theirs[5].objects, strict=True))
+
+
+def test_mask_that_leaves_its_moved_box_is_reported_absent():
+    """The motion gate: a tracked mask mostly outside the object's last box is not it."""
+    video = frames(4)
+    # A mask prompt is its own output: the object's last box is this small square.
+    small = np.zeros((H, W), bool)
+    small[40:52, 70:82] = True
+    results = {}
+    for gate in (None, 0.25):
+        tracker = make_tracker(motion_gate_margin=gate)
+        tracker.track(video[0])
+        tracker.add_objects(masks=[small])
+        results[gate] = [tracker.track(frame).objects[0] for frame in video[1:]]
+        store = tracker.session.output_dict_per_obj[0]['non_cond_frame_outputs']
+        results[gate, 'memorised'] = [f for f, e in store.items() if 'maskmem_features' in e]
+    # The random decoder's tracked mask spreads far beyond the square ...
+    ungated = results[None][0]
+    assert ungated.present and ungated.mask[40:52, 70:82].sum() < 0.5 * ungated.area
+    # ... so the gate reports the object absent, with no mask and no memory of the frame.
+    gated = results[0.25]
+    assert all(not obj.present and obj.score < 0 and not obj.mask.any() for obj in gated)
+    assert results[0.25, 'memorised'] == [] and results[None, 'memorised'] == [1, 2, 3]
+    with pytest.raises(ValueError, match='motion_gate_margin'):
+        make_tracker(motion_gate_margin=-0.5)

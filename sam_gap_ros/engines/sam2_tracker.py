@@ -26,6 +26,17 @@ fruit of the same colour, which the track then follows as part of the object (on
 orchard model: box-prompted mIoU 0.58 -> 0.68, docs/tiny_models.md). ``None`` keeps
 SAM2's rule.
 
+The camera's image motion (``scene_motion``: phase correlation between consecutive model
+inputs) is used twice. ``motion_compensation`` moves each object's prompted-frame memory,
+which stays in the bank for the whole track, by the motion since its frame, so it lines
+up with the current view instead of pulling the mask back to where the fruit was. The
+motion gate (``motion_gate_margin``) cuts each tracked mask to the object's last box moved
+by that motion and grown by the margin; a mask with less than half of its pixels inside
+has jumped to another fruit or spread over the view, and the object is reported absent
+(not memorised) until a mask shows up in the moving box again. On the tiny orchard model:
+track mIoU 0.54 -> 0.63 and apples that left reported absent on all frames instead of
+none. ``False`` / ``None`` keep SAM2's rules.
+
 Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
 conditioning frame, or, with ``replace_conditioning=True``, replaces the object's earlier
 ones (re-anchoring on a fresh mask when the old prompts no longer describe the view).
@@ -63,6 +74,8 @@ from transformers.models.sam2 import modeling_sam2
 from transformers.models.sam2_video import modeling_sam2_video
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
+from sam_gap_ros.engines.scene_motion import (gate_to_moved_box, logits_box, moved_box,
+                                              SceneMotion, shift_memory)
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
 from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
                                        TrackedObject, TrackResult)
@@ -75,6 +88,9 @@ _PROCESSOR_FILES = ('processor_config.json', 'preprocessor_config.json',
                     'video_preprocessor_config.json')
 # Value transformers writes into the mask logits of objects judged absent.
 _NO_OBJ_SCORE = -1024.0
+# Share of a tracked mask that must lie in its motion-gate box for the object to count as
+# still there (below: it jumped to another fruit or spread over the view).
+_GATE_MIN_KEPT = 0.5
 # Per-frame output entries the next frames read; masks are converted to numpy at once and
 # every other entry (high-res logits, multimask logits) is dropped before storing.
 _KEPT_OUTPUT_KEYS = ('object_pointer', 'object_score_logits', 'maskmem_features',
@@ -462,7 +478,9 @@ class Sam2Tracker:
                  dtype: Union[str, torch.dtype] = 'float32',
                  *, max_conditioning_frames: int = 4, skip_absent_memory: bool = True,
                  max_object_batch: Optional[int] = None,
-                 box_mask_margin: Optional[float] = 0.1) -> None:
+                 box_mask_margin: Optional[float] = 0.1,
+                 motion_compensation: bool = True,
+                 motion_gate_margin: Optional[float] = 0.25) -> None:
         """Wrap a loaded ``Sam2VideoModel`` and its processor.
 
         ``max_conditioning_frames`` caps the prompted frames kept per object (the first
@@ -476,6 +494,12 @@ class Sam2Tracker:
         box grown by this fraction of the box's width/height on each side, both in the
         output and in the memory it starts from (None: SAM2's uncut mask; see
         ``cut_to_prompt_box``).
+        ``motion_compensation``: the prompted-frame memory is moved by the camera's image
+        motion since its frame (``scene_motion``); False keeps SAM2's fixed memory.
+        ``motion_gate_margin``: a tracked mask is cut to the object's last box moved by
+        the camera motion and grown by this fraction of its size (+ 2 px) per side; if
+        less than half of the mask was inside, the object is reported absent and that
+        frame is not memorised (None: no gate).
         """
         if max_conditioning_frames < 1:
             raise ValueError('max_conditioning_frames must be >= 1')
@@ -484,6 +508,12 @@ class Sam2Tracker:
         if box_mask_margin is not None and not 0.0 <= box_mask_margin <= 10.0:
             raise ValueError('box_mask_margin must be in [0, 10] or None')
         self._box_mask_margin = None if box_mask_margin is None else float(box_mask_margin)
+        if motion_gate_margin is not None and not 0.0 <= motion_gate_margin <= 10.0:
+            raise ValueError('motion_gate_margin must be in [0, 10] or None')
+        self._gate_margin = None if motion_gate_margin is None else float(motion_gate_margin)
+        self._align_memory = bool(motion_compensation)
+        uses_motion = self._align_memory or self._gate_margin is not None
+        self._scene_motion = SceneMotion() if uses_motion else None
         self._max_batch = None if max_object_batch is None else int(max_object_batch)
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
@@ -570,6 +600,11 @@ class Sam2Tracker:
         return self._image_size
 
     @property
+    def scene_offset(self) -> Tuple[float, float]:
+        """Camera image motion since the first frame, in model-input pixels (0 when unused)."""
+        return self._scene_offset
+
+    @property
     def last_result(self) -> Optional[TrackResult]:
         """Return the result of the latest frame, including objects prompted on it."""
         return self._last_result
@@ -598,6 +633,12 @@ class Sam2Tracker:
         self._frame_index = -1
         self._image_size: Optional[Tuple[int, int]] = None
         self._last_result: Optional[TrackResult] = None
+        # Scene offset of the current frame in model-input pixels (see scene_motion).
+        self._scene_offset = (0.0, 0.0)
+        if self._scene_motion is not None:
+            self._scene_motion.reset()
+        # object id -> (its last box in model-input pixels, the scene offset of that frame)
+        self._last_box: Dict[int, Tuple[Tuple[float, ...], Tuple[float, float]]] = {}
         # object id -> frame index its first prompt is waiting for
         self._pending: Dict[int, int] = {}
         # pending objects whose prompt replaces their earlier conditioning frames
@@ -689,6 +730,7 @@ class Sam2Tracker:
         session.obj_ids = list(keep)
         self._pending.pop(object_id, None)
         self._replace_conditioning.discard(object_id)
+        self._last_box.pop(object_id, None)
         if self._last_result is not None:
             # A new result, so the one already handed to the caller is left untouched.
             self._last_result = TrackResult(
@@ -703,6 +745,9 @@ class Sam2Tracker:
         self._check_frame(frame)
         frame_idx = self._frame_index + 1
         pixel_values = self._preprocess(frame)
+        if self._scene_motion is not None:
+            self._scene_offset = self._scene_motion.update(
+                pixel_values.float().mean(dim=0).cpu().numpy())
         session = self._session
         session.add_new_frame(pixel_values, frame_idx=frame_idx)
         self._frame_index = frame_idx
@@ -861,6 +906,7 @@ class Sam2Tracker:
             if self._box_mask_margin is not None:
                 cut_to_prompt_box(out, point_inputs, self._box_mask_margin,
                                   model.config.image_size)
+            self._remember_box(obj_id, out['high_res_masks'][0, 0])
             # Each prompted object gets its own memory-encoder call: transformers binarises
             # the masks of a whole batch when any member was prompted, which would alter
             # the memories of objects tracked on the same frame.
@@ -875,6 +921,7 @@ class Sam2Tracker:
                 store['cond_frame_outputs'].clear()
                 self._replace_conditioning.discard(obj_id)
             store['cond_frame_outputs'][frame_idx] = {k: out[k] for k in _KEPT_OUTPUT_KEYS}
+            store['cond_frame_outputs'][frame_idx]['scene_offset'] = self._scene_offset
             self._cap_conditioning(store['cond_frame_outputs'])
             self._pending.pop(obj_id, None)
             results[obj_id] = {'pred_masks': out['pred_masks'],
@@ -920,6 +967,8 @@ class Sam2Tracker:
             memory_batches.append(([obj_id for obj_id, _, _ in members], head))
 
         for member_ids, head in memory_batches:
+            if self._gate_margin is not None:
+                self._motion_gate(member_ids, head)
             scores = head['object_score_logits']
             keep = list(range(len(member_ids)))
             if self._skip_absent_memory:
@@ -940,6 +989,7 @@ class Sam2Tracker:
                         'object_score_logits': scores[i:i + 1],
                         'maskmem_features': memory[:, j:j + 1],
                         'maskmem_pos_enc': memory_pos[:, j:j + 1],
+                        'scene_offset': self._scene_offset,
                     }
                 results[obj_id] = {'pred_masks': head['pred_masks'][i:i + 1],
                                    'object_score_logits': scores[i:i + 1]}
@@ -970,6 +1020,10 @@ class Sam2Tracker:
         model = self._model
         device = self._device
         positions = model._gather_memory_frame_outputs(self._session, obj_idx, frame_idx)
+        if self._align_memory:
+            # Temporal position 0 = conditioning (prompted) frames: only they grow old.
+            positions = [(offset, self._aligned(out) if offset == 0 else out)
+                         for offset, out in positions]
         memories, memory_pos = model._build_memory_attention_inputs(positions, device)
         offsets, pointers, max_pointers = model._get_object_pointers(
             self._session, obj_idx, frame_idx, None, device, track_in_reverse_time=False,
@@ -982,6 +1036,48 @@ class Sam2Tracker:
             memory_pos.append(pointer_pos)
             num_ptr_tokens = pointer_tokens.shape[0]
         return torch.cat(memories, dim=0), torch.cat(memory_pos, dim=0), num_ptr_tokens
+
+    def _remember_box(self, obj_id: int, high_res: torch.Tensor) -> None:
+        """Store the box of an object's mask (model-input pixels) for the motion gate."""
+        if self._gate_margin is None:
+            return
+        box = logits_box(high_res)
+        if box is not None:
+            self._last_box[obj_id] = (box, self._scene_offset)
+
+    def _motion_gate(self, ids: Sequence[int], head: dict) -> None:
+        """Cut tracked masks to their moved last box; mark the ones that left it absent."""
+        high_res, low_res = head['high_res_masks'], head['pred_masks']
+        scores = head['object_score_logits']
+        for i, obj_id in enumerate(ids):
+            last = self._last_box.get(obj_id)
+            if last is None or float(scores[i].reshape(-1)[0]) <= 0:
+                continue
+            box, origin = last
+            shift = (self._scene_offset[0] - origin[0], self._scene_offset[1] - origin[1])
+            if gate_to_moved_box(high_res[i, 0], low_res[i, 0],
+                                 moved_box(box, shift, self._gate_margin),
+                                 self._model.config.image_size, _GATE_MIN_KEPT, _NO_OBJ_SCORE):
+                self._remember_box(obj_id, high_res[i, 0])
+            else:
+                # Absent: no output mask, no memory; the last box keeps moving with the
+                # scene, so the object returns when a mask shows up there again.
+                scores[i] = torch.clamp(scores[i], max=0.0) - 1.0
+                high_res[i] = _NO_OBJ_SCORE
+                low_res[i] = _NO_OBJ_SCORE
+
+    def _aligned(self, out: Optional[dict]) -> Optional[dict]:
+        """Return a memory entry moved by the scene motion since its frame (a copy)."""
+        if out is None or 'maskmem_features' not in out or 'scene_offset' not in out:
+            return out
+        shift = (self._scene_offset[0] - out['scene_offset'][0],
+                 self._scene_offset[1] - out['scene_offset'][1])
+        if abs(shift[0]) < 1e-3 and abs(shift[1]) < 1e-3:
+            return out
+        model = self._model
+        moved = shift_memory(out['maskmem_features'], shift, model.backbone_feature_sizes[-1],
+                             model.config.image_size)
+        return dict(out, maskmem_features=moved)
 
     def _sam_head(self, pix_feat: torch.Tensor, high_res: List[torch.Tensor]) -> dict:
         """Run SAM2's prompt-free tracking head on a batch of memory-conditioned features.

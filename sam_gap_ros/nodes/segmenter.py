@@ -81,6 +81,15 @@ def _declare_all(node: LifecycleNode) -> None:
                                       'mask is cut to the box grown by this fraction of its '
                                       'size per side; < 0 = SAM2\'s uncut mask',
                                       float_range=(-1.0, 10.0), read_only=ro)),
+        ('motion_compensation', True, dict(description='sam2/hybrid: move each object\'s '
+                                           'prompted-frame memory with the camera\'s image '
+                                           'motion; false = SAM2\'s fixed memory',
+                                           read_only=ro)),
+        ('motion_gate_margin', 0.25, dict(description='sam2/hybrid: a tracked mask must lie '
+                                          'in its last box moved with the camera and grown by '
+                                          'this fraction per side, else the object is '
+                                          'reported absent; < 0 = no gate',
+                                          float_range=(-1.0, 10.0), read_only=ro)),
         ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
@@ -201,7 +210,9 @@ class SegmenterNode(LifecycleNode):
             redetect_every_n=param('redetect_every_n'),
             min_depth_pixels=param('min_depth_pixels'),
             max_object_batch=param('max_object_batch'),
-            box_mask_margin=param('box_mask_margin'))
+            box_mask_margin=param('box_mask_margin'),
+            motion_compensation=param('motion_compensation'),
+            motion_gate_margin=param('motion_gate_margin'))
         try:
             input_qos(param('input_qos'))
             if param('image_transport') not in ('raw', 'compressed'):

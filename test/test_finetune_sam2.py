@@ -165,6 +165,45 @@ def test_forward_clip_trains_the_memory_path():
                    for n, g in grads.items() if n.startswith(prefix)), prefix
 
 
+def _boxed_session(processor, clip):
+    session = processor.init_video_session(video=list(clip.frames), inference_device='cpu',
+                                           max_vision_features_cache_size=clip.num_frames)
+    prompts = [sam2_data.human_prompt(clip.masks[0, k], 'box') for k in range(2)]
+    sam2_data.add_prompts_to_session(processor, session, 0, clip.track_ids, prompts, clip.size)
+    return session
+
+
+def test_forward_clip_can_move_the_prompted_memory_with_the_camera():
+    model = build_tiny_sam2(image_size=64).eval()  # eval: no dropout, comparable runs
+    processor = build_sam2_video_processor(64)
+    moving = _disk_clip(num_frames=3)  # all content moves 2 px per frame: a pan
+    still = sam2_data.VideoClip(np.repeat(moving.frames[:1], 3, axis=0),
+                                np.repeat(moving.masks[:1], 3, axis=0), moving.track_ids, 'still')
+    runs = {}
+    for clip in (moving, still):
+        for compensate in (False, True):
+            runs[clip.name, compensate] = finetune_sam2.forward_clip(
+                model, _boxed_session(processor, clip), clip.track_ids, clip.num_frames,
+                motion_compensation=compensate)
+            # The model's own memory gathering is back after the clip.
+            assert '_gather_memory_frame_outputs' not in vars(model)
+
+    def logits(name, compensate, t):
+        return runs[name, compensate][t]['multimask_logits']
+
+    # Frame 0 reads no memory; on a pan the tracked frames read the moved memory ...
+    assert torch.equal(logits('disks', False, 0), logits('disks', True, 0))
+    assert not torch.allclose(logits('disks', False, 2), logits('disks', True, 2))
+    # ... and a still camera moves nothing.
+    assert torch.allclose(logits('still', False, 2), logits('still', True, 2), atol=1e-5)
+    # The moved memory is differentiable: the memory path still learns.
+    targets = finetune_sam2.resize_masks(moving.masks, 64, torch.device('cpu'))
+    loss, _ = finetune_sam2.clip_loss(runs['disks', True], targets, {})
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in model.named_parameters() if n.startswith('memory_encoder.'))
+
+
 def test_tiny_model_prompt_and_image_share_one_positional_basis():
     model, processor = finetune_sam2.build_model({'tiny': {'image_size': 64, 'seed': 1}})
     assert torch.equal(model.prompt_encoder.shared_embedding.positional_embedding,

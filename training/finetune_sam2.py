@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from sam_gap_ros.engines.loading import check_model_dir
+from sam_gap_ros.engines.scene_motion import SceneMotion, shift_memory
 from training import common, losses
 from training.metrics import video_j_and_f
 from training.sam2_data import (add_prompts_to_session, human_prompt, iterate_clips,
@@ -99,14 +100,60 @@ def capture_decoder_outputs(model: torch.nn.Module) -> Iterator[List[Tuple[torch
         handle.remove()
 
 
+@contextmanager
+def conditioning_memory_follows_camera(model: torch.nn.Module, session: Any,
+                                       num_frames: int) -> Iterator[None]:
+    """Move the prompted frames' memories with the camera while tracking a clip.
+
+    The training counterpart of ``Sam2Tracker(motion_compensation=True)``: the camera's
+    image motion is estimated on the session's frames (``SceneMotion``) and, whenever a
+    frame reads its memory, each conditioning-frame memory (temporal position 0) is moved
+    by the motion since its frame (``shift_memory``, differentiable). Recent memories are
+    read as stored.
+    """
+    motion = SceneMotion()
+    offsets = [motion.update(session.get_frame(i).float().mean(dim=0).detach().cpu().numpy())
+               for i in range(num_frames)]
+    gather = type(model)._gather_memory_frame_outputs
+    grid = model.backbone_feature_sizes[-1]
+    image_size = int(model.config.image_size)
+
+    def gather_moved(inference_session: Any, obj_idx: int, frame_idx: int,
+                     track_in_reverse_time: bool = False) -> list:
+        positions = gather(model, inference_session, obj_idx, frame_idx, track_in_reverse_time)
+        origins = {id(entry): idx for idx, entry in
+                   inference_session.output_dict_per_obj[obj_idx]['cond_frame_outputs'].items()}
+        moved = []
+        for temporal, entry in positions:
+            if temporal == 0 and entry is not None and id(entry) in origins:
+                origin = offsets[origins[id(entry)]]
+                shift = (offsets[frame_idx][0] - origin[0], offsets[frame_idx][1] - origin[1])
+                entry = dict(entry, maskmem_features=shift_memory(
+                    entry['maskmem_features'], shift, grid, image_size))
+            moved.append((temporal, entry))
+        return moved
+
+    model._gather_memory_frame_outputs = gather_moved  # this instance only
+    try:
+        yield
+    finally:
+        del model._gather_memory_frame_outputs
+
+
 def forward_clip(model: torch.nn.Module, session: Any, object_ids: Sequence[int],
-                 num_frames: int) -> List[Dict[str, torch.Tensor]]:
+                 num_frames: int, motion_compensation: bool = False
+                 ) -> List[Dict[str, torch.Tensor]]:
     """Run the prompted first frame and track the rest; return per-frame decoder outputs.
 
     Each frame's dict holds ``multimask_logits`` ``(K, M, h, w)``, ``iou_scores`` ``(K, M)``,
     ``object_score_logits`` ``(K,)`` and ``supervised`` ``(K,)`` (False where a mask prompt
-    was copied to the output, which has nothing to learn).
+    was copied to the output, which has nothing to learn). ``motion_compensation`` moves
+    the prompted frame's memory with the camera, as the tracker does at inference
+    (``conditioning_memory_follows_camera``).
     """
+    if motion_compensation:
+        with conditioning_memory_follows_camera(model, session, num_frames):
+            return forward_clip(model, session, object_ids, num_frames)
     frames = []
     with capture_decoder_outputs(model) as records:
         for frame_idx in range(num_frames):
@@ -372,6 +419,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     eval_every = int(train_cfg.get('eval_every', 0)) or total_steps
     ckpt_every = int(train_cfg.get('checkpoint_every', 0)) or eval_every
     stop_at = int(train_cfg.get('stop_at_step', 0)) or total_steps
+    # Training clips only: validation runs transformers' own inference loop.
+    motion_compensation = bool(train_cfg.get('motion_compensation', False))
     accumulation = stepper.accumulation_steps
     image_size = int(model.config.image_size)
     metrics: Dict[str, float] = {}
@@ -407,7 +456,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
             add_prompts_to_session(processor, session, 0, clip.track_ids, prompts, clip.size)
             targets = resize_masks(clip.masks, image_size, device)
             with common.amp_context(device, precision):
-                frames = forward_clip(model, session, clip.track_ids, clip.num_frames)
+                frames = forward_clip(model, session, clip.track_ids, clip.num_frames,
+                                      motion_compensation=motion_compensation)
             loss, terms = clip_loss(frames, targets, cfg.get('loss', {}))
             stepper.backward(loss)
             micro_losses.append(float(loss.detach()))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sam_gap_ros.engines.scene_motion import (gate_to_moved_box, logits_box, moved_box,
+from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, logits_boxes, moved_box,
                                               SceneMotion, shift_memory)
 from sam_gap_ros.mask_ops import mask_to_box
 
@@ -78,25 +78,29 @@ def test_shift_memory_moves_content_by_whole_cells_and_clears_the_border():
 def test_moved_box_and_gate():
     assert moved_box((10, 20, 30, 60), (5, -4), 0.25) == (8.0, 4.0, 42.0, 68.0)
     size = 64
-    high = torch.full((size, size), -5.0)
-    low = torch.full((16, 16), -5.0)
-    high[10:20, 10:20] = 5.0
-    low[2:5, 2:5] = 5.0
-    # Inside its box: kept unchanged, the object is still there.
-    assert gate_to_moved_box(high, low, (8, 8, 22, 22), size, 0.5, -1024.0)
-    assert int((high > 0).sum()) == 100 and int((low > 0).sum()) == 9
-    # Half of it outside: cut; less than half inside: the object is not there.
-    assert gate_to_moved_box(high.clone(), low.clone(), (8, 8, 15, 22), size, 0.5, -1024.0)
-    cut = high.clone()
-    assert not gate_to_moved_box(cut, low.clone(), (8, 8, 13, 22), size, 0.5, -1024.0)
-    assert int((cut > 0).sum()) == 30 and float(cut.min()) == -1024.0
-    assert not gate_to_moved_box(torch.full((8, 8), -1.0), torch.full((4, 4), -1.0),
-                                 (0, 0, 8, 8), 8, 0.5, -1024.0)
+    high = torch.full((5, size, size), -5.0)
+    low = torch.full((5, 16, 16), -5.0)
+    high[:4, 10:20, 10:20] = 5.0                       # objects 0-3: a 10 x 10 px square
+    low[:4, 2:5, 2:5] = 5.0                            # object 4: empty
+    boxes = [(8, 8, 22, 22),    # all inside: kept unchanged
+             (8, 8, 15, 22),    # half inside: cut, still there
+             (8, 8, 13, 22),    # less than half inside: gone
+             (40, 40, 60, 60),  # elsewhere: gone
+             (0, 0, 64, 64)]    # an empty mask is not the object either
+    before = high.clone()
+    kept = gate_to_moved_boxes(high, low, boxes, size, 0.5, -1024.0)
+    assert kept == [True, True, False, False, False]
+    # Inside its box a map is untouched; outside it is "no object".
+    assert torch.equal(high[0, 8:22, 8:22], before[0, 8:22, 8:22])
+    assert torch.equal(high[0] > 0, before[0] > 0) and int((low[0] > 0).sum()) == 9
+    assert [int((high[i] > 0).sum()) for i in range(4)] == [100, 50, 30, 0]
+    assert float(high[2].min()) == -1024.0 and not (low[3] > 0).any()
 
 
-def test_logits_box_matches_mask_to_box():
+def test_logits_boxes_match_mask_to_box():
     rng = np.random.RandomState(3)
-    for _ in range(5):
-        logits = torch.from_numpy(rng.randn(20, 30).astype(np.float32)) - 1.5
-        assert logits_box(logits) == mask_to_box(logits.numpy() > 0)
-    assert logits_box(torch.full((4, 4), -1.0)) is None
+    logits = torch.from_numpy(rng.randn(6, 20, 30).astype(np.float32)) - 1.5
+    logits[5] = -1.0
+    boxes = logits_boxes(logits)
+    assert boxes[:5] == [mask_to_box(m.numpy() > 0) for m in logits[:5]]
+    assert boxes[5] is None

@@ -74,7 +74,7 @@ from transformers.models.sam2 import modeling_sam2
 from transformers.models.sam2_video import modeling_sam2_video
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
-from sam_gap_ros.engines.scene_motion import (gate_to_moved_box, logits_box, moved_box,
+from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, logits_boxes, moved_box,
                                               SceneMotion, shift_memory)
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
 from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
@@ -906,7 +906,7 @@ class Sam2Tracker:
             if self._box_mask_margin is not None:
                 cut_to_prompt_box(out, point_inputs, self._box_mask_margin,
                                   model.config.image_size)
-            self._remember_box(obj_id, out['high_res_masks'][0, 0])
+            self._remember_boxes([obj_id], out['high_res_masks'][:, 0])
             # Each prompted object gets its own memory-encoder call: transformers binarises
             # the masks of a whole batch when any member was prompted, which would alter
             # the memories of objects tracked on the same frame.
@@ -1037,34 +1037,42 @@ class Sam2Tracker:
             num_ptr_tokens = pointer_tokens.shape[0]
         return torch.cat(memories, dim=0), torch.cat(memory_pos, dim=0), num_ptr_tokens
 
-    def _remember_box(self, obj_id: int, high_res: torch.Tensor) -> None:
-        """Store the box of an object's mask (model-input pixels) for the motion gate."""
-        if self._gate_margin is None:
+    def _remember_boxes(self, obj_ids: Sequence[int], high_res: torch.Tensor) -> None:
+        """Store the boxes of objects' masks ``(B, S, S)`` (model-input px) for the gate."""
+        if self._gate_margin is None or not obj_ids:
             return
-        box = logits_box(high_res)
-        if box is not None:
-            self._last_box[obj_id] = (box, self._scene_offset)
+        for obj_id, box in zip(obj_ids, logits_boxes(high_res), strict=True):
+            if box is not None:
+                self._last_box[obj_id] = (box, self._scene_offset)
 
     def _motion_gate(self, ids: Sequence[int], head: dict) -> None:
         """Cut tracked masks to their moved last box; mark the ones that left it absent."""
         high_res, low_res = head['high_res_masks'], head['pred_masks']
         scores = head['object_score_logits']
-        for i, obj_id in enumerate(ids):
-            last = self._last_box.get(obj_id)
-            if last is None or float(scores[i].reshape(-1)[0]) <= 0:
-                continue
-            box, origin = last
+        present = (scores.reshape(len(ids), -1)[:, 0] > 0).tolist()
+        rows = [i for i, obj_id in enumerate(ids) if present[i] and obj_id in self._last_box]
+        if not rows:
+            return
+        boxes = []
+        for i in rows:
+            box, origin = self._last_box[ids[i]]
             shift = (self._scene_offset[0] - origin[0], self._scene_offset[1] - origin[1])
-            if gate_to_moved_box(high_res[i, 0], low_res[i, 0],
-                                 moved_box(box, shift, self._gate_margin),
-                                 self._model.config.image_size, _GATE_MIN_KEPT, _NO_OBJ_SCORE):
-                self._remember_box(obj_id, high_res[i, 0])
-            else:
-                # Absent: no output mask, no memory; the last box keeps moving with the
-                # scene, so the object returns when a mask shows up there again.
-                scores[i] = torch.clamp(scores[i], max=0.0) - 1.0
-                high_res[i] = _NO_OBJ_SCORE
-                low_res[i] = _NO_OBJ_SCORE
+            boxes.append(moved_box(box, shift, self._gate_margin))
+        index = torch.tensor(rows, device=high_res.device)
+        gated_high, gated_low = high_res[index, 0], low_res[index, 0]
+        kept = gate_to_moved_boxes(gated_high, gated_low, boxes, self._model.config.image_size,
+                                   _GATE_MIN_KEPT, _NO_OBJ_SCORE)
+        high_res[index, 0], low_res[index, 0] = gated_high, gated_low
+        stayed = [i for i, keep in zip(rows, kept, strict=True) if keep]
+        self._remember_boxes([ids[i] for i in stayed], high_res[stayed, 0])
+        left = torch.tensor([i for i, keep in zip(rows, kept, strict=True) if not keep],
+                            dtype=torch.long, device=high_res.device)
+        if left.numel():
+            # Absent: no output mask, no memory; the last box keeps moving with the
+            # scene, so the object returns when a mask shows up there again.
+            scores[left] = torch.clamp(scores[left], max=0.0) - 1.0
+            high_res[left] = _NO_OBJ_SCORE
+            low_res[left] = _NO_OBJ_SCORE
 
     def _aligned(self, out: Optional[dict]) -> Optional[dict]:
         """Return a memory entry moved by the scene motion since its frame (a copy)."""

@@ -11,7 +11,7 @@ Two uses of one estimate, both in ``Sam2Tracker``:
 * ``shift_memory`` moves the conditioning (prompted-frame) memory by the scene motion
   since its frame, so it lines up with the current frame. The recent memories are a few
   frames old, a displacement the model learns to bridge in training, and stay as they are.
-* ``gate_to_moved_box`` keeps a tracked mask inside the object's last box moved by the
+* ``gate_to_moved_boxes`` keeps a tracked mask inside the object's last box moved by the
   scene motion (and grown by a margin): a mask that is mostly elsewhere has jumped to
   another fruit or exploded, and the object is reported absent instead.
 
@@ -24,7 +24,7 @@ or cut view) counts as no motion.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -117,45 +117,50 @@ def moved_box(box: Box, shift_px: Tuple[float, float], margin: float) -> Box:
     return (x0 + dx - grow_x, y0 + dy - grow_y, x1 + dx + grow_x, y1 + dy + grow_y)
 
 
-def logits_box(logits: torch.Tensor) -> Optional[Box]:
-    """Return the ``(x0, y0, x1, y1)`` box of ``logits > 0`` (2-D), or None if empty.
+def logits_boxes(logits: torch.Tensor) -> List[Optional[Box]]:
+    """Return the ``(x0, y0, x1, y1)`` box of ``logits > 0`` per map of ``(B, h, w)``.
 
-    Computed where the logits live (one small transfer instead of the whole mask).
+    None for an empty map. Computed where the logits live, with one small transfer.
     """
     mask = logits > 0
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    if rows.numel() == 0:
-        return None
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    y0, y1, x0, x1 = torch.stack([rows[0], rows[-1], cols[0], cols[-1]]).tolist()
-    return (float(x0), float(y0), float(x1 + 1), float(y1 + 1))
+    rows, cols = mask.any(dim=2), mask.any(dim=1)           # (B, h), (B, w)
+    height, width = rows.shape[1], cols.shape[1]
+    first_row = rows.int().argmax(dim=1)
+    last_row = height - 1 - rows.flip(1).int().argmax(dim=1)
+    first_col = cols.int().argmax(dim=1)
+    last_col = width - 1 - cols.flip(1).int().argmax(dim=1)
+    table = torch.stack([first_col, first_row, last_col + 1, last_row + 1,
+                         rows.any(dim=1).int()], dim=1).tolist()
+    return [tuple(float(v) for v in row[:4]) if row[4] else None for row in table]
 
 
-def inside_box(box: Box, shape: Sequence[int], image_size: int,
-               device: torch.device) -> torch.Tensor:
-    """Return a ``shape`` (h, w) boolean map of the cells whose centre lies in ``box``.
+def inside_boxes(boxes: torch.Tensor, shape: Sequence[int], image_size: int) -> torch.Tensor:
+    """Return ``(B, h, w)``: which cells of an ``(h, w)`` map lie in each box of ``(B, 4)``.
 
-    ``box`` is in model-input pixels; the map covers the square model input.
+    Boxes are in model-input pixels; the map covers the square model input.
     """
     height, width = int(shape[0]), int(shape[1])
+    device = boxes.device
     ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * (image_size / height)
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * (image_size / width)
-    return (((ys >= box[1]) & (ys <= box[3]))[:, None]
-            & ((xs >= box[0]) & (xs <= box[2]))[None, :])
+    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))
+    return (((ys >= y0) & (ys <= y1))[:, :, None] & ((xs >= x0) & (xs <= x1))[:, None, :])
 
 
-def gate_to_moved_box(high_res: torch.Tensor, low_res: torch.Tensor, box: Box,
-                      image_size: int, min_kept: float, no_object: float) -> bool:
-    """Cut one object's mask logits to ``box``; return False if too little of it was inside.
+def gate_to_moved_boxes(high_res: torch.Tensor, low_res: torch.Tensor,
+                        boxes: Sequence[Box], image_size: int, min_kept: float,
+                        no_object: float) -> List[bool]:
+    """Cut objects' mask logits to their boxes; return per object whether it is still there.
 
-    ``high_res`` ``(S, S)`` and ``low_res`` ``(h, w)`` are the object's logits over the
-    model input, changed in place: outside ``box`` they become ``no_object``. An empty mask,
-    or one that keeps less than ``min_kept`` of its pixels, is not the object any more
-    (the caller reports it absent).
+    ``high_res`` ``(B, S, S)`` and ``low_res`` ``(B, h, w)`` are the objects' logits over
+    the model input, changed in place: outside its box a map becomes ``no_object``. An
+    empty mask, or one that keeps less than ``min_kept`` of its pixels, is not the object
+    any more (the caller reports it absent).
     """
-    before = int((high_res > 0).sum())
+    box_tensor = torch.tensor(boxes, dtype=torch.float32, device=high_res.device).reshape(-1, 4)
+    before = (high_res > 0).flatten(1).sum(dim=1)
     for logits in (high_res, low_res):
-        keep = inside_box(box, logits.shape[-2:], image_size, logits.device)
+        keep = inside_boxes(box_tensor, logits.shape[-2:], image_size)
         logits.copy_(torch.where(keep, logits, torch.full_like(logits, no_object)))
-    after = int((high_res > 0).sum())
-    return before > 0 and after >= min_kept * before
+    after = (high_res > 0).flatten(1).sum(dim=1)
+    return ((before > 0) & (after >= min_kept * before)).tolist()

@@ -23,10 +23,17 @@ def test_sam2_run_reports_overhead_for_every_frame(process, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith('node_overhead_pct=')
-    float(last.split('=', 1)[1])
+    headline = float(last.split('=', 1)[1])
     report = json.loads(out.read_text())
     print(report)
     assert report['process'] == process and report['frames'] == 4
+    if process == 'same':
+        # Paired per frame with the node's own engine calls (one per frame).
+        assert report['node_engine_ms_p50'] > 0
+        assert headline == pytest.approx(report['paired_overhead_pct'], abs=0.01)
+    else:
+        assert 'paired_overhead_pct' not in report
+        assert headline == pytest.approx(report['overhead_vs_reference_pct'], abs=0.01)
     assert report['end_to_end_ms_p50'] > 0 and report['engine_only_ms_p50'] > 0
     # Frame 0 attaches the box prompt; then each of the 5 frames got its instances.
     assert report['instances_received'] == 5

@@ -104,3 +104,20 @@ def test_logits_boxes_match_mask_to_box():
     boxes = logits_boxes(logits)
     assert boxes[:5] == [mask_to_box(m.numpy() > 0) for m in logits[:5]]
     assert boxes[5] is None
+
+
+def test_update_pixels_matches_update_and_shrinks_large_inputs_first():
+    world = textured(1100, 1100, seed=2)
+    small = [world[:128, 40 - 3 * i:168 - 3 * i] for i in range(3)]
+    on_host, on_tensor = SceneMotion(), SceneMotion()
+    for view in small:
+        expected = on_host.update(view)
+        got = on_tensor.update_pixels(torch.from_numpy(np.stack([view] * 3)))
+        assert got == pytest.approx(expected, abs=1e-4)  # channel mean: float rounding
+    assert got == pytest.approx((6.0, 0.0), abs=0.3)
+    large = SceneMotion()
+    large.update_pixels(torch.from_numpy(np.stack([world[:1024, 40:1064]] * 3)))
+    x, y = large.update_pixels(torch.from_numpy(np.stack([world[:1024, 30:1054]] * 3)))
+    assert (x, y) == pytest.approx((10.0, 0.0), abs=1.0)
+    with pytest.raises(ValueError, match='C, H, W'):
+        large.update_pixels(torch.zeros(4, 4))

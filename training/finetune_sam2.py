@@ -112,8 +112,7 @@ def conditioning_memory_follows_camera(model: torch.nn.Module, session: Any,
     read as stored.
     """
     motion = SceneMotion()
-    offsets = [motion.update(session.get_frame(i).float().mean(dim=0).detach().cpu().numpy())
-               for i in range(num_frames)]
+    offsets = [motion.update_pixels(session.get_frame(i)) for i in range(num_frames)]
     gather = type(model)._gather_memory_frame_outputs
     grid = model.backbone_feature_sizes[-1]
     image_size = int(model.config.image_size)

@@ -748,8 +748,7 @@ class Sam2Tracker:
         frame_idx = self._frame_index + 1
         pixel_values = self._preprocess(frame)
         if self._scene_motion is not None:
-            self._scene_offset = self._scene_motion.update(
-                pixel_values.float().mean(dim=0).cpu().numpy())
+            self._scene_offset = self._scene_motion.update_pixels(pixel_values)
         session = self._session
         session.add_new_frame(pixel_values, frame_idx=frame_idx)
         self._frame_index = frame_idx

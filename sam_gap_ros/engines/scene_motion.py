@@ -70,9 +70,25 @@ class SceneMotion:
         if scale > 1.0:
             size = (max(1, round(gray.shape[1] / scale)), max(1, round(gray.shape[0] / scale)))
             gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-        else:
-            scale = 1.0
-        gray = np.ascontiguousarray(gray)
+        return self._add(gray, max(scale, 1.0))
+
+    def update_pixels(self, pixels: torch.Tensor) -> Tuple[float, float]:
+        """Add the next model input ``(C, H, W)`` on any device; return the new ``offset``.
+
+        Averaged over channels and shrunk where it lives, so only a small image reaches
+        the host (a 1024 px input on a GPU: 256 KB instead of 4 MB per frame).
+        """
+        if pixels.ndim != 3:
+            raise ValueError(f'expected a (C, H, W) tensor, got shape {tuple(pixels.shape)}')
+        gray = pixels.detach().float().mean(dim=0)
+        scale = max(gray.shape) / self._side
+        if scale > 1.0:
+            size = (max(1, round(gray.shape[0] / scale)), max(1, round(gray.shape[1] / scale)))
+            gray = F.interpolate(gray[None, None], size=size, mode='area')[0, 0]
+        return self._add(gray.cpu().numpy(), max(scale, 1.0))
+
+    def _add(self, gray: np.ndarray, scale: float) -> Tuple[float, float]:
+        gray = np.ascontiguousarray(gray, dtype=np.float32)
         previous, self._previous = self._previous, gray
         if previous is None or previous.shape != gray.shape or min(gray.shape) < 2:
             return self._offset

@@ -80,15 +80,26 @@ class Harness:
         msg = numpy_to_image_msg(frame, encoding)
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
         msg.header.frame_id = 'cam'
+        if depth is not None:
+            info = CameraInfo(header=msg.header, width=W, height=H)
+            info.k = K
+            self.publisher(CameraInfo, f'{self.ns}/camera_info').publish(info)
+            # Drivers publish camera_info with every frame, so a node knows the intrinsics
+            # from the second frame on. On the first, a loaded machine may pair image and
+            # depth before the executor has run the camera_info callback, and (by design)
+            # such a frame gets no 3D poses; these tests check the steady state.
+            self.spin_until(self._intrinsics_known, timeout=5.0)
         self.publisher(Image, f'{self.ns}/image').publish(msg)
         if depth is not None:
             depth_msg = numpy_to_image_msg(depth, '16UC1' if depth.dtype == np.uint16 else '32FC1',
                                            msg.header)
-            info = CameraInfo(header=msg.header, width=W, height=H)
-            info.k = K
-            self.publisher(CameraInfo, f'{self.ns}/camera_info').publish(info)
             self.publisher(Image, f'{self.ns}/depth').publish(depth_msg)
         return msg
+
+    def _intrinsics_known(self):
+        """Return whether every active segmenter that pairs depth has a camera_info."""
+        return all(node._camera_info is not None for node in self.nodes
+                   if getattr(node, '_pairer', None) is not None and node._active)
 
     def spin_until(self, condition, timeout=TIMEOUT_S):
         deadline = time.monotonic() + timeout

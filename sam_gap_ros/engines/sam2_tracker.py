@@ -76,8 +76,8 @@ from transformers.models.sam2 import modeling_sam2
 from transformers.models.sam2_video import modeling_sam2_video
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
-from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, logits_boxes, moved_box,
-                                              SceneMotion, shift_memory)
+from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, inside_boxes, logits_boxes,
+                                              moved_box, SceneMotion, shift_memory)
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
 from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
                                        TrackedObject, TrackResult)
@@ -456,16 +456,12 @@ def cut_to_prompt_box(out: dict, point_inputs: Optional[dict], margin: float,
         return
     (x0, y0), (x1, y1) = (corners[labels == k][0].tolist() for k in (2, 3))
     grow_x, grow_y = margin * (x1 - x0), margin * (y1 - y0)
+    box = torch.tensor([[x0 - grow_x, y0 - grow_y, x1 + grow_x, y1 + grow_y]],
+                       dtype=torch.float32, device=corners.device)
     for key in ('high_res_masks', 'pred_masks'):
         logits = out[key]
-        height, width = logits.shape[-2:]
-        # Pixel centres in model-input pixels (the processor's square resize).
-        ys = (torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (
-            image_size / height)
-        xs = (torch.arange(width, device=logits.device, dtype=torch.float32) + 0.5) * (
-            image_size / width)
-        inside = (((ys >= y0 - grow_y) & (ys <= y1 + grow_y))[:, None]
-                  & ((xs >= x0 - grow_x) & (xs <= x1 + grow_x))[None, :])
+        # Cell centres in model-input pixels (the processor's square resize).
+        inside = inside_boxes(box, logits.shape[-2:], image_size)[0]
         out[key] = torch.where(inside, logits, torch.full_like(logits, _NO_OBJ_SCORE))
 
 
@@ -1057,8 +1053,7 @@ class Sam2Tracker:
         boxes = []
         for i in rows:
             box, origin = self._last_box[ids[i]]
-            shift = (self._scene_offset[0] - origin[0], self._scene_offset[1] - origin[1])
-            boxes.append(moved_box(box, shift, self._gate_margin))
+            boxes.append(moved_box(box, self._motion_since(origin), self._gate_margin))
         index = torch.tensor(rows, device=high_res.device)
         gated_high, gated_low = high_res[index, 0], low_res[index, 0]
         kept = gate_to_moved_boxes(gated_high, gated_low, boxes, self._model.config.image_size,
@@ -1075,12 +1070,15 @@ class Sam2Tracker:
             high_res[left] = _NO_OBJ_SCORE
             low_res[left] = _NO_OBJ_SCORE
 
+    def _motion_since(self, origin: Tuple[float, float]) -> Tuple[float, float]:
+        """Return the scene motion from a frame with scene offset ``origin`` to now."""
+        return (self._scene_offset[0] - origin[0], self._scene_offset[1] - origin[1])
+
     def _aligned(self, out: Optional[dict]) -> Optional[dict]:
         """Return a memory entry moved by the scene motion since its frame (a copy)."""
         if out is None or 'maskmem_features' not in out or 'scene_offset' not in out:
             return out
-        shift = (self._scene_offset[0] - out['scene_offset'][0],
-                 self._scene_offset[1] - out['scene_offset'][1])
+        shift = self._motion_since(out['scene_offset'])
         if abs(shift[0]) < 1e-3 and abs(shift[1]) < 1e-3:
             return out
         model = self._model

@@ -66,11 +66,7 @@ class SceneMotion:
         gray = np.asarray(gray, dtype=np.float32)
         if gray.ndim != 2:
             raise ValueError(f'expected a 2-D image, got shape {gray.shape}')
-        scale = max(gray.shape) / self._side
-        if scale > 1.0:
-            size = (max(1, round(gray.shape[1] / scale)), max(1, round(gray.shape[0] / scale)))
-            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-        return self._add(gray, max(scale, 1.0))
+        return self.update_pixels(torch.from_numpy(gray)[None])
 
     def update_pixels(self, pixels: torch.Tensor) -> Tuple[float, float]:
         """Add the next model input ``(C, H, W)`` on any device; return the new ``offset``.

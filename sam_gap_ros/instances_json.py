@@ -54,9 +54,14 @@ def _finite(value: float, name: str) -> float:
 
 def build_document(records: Sequence[InstanceRecord], *, stamp_sec: int, stamp_nanosec: int,
                    frame_id: str, width: int, height: int, mode: str, model: str,
-                   frame_index: int, concepts: Sequence[str] = ()) -> Dict[str, Any]:
-    """Return the versioned instances document for one frame."""
-    return {
+                   frame_index: int, concepts: Sequence[str] = (),
+                   inference_ms: Optional[float] = None) -> Dict[str, Any]:
+    """Return the versioned instances document for one frame.
+
+    ``inference_ms`` (optional) is the model's time on this frame, which lets a consumer
+    split its end-to-end latency into model time and transport/queueing.
+    """
+    document = {
         'schema': SCHEMA_NAME,
         'version': SCHEMA_VERSION,
         'header': {'stamp': {'sec': int(stamp_sec), 'nanosec': int(stamp_nanosec)},
@@ -68,6 +73,9 @@ def build_document(records: Sequence[InstanceRecord], *, stamp_sec: int, stamp_n
         'concepts': [str(c) for c in concepts],
         'instances': _with_pose_index(records),
     }
+    if inference_ms is not None:
+        document['inference_ms'] = _finite(inference_ms, 'inference_ms')
+    return document
 
 
 def _with_pose_index(records: Sequence[InstanceRecord]) -> List[Dict[str, Any]]:
@@ -111,6 +119,11 @@ def validate_document(document: Any) -> None:
     for key in ('header', 'image', 'mode', 'model', 'frame_index', 'concepts', 'instances'):
         if key not in document:
             raise ValueError(f"instances document lacks '{key}'")
+    inference_ms = document.get('inference_ms')
+    if inference_ms is not None and (isinstance(inference_ms, bool)
+                                     or not isinstance(inference_ms, (int, float))
+                                     or inference_ms < 0):
+        raise ValueError(f"'inference_ms' must be a non-negative number, got {inference_ms!r}")
     instances: List[Any] = document['instances']
     if not isinstance(instances, list):
         raise ValueError("'instances' must be a list")

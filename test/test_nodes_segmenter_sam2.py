@@ -70,6 +70,8 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     assert doc['header']['stamp']['sec'] * 10**9 + doc['header']['stamp']['nanosec'] \
         == _stamp_ns(last_mask)
     assert doc['mode'] == 'sam2' and doc['image'] == {'width': W, 'height': H}
+    # The model's time on this frame: > 0 and part of what the node measured end to end.
+    assert 0 < doc['inference_ms'] <= node.latency.percentile_ms(100)
     assert [inst['id'] for inst in doc['instances']] == [1]
     inst = doc['instances'][0]
     assert inst['area'] == int((labels == 1).sum()) > 0

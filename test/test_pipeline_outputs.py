@@ -34,6 +34,17 @@ def test_document_round_trip_and_fields():
     assert doc['instances'][1]['pose_index'] is None
 
 
+def test_inference_time_is_optional_and_validated():
+    assert 'inference_ms' not in _doc([])  # optional: version-1 readers need not expect it
+    doc = instances_json.build_document(
+        [], stamp_sec=0, stamp_nanosec=0, frame_id='cam', width=8, height=8, mode='sam2',
+        model='tiny', frame_index=1, inference_ms=12.345678)
+    assert instances_json.loads(instances_json.dumps(doc))['inference_ms'] == 12.3457
+    for bad in (-1.0, 'fast', True):
+        with pytest.raises(ValueError, match='inference_ms'):
+            instances_json.validate_document(dict(doc, inference_ms=bad))
+
+
 def test_non_finite_values_are_refused():
     bad = InstanceRecord(1, 'apple', float('nan'), (0, 0, 1, 1), 1, (0.5, 0.5))
     with pytest.raises(ValueError):

@@ -69,6 +69,10 @@ class PipelineConfig:
     """sam2/hybrid: a tracked mask must lie (at least half) in the object's last box, moved
     by the camera motion and grown by this fraction per side, or the object is reported
     absent; < 0 = no gate."""
+    mask_refine_radius: float = 1.0
+    """sam2/hybrid: snap SAM2 masks (published and memorised) to the frame's colour edges
+    with a guided filter of this radius in cells of the decoder's coarse mask grid
+    (``engines.mask_refinement``); <= 0 = SAM2's bilinearly upsampled masks."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -93,6 +97,9 @@ class PipelineConfig:
         if float(self.motion_gate_margin) > 10.0:
             raise ValueError(f'motion_gate_margin {self.motion_gate_margin} must be <= 10 '
                              '(< 0 = no gate)')
+        if float(self.mask_refine_radius) > 10.0:
+            raise ValueError(f'mask_refine_radius {self.mask_refine_radius} must be <= 10 '
+                             '(<= 0 = no refinement)')
         if not str(self.model_dir).strip():
             raise ValueError('model_dir is empty: set it to a local model directory')
         if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():
@@ -242,12 +249,14 @@ class SegmentationPipeline:
         cap = int(self.config.max_object_batch)
         margin = float(self.config.box_mask_margin)
         gate = float(self.config.motion_gate_margin)
+        refine = float(self.config.mask_refine_radius)
         # ROS parameters cannot be None: a negative value switches a rule off.
         return Sam2Tracker.load(model_dir, device=device, dtype=self.config.dtype,
                                 max_object_batch=cap or None,
                                 box_mask_margin=margin if margin >= 0 else None,
                                 motion_compensation=bool(self.config.motion_compensation),
-                                motion_gate_margin=gate if gate >= 0 else None)
+                                motion_gate_margin=gate if gate >= 0 else None,
+                                mask_refine_radius=refine if refine > 0 else None)
 
     def _load_concepts(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine

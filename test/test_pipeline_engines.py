@@ -146,6 +146,15 @@ def test_motion_settings_reach_the_tracker(models):
         PipelineConfig(mode='sam2', model_dir='x', motion_gate_margin=11.0).validate()
 
 
+def test_mask_refinement_setting_reaches_the_tracker(models):
+    """Edge refinement is on by default (1 coarse-grid cell); <= 0 switches it off."""
+    assert _pipeline('sam2', models)._tracker._refine_cells == pytest.approx(1.0)
+    assert _pipeline('sam2', models, mask_refine_radius=0.0)._tracker._refine_cells is None
+    assert _pipeline('hybrid', models, mask_refine_radius=-1.0)._tracker._refine_cells is None
+    with pytest.raises(ValueError, match='mask_refine_radius 12.0 must be <= 10'):
+        PipelineConfig(mode='sam2', model_dir='x', mask_refine_radius=12.0).validate()
+
+
 def test_load_errors_and_tensorrt_fallback(models, tmp_path):
     bad = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'none')))
     with pytest.raises(ModelLoadError):

@@ -160,7 +160,8 @@ def test_matches_plain_transformers_streaming_loop():
     """Batched tracking equals transformers' own per-object streaming forward."""
     # SAM2's own rules: absent frames memorised and box-prompted masks left uncut.
     tracker = make_tracker(skip_absent_memory=False, box_mask_margin=None,
-                           motion_compensation=False, motion_gate_margin=None)
+                           motion_compensation=False, motion_gate_margin=None,
+                           mask_refine_radius=None)
     video = frames(9)
     ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
 
@@ -752,3 +753,30 @@ def test_mask_that_leaves_its_moved_box_is_reported_absent():
     assert results[0.25, 'memorised'] == [] and results[None, 'memorised'] == [1, 2, 3]
     with pytest.raises(ValueError, match='motion_gate_margin'):
         make_tracker(motion_gate_margin=-0.5)
+
+
+def test_mask_refinement_only_moves_mask_borders():
+    """Edge refinement changes masks near their borders only, in output and memory."""
+    video = frames(4)
+    results, memories = {}, {}
+    for radius in (None, 1.0):
+        tracker = make_tracker(motion_gate_margin=None, mask_refine_radius=radius)
+        results[radius] = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_B])})
+        store = tracker.session.output_dict_per_obj[0]
+        memories[radius] = store['cond_frame_outputs'][0]['maskmem_features']
+    # The tiny config decodes 4x coarser than its input: radius 1.0 = 4 px, reach 8 px.
+    reach = 2 * 4 + 1
+    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
+    changed_somewhere = False
+    for plain, refined in zip(results[None], results[1.0], strict=True):
+        for a, b in zip(plain.objects, refined.objects, strict=True):
+            border = (cv2.dilate(a.mask.astype(np.uint8), kernel)
+                      != cv2.erode(a.mask.astype(np.uint8), kernel))
+            assert not (a.mask != b.mask)[~border].any()
+            assert b.area == int(b.mask.sum())
+            changed_somewhere |= bool((a.mask != b.mask).any())
+    assert changed_somewhere
+    # The prompted frame's memory is made from the refined mask.
+    assert not torch.equal(memories[None], memories[1.0])
+    with pytest.raises(ValueError, match='mask_refine_radius'):
+        make_tracker(mask_refine_radius=11.0)

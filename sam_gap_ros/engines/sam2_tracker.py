@@ -67,6 +67,7 @@ import logging
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,7 @@ from transformers.models.sam2 import modeling_sam2
 from transformers.models.sam2_video import modeling_sam2_video
 
 from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
+from sam_gap_ros.engines.mask_refinement import refine_probabilities, refinement_radius
 from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, inside_boxes, logits_boxes,
                                               moved_box, SceneMotion, shift_memory)
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
@@ -478,7 +480,8 @@ class Sam2Tracker:
                  max_object_batch: Optional[int] = None,
                  box_mask_margin: Optional[float] = 0.1,
                  motion_compensation: bool = True,
-                 motion_gate_margin: Optional[float] = 0.25) -> None:
+                 motion_gate_margin: Optional[float] = 0.25,
+                 mask_refine_radius: Optional[float] = 1.0) -> None:
         """Wrap a loaded ``Sam2VideoModel`` and its processor.
 
         ``max_conditioning_frames`` caps the prompted frames kept per object (the first
@@ -498,6 +501,10 @@ class Sam2Tracker:
         the camera motion and grown by this fraction of its size (+ 2 px) per side; if
         less than half of the mask was inside, the object is reported absent and that
         frame is not memorised (None: no gate).
+        ``mask_refine_radius``: masks are snapped to the frame's colour edges by a guided
+        filter whose window radius is this many cells of the decoder's coarse mask grid,
+        both the published masks and those the memory encoder stores (None or 0: SAM2's
+        bilinearly upsampled masks; see ``mask_refinement``).
         """
         if max_conditioning_frames < 1:
             raise ValueError('max_conditioning_frames must be >= 1')
@@ -509,6 +516,9 @@ class Sam2Tracker:
         if motion_gate_margin is not None and not 0.0 <= motion_gate_margin <= 10.0:
             raise ValueError('motion_gate_margin must be in [0, 10] or None')
         self._gate_margin = None if motion_gate_margin is None else float(motion_gate_margin)
+        if mask_refine_radius is not None and not 0.0 <= mask_refine_radius <= 10.0:
+            raise ValueError('mask_refine_radius must be in [0, 10] or None')
+        self._refine_cells = mask_refine_radius or None  # 0 switches it off as None does
         self._align_memory = bool(motion_compensation)
         uses_motion = self._align_memory or self._gate_margin is not None
         self._scene_motion = SceneMotion() if uses_motion else None
@@ -637,6 +647,10 @@ class Sam2Tracker:
             self._scene_motion.reset()
         # object id -> (its last box in model-input pixels, the scene offset of that frame)
         self._last_box: Dict[int, Tuple[Tuple[float, ...], Tuple[float, float]]] = {}
+        # The latest frame (the caller's array, not copied) and, once the memory path needs
+        # it, that frame at the model's input size: the guides of the mask refinement.
+        self._frame: Optional[np.ndarray] = None
+        self._model_guide: Optional[np.ndarray] = None
         # object id -> frame index its first prompt is waiting for
         self._pending: Dict[int, int] = {}
         # pending objects whose prompt replaces their earlier conditioning frames
@@ -741,6 +755,7 @@ class Sam2Tracker:
         The image size is fixed by the first frame until ``reset``.
         """
         self._check_frame(frame)
+        self._frame, self._model_guide = frame, None
         frame_idx = self._frame_index + 1
         pixel_values = self._preprocess(frame)
         if self._scene_motion is not None:
@@ -908,7 +923,9 @@ class Sam2Tracker:
             # the masks of a whole batch when any member was prompted, which would alter
             # the memories of objects tracked on the same frame.
             memory, memory_pos = model._encode_new_memory(
-                current_vision_feats=feats[-1], pred_masks_high_res=out['high_res_masks'],
+                current_vision_feats=feats[-1],
+                pred_masks_high_res=self._refined_for_memory(out['high_res_masks'],
+                                                             out['pred_masks']),
                 object_score_logits=out['object_score_logits'], is_mask_from_pts=True)
             out['maskmem_features'] = memory
             out['maskmem_pos_enc'] = memory_pos
@@ -974,7 +991,8 @@ class Sam2Tracker:
                 index = torch.tensor(keep, device=scores.device)
                 memory, memory_pos = model._encode_new_memory(
                     current_vision_feats=feats[-1].expand(-1, len(keep), -1),
-                    pred_masks_high_res=head['high_res_masks'].index_select(0, index),
+                    pred_masks_high_res=self._refined_for_memory(
+                        head['high_res_masks'].index_select(0, index), head['pred_masks']),
                     object_score_logits=scores.index_select(0, index),
                     is_mask_from_pts=False)
             for i, obj_id in enumerate(member_ids):
@@ -991,6 +1009,27 @@ class Sam2Tracker:
                 results[obj_id] = {'pred_masks': head['pred_masks'][i:i + 1],
                                    'object_score_logits': scores[i:i + 1]}
         return results
+
+    def _refined_for_memory(self, high_res_masks: torch.Tensor,
+                            low_res_masks: torch.Tensor) -> torch.Tensor:
+        """Return ``high_res_masks`` logits (B, 1, S, S) with their signs snapped to edges.
+
+        The memory encoder reads the masks at the model's input size. Where the refined
+        mask (``mask_refinement`` on the frame resized to that size) disagrees with the
+        logit's sign, the sign is flipped; magnitudes stay as the decoder made them, so
+        the memory sees masks of the same confidence it was trained on.
+        """
+        if self._refine_cells is None or high_res_masks.shape[0] == 0:
+            return high_res_masks
+        size = high_res_masks.shape[-2:]
+        if self._model_guide is None:
+            self._model_guide = cv2.resize(self._frame, (size[1], size[0]),
+                                           interpolation=cv2.INTER_AREA)
+        radius = refinement_radius(self._refine_cells, low_res_masks.shape[-2:], size)
+        probabilities = torch.sigmoid(high_res_masks[:, 0].float()).cpu().numpy()
+        refined = refine_probabilities(self._model_guide, probabilities, radius) > 0.5
+        flip = torch.from_numpy(refined != (probabilities > 0.5)).to(high_res_masks.device)
+        return torch.where(flip.unsqueeze(1), -high_res_masks, high_res_masks)
 
     def _object_batch_size(self, memory: torch.Tensor) -> int:
         """Return how many objects with memory tokens like ``memory`` share one batch.
@@ -1177,9 +1216,14 @@ class Sam2Tracker:
         scores = torch.cat([outputs[obj_id]['object_score_logits'].reshape(1)
                             for obj_id in ids]).float().cpu().numpy()
         # One batched upsampling of the low-res logits straight to the camera resolution.
-        masks = F.interpolate(logits.float(), size=(height, width), mode='bilinear',
-                              align_corners=False)[:, 0] > 0
-        masks = masks.cpu().numpy()
+        upsampled = F.interpolate(logits.float(), size=(height, width), mode='bilinear',
+                                  align_corners=False)[:, 0]
+        if self._refine_cells is None:
+            masks = (upsampled > 0).cpu().numpy()
+        else:
+            radius = refinement_radius(self._refine_cells, logits.shape[-2:], (height, width))
+            masks = refine_probabilities(self._frame, torch.sigmoid(upsampled).cpu().numpy(),
+                                         radius) > 0.5
         objects = []
         for i, obj_id in enumerate(ids):
             present = bool(scores[i] > 0)

@@ -90,6 +90,10 @@ def _declare_all(node: LifecycleNode) -> None:
                                           'this fraction per side, else the object is '
                                           'reported absent; < 0 = no gate',
                                           float_range=(-1.0, 10.0), read_only=ro)),
+        ('mask_refine_radius', 1.0, dict(description='sam2/hybrid: snap SAM2 masks to the '
+                                         'image\'s colour edges (guided filter, radius in '
+                                         'cells of the coarse mask grid); <= 0 = off',
+                                         float_range=(-1.0, 10.0), read_only=ro)),
         ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
@@ -212,7 +216,8 @@ class SegmenterNode(LifecycleNode):
             max_object_batch=param('max_object_batch'),
             box_mask_margin=param('box_mask_margin'),
             motion_compensation=param('motion_compensation'),
-            motion_gate_margin=param('motion_gate_margin'))
+            motion_gate_margin=param('motion_gate_margin'),
+            mask_refine_radius=param('mask_refine_radius'))
         try:
             input_qos(param('input_qos'))
             if param('image_transport') not in ('raw', 'compressed'):

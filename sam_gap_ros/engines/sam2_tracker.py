@@ -39,6 +39,12 @@ trained on the moved one, ``finetune_sam2`` ``train.motion_compensation``), and 
 that left reported absent on all frames instead of none. ``False`` / ``None`` keep SAM2's
 rules.
 
+The decoder predicts masks on a grid 4x coarser than the model input, so upsampled masks
+have blocky borders; ``mask_refine_radius`` (``mask_refinement``: a colour guided filter
+with a window of that many grid cells) snaps the published masks and the memorised ones
+onto the frame's colour edges. Tiny orchard model: track mIoU 0.670 -> 0.703, prompted
+frames 0.692 -> 0.715. ``None`` / 0 keep SAM2's bilinear masks.
+
 Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
 conditioning frame, or, with ``replace_conditioning=True``, replaces the object's earlier
 ones (re-anchoring on a fresh mask when the old prompts no longer describe the view).

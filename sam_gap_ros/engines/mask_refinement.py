@@ -20,6 +20,8 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 
+from sam_gap_ros.mask_ops import mask_to_box
+
 # Regularisation of the per-window colour covariance, for colours in [0, 1]: colour
 # differences with a variance below ~eps (about 0.017 ~ 4/255 standard deviation) are
 # treated as flat, so sensor noise does not carve holes into a mask.
@@ -96,11 +98,10 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int,
 
 def _crop_around(mask: np.ndarray, margin: int) -> Tuple[slice, slice]:
     """Rows and columns of ``mask``'s bounding box grown by ``margin`` (clipped)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
+    x0, y0, x1, y1 = (int(v) for v in mask_to_box(mask))
     height, width = mask.shape
-    return (slice(max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, height)),
-            slice(max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, width)))
+    return (slice(max(y0 - margin, 0), min(y1 + margin, height)),
+            slice(max(x0 - margin, 0), min(x1 + margin, width)))
 
 
 def refine_probabilities(image: np.ndarray, probabilities: np.ndarray, radius: int,

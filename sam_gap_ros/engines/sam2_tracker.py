@@ -1227,9 +1227,12 @@ class Sam2Tracker:
         if self._refine_cells is None:
             masks = (upsampled > 0).cpu().numpy()
         else:
+            probabilities = torch.sigmoid(upsampled).cpu().numpy()
+            # Absent objects are published without a mask: nothing of theirs to refine
+            # (a mask with no pixel above 0.5 is skipped).
+            probabilities[scores <= 0] = 0.0
             radius = refinement_radius(self._refine_cells, logits.shape[-2:], (height, width))
-            masks = refine_probabilities(self._frame, torch.sigmoid(upsampled).cpu().numpy(),
-                                         radius) > 0.5
+            masks = refine_probabilities(self._frame, probabilities, radius) > 0.5
         objects = []
         for i, obj_id in enumerate(ids):
             present = bool(scores[i] > 0)

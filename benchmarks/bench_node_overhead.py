@@ -95,12 +95,12 @@ def _engine_call(pipeline):
 
 def _record_publish_times(publisher, published):
     """Record, by stamp (ns), when an in-process node's ``publisher.publish`` returns."""
+    from sam_gap_ros.nodes.ros_utils import stamp_to_ns
     publish = publisher.publish
 
     def timed(msg):
         publish(msg)
-        stamp = msg.header.stamp
-        published.setdefault(stamp.sec * 10**9 + stamp.nanosec, time.perf_counter())
+        published.setdefault(stamp_to_ns(msg.header.stamp), time.perf_counter())
 
     publisher.publish = timed
 
@@ -177,7 +177,8 @@ def _stop_segmenter_process(child):
 
 
 def main(argv=None):
-    from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, EXECUTORS, make_executor
+    from sam_gap_ros.nodes.ros_utils import (DEFAULT_EXECUTOR, EXECUTORS, make_executor,
+                                             stamp_to_ns)
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='few frames, < 60 s')
@@ -258,7 +259,7 @@ def main(argv=None):
     received = {}
     probe.create_subscription(
         Image, f'{ns}/segmenter/masks',
-        lambda m: received.setdefault(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec,
+        lambda m: received.setdefault(stamp_to_ns(m.header.stamp),
                                       time.perf_counter()), qos)
     # Subscribed like a harvest planner (masks + instances, poses with depth), so the node
     # builds and publishes those outputs; markers and the overlay (RViz) are unwatched.

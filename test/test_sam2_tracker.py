@@ -10,7 +10,11 @@ import torch
 import torch.nn.functional as F
 from transformers import Sam2VideoModel
 
-from sam_gap_ros.engines.sam2_tracker import Sam2Tracker, use_inference_modules
+from sam_gap_ros.engines.sam2_tracker import (
+    mirror_point_inputs,
+    Sam2Tracker,
+    use_inference_modules,
+)
 from sam_gap_ros.engines.scene_motion import shift_memory
 from sam_gap_ros.engines.tiny_sam2 import (
     build_sam2_video_processor,
@@ -158,10 +162,11 @@ def test_processor_size_must_match_model():
 
 def test_matches_plain_transformers_streaming_loop():
     """Batched tracking equals transformers' own per-object streaming forward."""
-    # SAM2's own rules: absent frames memorised and box-prompted masks left uncut.
+    # SAM2's own rules: absent frames memorised, box-prompted masks left uncut and decoded
+    # once (no mirrored pass).
     tracker = make_tracker(skip_absent_memory=False, box_mask_margin=None,
                            motion_compensation=False, motion_gate_margin=None,
-                           mask_refine_radius=None)
+                           mask_refine_radius=None, prompt_mirror_union=False)
     video = frames(9)
     ours = run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A, BOX_B])})
 
@@ -790,3 +795,87 @@ def test_mask_refinement_only_moves_mask_borders():
     assert not torch.equal(memories[None], memories[1.0])
     with pytest.raises(ValueError, match='mask_refine_radius'):
         make_tracker(mask_refine_radius=11.0)
+
+
+# ---------------------------------------------------------------- mirrored first prompt
+
+
+def test_mirror_point_inputs_keeps_box_corners_in_order():
+    size = 128
+    point_inputs = {'point_coords': torch.tensor([[[[10.0, 20.0], [50.0, 60.0], [30.0, 5.0]]]]),
+                    'point_labels': torch.tensor([[[2, 3, 1]]], dtype=torch.int32)}
+    mirrored = mirror_point_inputs(point_inputs, size)
+    # Corner 2 (top-left) takes the mirrored right edge; the click mirrors in place.
+    assert mirrored['point_coords'].tolist() == [[[[77.0, 20.0], [117.0, 60.0], [97.0, 5.0]]]]
+    assert torch.equal(mirrored['point_labels'], point_inputs['point_labels'])
+    twice = mirror_point_inputs(mirrored, size)
+    assert torch.equal(twice['point_coords'], point_inputs['point_coords'])
+
+
+def _square_frame(size=32, seed=3):
+    rng = np.random.RandomState(seed)
+    frame = rng.randint(0, 255, (size, size, 3), np.uint8)
+    frame[8:20, 4:14] = 250  # an off-centre bright blob: the mirror is a different image
+    return frame
+
+
+@pytest.mark.parametrize('prompt', ['box', 'point'])
+def test_first_prompt_mask_is_the_union_with_the_mirrored_frame(prompt):
+    """A new object's mask = its mask on the frame OR (mirrored back) on the mirror image."""
+    # A 32 px frame is the decoder's own grid (128 px input / 4): the published mask is the
+    # low-res logits thresholded without resampling, so the union is exact per pixel.
+    frame = _square_frame(32)
+    # Frame x -> model x * 4 -> mirrored 127 - 4 x -> frame 127 / 4 - x (SAM2 coordinates are
+    # pixel indices; it adds 0.5 for the centre).
+    far = 127 / 4
+    if prompt == 'box':
+        kwargs = dict(boxes=[[3.0, 6.0, 16.0, 22.0]])
+        mirrored_kwargs = dict(boxes=[[far - 16.0, 6.0, far - 3.0, 22.0]])
+    else:
+        kwargs = dict(points=[[[9.0, 12.0]]])
+        mirrored_kwargs = dict(points=[[[far - 9.0, 12.0]]])
+    masks, memories = {}, {}
+    for name, image, union, prompt_kwargs in (
+            ('on', frame, True, kwargs), ('off', frame, False, kwargs),
+            ('mirror', frame[:, ::-1].copy(), False, mirrored_kwargs)):
+        tracker = make_tracker(box_mask_margin=None, mask_refine_radius=None,
+                               prompt_mirror_union=union)
+        tracker.track(image)
+        tracker.add_objects(**prompt_kwargs)
+        masks[name] = tracker.last_result.objects[0].mask
+        memories[name] = _first_memory(tracker, 1)
+    union = masks['off'] | masks['mirror'][:, ::-1]
+    assert np.array_equal(masks['on'], union)
+    # Not a no-op on this frame: the mirrored pass adds pixels, and the memory the track
+    # starts from is encoded from the union.
+    assert (masks['on'] & ~masks['off']).any()
+    assert not torch.equal(memories['on'], memories['off'])
+
+
+def test_mirrored_pass_runs_once_per_frame_and_only_for_new_box_or_point_prompts():
+    small = np.zeros((H, W), bool)
+    small[40:52, 70:82] = True
+    video = frames(2)
+    calls = {}
+    for union in (False, True):
+        tracker = make_tracker(prompt_mirror_union=union)
+        encoder_calls = []
+        original = tracker.model.get_image_features
+
+        def counting(*args, _calls=encoder_calls, _original=original, **kwargs):
+            _calls.append(1)
+            return _original(*args, **kwargs)
+
+        tracker.model.get_image_features = counting
+        tracker.track(video[0])
+        tracker.add_objects(boxes=[BOX_A, BOX_B])  # two new objects on one frame
+        first = len(encoder_calls)
+        tracker.track(video[1])
+        tracker.add_objects(boxes=[BOX_A], object_ids=[1])  # existing object: memory decides
+        tracker.add_objects(masks=[small])  # a mask prompt is taken as the mask itself
+        calls[union] = (first, len(encoder_calls) - first)
+        objects = by_id(tracker.last_result)
+        assert sorted(objects) == [1, 2, 3] and objects[3].present
+    # One extra image-encoder pass for the frame with new box prompts, none otherwise.
+    assert calls[True][0] == calls[False][0] + 1
+    assert calls[True][1] == calls[False][1]

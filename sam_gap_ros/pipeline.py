@@ -73,6 +73,9 @@ class PipelineConfig:
     """sam2/hybrid: snap SAM2 masks (published and memorised) to the frame's colour edges
     with a guided filter of this radius in cells of the decoder's coarse mask grid
     (``engines.mask_refinement``); <= 0 = SAM2's bilinearly upsampled masks."""
+    prompt_mirror_union: bool = True
+    """sam2: a new object's first box/point prompt is also decoded on the frame mirrored
+    left-right and its mask is the union of both; False = SAM2's single pass."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -256,7 +259,8 @@ class SegmentationPipeline:
                                 box_mask_margin=margin if margin >= 0 else None,
                                 motion_compensation=bool(self.config.motion_compensation),
                                 motion_gate_margin=gate if gate >= 0 else None,
-                                mask_refine_radius=refine if refine > 0 else None)
+                                mask_refine_radius=refine if refine > 0 else None,
+                                prompt_mirror_union=bool(self.config.prompt_mirror_union))
 
     def _load_concepts(self, model_dir: str, device: Any) -> Any:
         from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine

@@ -155,6 +155,12 @@ def test_mask_refinement_setting_reaches_the_tracker(models):
         PipelineConfig(mode='sam2', model_dir='x', mask_refine_radius=12.0).validate()
 
 
+def test_prompt_mirror_union_setting_reaches_the_tracker(models):
+    """The mirrored first-prompt pass is on by default; False switches it off."""
+    assert _pipeline('sam2', models)._tracker._mirror_union is True
+    assert _pipeline('sam2', models, prompt_mirror_union=False)._tracker._mirror_union is False
+
+
 def test_load_errors_and_tensorrt_fallback(models, tmp_path):
     bad = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'none')))
     with pytest.raises(ModelLoadError):

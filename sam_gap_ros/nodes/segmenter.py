@@ -94,6 +94,10 @@ def _declare_all(node: LifecycleNode) -> None:
                                          'image\'s colour edges (guided filter, radius in '
                                          'cells of the coarse mask grid); <= 0 = off',
                                          float_range=(-1.0, 10.0), read_only=ro)),
+        ('prompt_mirror_union', True, dict(description='sam2: a new object\'s first box/'
+                                           'point prompt is also decoded on the mirrored '
+                                           'image and its mask is the union of both; false = '
+                                           'SAM2\'s single pass', read_only=ro)),
         ('input_qos', 'sensor_data', dict(description='subscription QoS of the inputs',
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
@@ -217,7 +221,8 @@ class SegmenterNode(LifecycleNode):
             box_mask_margin=param('box_mask_margin'),
             motion_compensation=param('motion_compensation'),
             motion_gate_margin=param('motion_gate_margin'),
-            mask_refine_radius=param('mask_refine_radius'))
+            mask_refine_radius=param('mask_refine_radius'),
+            prompt_mirror_union=param('prompt_mirror_union'))
         try:
             input_qos(param('input_qos'))
             if param('image_transport') not in ('raw', 'compressed'):

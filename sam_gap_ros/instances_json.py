@@ -55,11 +55,14 @@ def _finite(value: float, name: str) -> float:
 def build_document(records: Sequence[InstanceRecord], *, stamp_sec: int, stamp_nanosec: int,
                    frame_id: str, width: int, height: int, mode: str, model: str,
                    frame_index: int, concepts: Sequence[str] = (),
-                   inference_ms: Optional[float] = None) -> Dict[str, Any]:
+                   inference_ms: Optional[float] = None,
+                   latency_ms: Optional[float] = None) -> Dict[str, Any]:
     """Return the versioned instances document for one frame.
 
     ``inference_ms`` (optional) is the model's time on this frame, which lets a consumer
-    split its end-to-end latency into model time and transport/queueing.
+    split its end-to-end latency into model time and transport/queueing. ``latency_ms``
+    (optional) is the time from the image stamp to the ~/masks publish on the node's clock
+    (negative when the camera's clock runs ahead of the node's).
     """
     document = {
         'schema': SCHEMA_NAME,
@@ -75,6 +78,8 @@ def build_document(records: Sequence[InstanceRecord], *, stamp_sec: int, stamp_n
     }
     if inference_ms is not None:
         document['inference_ms'] = _finite(inference_ms, 'inference_ms')
+    if latency_ms is not None:
+        document['latency_ms'] = _finite(latency_ms, 'latency_ms')
     return document
 
 
@@ -124,6 +129,11 @@ def validate_document(document: Any) -> None:
                                      or not isinstance(inference_ms, (int, float))
                                      or inference_ms < 0):
         raise ValueError(f"'inference_ms' must be a non-negative number, got {inference_ms!r}")
+    latency_ms = document.get('latency_ms')
+    if latency_ms is not None and (isinstance(latency_ms, bool)
+                                   or not isinstance(latency_ms, (int, float))
+                                   or not math.isfinite(latency_ms)):
+        raise ValueError(f"'latency_ms' must be a finite number, got {latency_ms!r}")
     instances: List[Any] = document['instances']
     if not isinstance(instances, list):
         raise ValueError("'instances' must be a list")

@@ -89,6 +89,14 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     stats = node.stats()
     assert stats['frames_processed'] >= 4 and stats['bad_input'] == 0
     assert stats['latency_ms_p50'] is not None
+    # A frame stamped by a clock the node shares: latency_ms is stamp in -> masks out, so
+    # it holds the model time and ends before the document reached us.
+    stamp_ns = node.get_clock().now().nanoseconds
+    ros.publish_frame(4, stamp_ns, depth=make_depth())
+    assert ros.spin_until(lambda: _stamp_ns(masks[-1]) == stamp_ns and len(docs) >= 5)
+    seen_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['inference_ms'] < doc['latency_ms'] < seen_ms
 
 
 def test_prompts_remove_reset_enable_and_refused_concepts(ros, sam2_dir):

@@ -45,6 +45,21 @@ def test_inference_time_is_optional_and_validated():
             instances_json.validate_document(dict(doc, inference_ms=bad))
 
 
+def test_latency_is_optional_and_may_be_negative_but_finite():
+    assert 'latency_ms' not in _doc([])
+    doc = instances_json.build_document(
+        [], stamp_sec=0, stamp_nanosec=0, frame_id='cam', width=8, height=8, mode='sam2',
+        model='tiny', frame_index=1, latency_ms=-3.25)  # a camera clock running ahead
+    assert instances_json.loads(instances_json.dumps(doc))['latency_ms'] == -3.25
+    with pytest.raises(ValueError, match='latency_ms'):
+        instances_json.build_document(
+            [], stamp_sec=0, stamp_nanosec=0, frame_id='cam', width=8, height=8,
+            mode='sam2', model='tiny', frame_index=1, latency_ms=float('nan'))
+    for bad in ('slow', True, float('inf')):
+        with pytest.raises(ValueError, match='latency_ms'):
+            instances_json.validate_document(dict(doc, latency_ms=bad))
+
+
 def test_non_finite_values_are_refused():
     bad = InstanceRecord(1, 'apple', float('nan'), (0, 0, 1, 1), 1, (0.5, 0.5))
     with pytest.raises(ValueError):

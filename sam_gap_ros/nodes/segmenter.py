@@ -483,12 +483,15 @@ class SegmenterNode(LifecycleNode):
         pubs['masks'].publish(image_conversion.numpy_to_image_msg(result.labels, 'mono16',
                                                                   header))
         if pubs['instances'].get_subscription_count() > 0:
+            # Stamp in -> masks out, on the node's clock (the camera's stamps share it on a
+            # robot with synchronised clocks; with use_sim_time both are the bag's time).
+            masks_out_ns = self.get_clock().now().nanoseconds - stamp_to_ns(header.stamp)
             document = instances_json.build_document(
                 result.records, stamp_sec=header.stamp.sec, stamp_nanosec=header.stamp.nanosec,
                 frame_id=header.frame_id, width=width, height=height,
                 mode=pipeline.config.mode, model=pipeline.model_name,
                 frame_index=result.frame_index, concepts=pipeline.concepts,
-                inference_ms=result.inference_s * 1e3)
+                inference_ms=result.inference_s * 1e3, latency_ms=masks_out_ns / 1e6)
             pubs['instances'].publish(String(data=instances_json.dumps(document)))
         if pubs['poses'].get_subscription_count() > 0:
             poses = PoseArray(header=header)

@@ -15,22 +15,23 @@ Both are measured on the same 640x480 synthetic orchard frames, in one process b
 under rmw_fastrtps_cpp): the robot's topology, with the camera and planner elsewhere. The
 engine-only reference then runs in the probe's process, still frame by frame in lockstep.
 
-Two latencies per frame, both from the probe's publish call (stamp in):
+Each image is stamped with the ROS clock as it is published (stamp in). Two latencies per
+frame:
 
 * masks out: until the node's ``~/masks`` publish call returns (the issue's "stamp in ->
-  masks out"; in-process only, where the bench can see the node's publisher): the input
-  hop, the node's own work and its publish;
+  masks out"): the input hop, the node's own work and its publish. The node reports it
+  for every frame as ``latency_ms`` in its ``~/instances`` document, measured on its own
+  clock, so it is the same figure in both process layouts (``node_overhead_pct``);
 * delivered: until the probe's ``~/masks`` callback runs: the above plus the output hop
   into a Python subscriber (DDS, deserialization, executor wake-up), a cost the consumer
-  pays as well (``delivered_overhead_pct``; the only figure with ``--process separate``).
+  pays as well (``delivered_overhead_pct``).
 
 Overhead % = median over frames of (latency - that frame's model time) / median model
-time * 100, where the model time is the ``inference_ms`` the node reports for the frame in
-its ``~/instances`` document: paired per frame, so the run-to-run jitter of a shared
-machine (a few ms between two runs of the same engine call) cancels. The unpaired figure
-against the separate engine-only run is printed as ``overhead_vs_reference_pct``: it also
-shows whether the node slows the engine itself. ``node_overhead_pct`` is the masks-out
-figure in-process and the delivered one with ``--process separate``.
+time * 100, where the model time is the ``inference_ms`` of the same document: paired
+per frame, so the run-to-run jitter of a shared machine (a few ms between two runs of the
+same engine call) cancels. The unpaired figure against the separate engine-only run is
+printed as ``overhead_vs_reference_pct``: it also shows whether the node slows the
+engine itself.
 The target (<= 10 %) is meant for production-size models; with the tiny CPU models the
 engine call is only tens of milliseconds, so the fixed per-frame cost weighs more (the
 absolute overhead in ms is printed as well). The LAST line is exactly
@@ -93,33 +94,22 @@ def _engine_call(pipeline):
     return getattr(pipeline._engine, _ENGINE_METHODS[pipeline.config.mode])
 
 
-def _record_publish_times(publisher, published):
-    """Record, by stamp (ns), when an in-process node's ``publisher.publish`` returns."""
-    from sam_gap_ros.nodes.ros_utils import stamp_to_ns
-    publish = publisher.publish
-
-    def timed(msg):
-        publish(msg)
-        published.setdefault(stamp_to_ns(msg.header.stamp), time.perf_counter())
-
-    publisher.publish = timed
-
-
-def _paired_ms(latencies_s, model_ms):
+def _paired_ms(latencies_ms, model_ms):
     """Median over frames of (latency - that frame's model time), in ms."""
-    return statistics.median(latency * 1e3 - model for latency, model
-                             in zip(latencies_s, model_ms, strict=True))
+    return statistics.median(latency - model for latency, model
+                             in zip(latencies_ms, model_ms, strict=True))
 
 
-def _model_ms_by_stamp(documents):
-    """Map each frame's stamp (ns) to the model time its ~/instances document reports."""
+def _node_times_by_stamp(documents):
+    """Map each frame's stamp (ns) to its ~/instances (inference_ms, latency_ms)."""
     from sam_gap_ros import instances_json
-    model_ms = {}
+    times = {}
     for message in documents:
         document = instances_json.loads(message.data)
         stamp = document['header']['stamp']
-        model_ms[stamp['sec'] * 10**9 + stamp['nanosec']] = document['inference_ms']
-    return model_ms
+        stamp_ns = stamp['sec'] * 10**9 + stamp['nanosec']
+        times[stamp_ns] = (document['inference_ms'], document['latency_ms'])
+    return times
 
 
 def _start_segmenter_process(namespace, params, threads):
@@ -285,23 +275,25 @@ def main(argv=None):
                 Point32(x=box[0], y=box[1]), Point32(x=box[2], y=box[3])])))
             _wait_until(lambda: False, executor, child, timeout_s=1.0, fail=False)
 
-    end_to_end, masks_out, engine_only, measured_stamps = [], [], [], []
-    published = {}
-    if node is not None:
-        # Stamp in -> masks out of the node: when its ~/masks publish call returns.
-        _record_publish_times(node._pubs['masks'], published)
+    end_to_end, engine_only, measured_stamps = [], [], []
     try:
         for index, frame in enumerate(frames):
-            stamp_ns = (index + 1) * 10**9
             msg = numpy_to_image_msg(frame.image, 'rgb8')
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)
-            msg.header.frame_id = 'camera'
+            headers = [msg.header]
             if args.depth:
-                info = CameraInfo(header=msg.header, width=640, height=480)
+                info = CameraInfo(width=640, height=480)
                 info.k = [float(v) for v in frame.camera.k]
+                depth = numpy_to_image_msg(frame.depth_mm, '16UC1')
+                headers += [info.header, depth.header]
+            # Stamped as a camera driver does, on the clock the node reads latency_ms with.
+            stamp_ns = probe.get_clock().now().nanoseconds
+            sent = time.perf_counter()  # the delivered latency counts from the stamp as well
+            for header in headers:
+                header.stamp.sec, header.stamp.nanosec = divmod(stamp_ns, 10**9)
+                header.frame_id = 'camera'
+            if args.depth:
                 info_pub.publish(info)
-                depth_pub.publish(numpy_to_image_msg(frame.depth_mm, '16UC1', msg.header))
-            sent = time.perf_counter()
+                depth_pub.publish(depth)
             image_pub.publish(msg)
             deadline = sent + 60.0
             while stamp_ns not in received and time.perf_counter() < deadline:
@@ -319,8 +311,6 @@ def main(argv=None):
             engine_s = time.perf_counter() - start
             if index >= args.warmup:
                 end_to_end.append(received[stamp_ns] - sent)
-                if node is not None:
-                    masks_out.append(published[stamp_ns] - sent)
                 engine_only.append(engine_s)
                 measured_stamps.append(stamp_ns)
         # Every processed frame has its instances (and poses): spin out the last ones.
@@ -352,18 +342,17 @@ def main(argv=None):
     e2e_ms = statistics.median(end_to_end) * 1e3
     engine_ms = statistics.median(engine_only) * 1e3
     overhead_vs_reference = (e2e_ms - engine_ms) / engine_ms * 100.0
-    # Paired per frame: end-to-end minus the model time the node reported for that frame.
+    # Paired per frame: latency minus the model time the node reported for that frame.
     # Two separate engine runs on a shared machine differ by a few ms from run to run, as
     # much as the overhead itself; within one frame that noise cancels.
-    model_ms = _model_ms_by_stamp(instances)
-    node_model_ms = [model_ms[stamp] for stamp in measured_stamps]
+    node_times = _node_times_by_stamp(instances)
+    node_model_ms = [node_times[stamp][0] for stamp in measured_stamps]
+    masks_out = [node_times[stamp][1] for stamp in measured_stamps]
     node_engine_ms = statistics.median(node_model_ms)
-    delivered_ms = _paired_ms(end_to_end, node_model_ms)
+    delivered_ms = _paired_ms([s * 1e3 for s in end_to_end], node_model_ms)
     delivered_pct = delivered_ms / node_engine_ms * 100.0
-    overhead = delivered_pct
-    if masks_out:
-        masks_out_ms = _paired_ms(masks_out, node_model_ms)
-        overhead = masks_out_ms / node_engine_ms * 100.0
+    masks_out_ms = _paired_ms(masks_out, node_model_ms)
+    overhead = masks_out_ms / node_engine_ms * 100.0
     result = {
         'mode': args.mode, 'device': args.device, 'executor': args.executor,
         'process': args.process,
@@ -378,13 +367,11 @@ def main(argv=None):
         'node_model_ms_p50': round(node_engine_ms, 2),
         'delivered_overhead_ms_p50': round(delivered_ms, 2),
         'delivered_overhead_pct': round(delivered_pct, 2),
+        'masks_out_ms_p50': round(statistics.median(masks_out), 2),
+        'masks_out_overhead_ms_p50': round(masks_out_ms, 2),
+        'masks_out_overhead_pct': round(overhead, 2),
         'instances_received': len(instances), 'poses_received': len(poses),
     }
-    if masks_out:
-        result.update({
-            'masks_out_ms_p50': round(statistics.median(masks_out) * 1e3, 2),
-            'masks_out_overhead_ms_p50': round(masks_out_ms, 2),
-            'masks_out_overhead_pct': round(overhead, 2)})
     if stats:
         # Inside the node: receive -> publish, and the pipeline (engine + post-processing).
         result.update({

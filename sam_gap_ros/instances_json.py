@@ -112,6 +112,17 @@ def loads(text: str) -> Dict[str, Any]:
     return document
 
 
+def _check_optional_time(document: Dict[str, Any], key: str, non_negative: bool) -> None:
+    """Raise ValueError unless ``document[key]`` is absent or a finite number (>= 0)."""
+    value = document.get(key)
+    if value is None:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or (non_negative and value < 0)):
+        kind = 'finite non-negative' if non_negative else 'finite'
+        raise ValueError(f"'{key}' must be a {kind} number, got {value!r}")
+
+
 def validate_document(document: Any) -> None:
     """Raise ValueError unless ``document`` follows the current schema version."""
     if not isinstance(document, dict):
@@ -124,16 +135,8 @@ def validate_document(document: Any) -> None:
     for key in ('header', 'image', 'mode', 'model', 'frame_index', 'concepts', 'instances'):
         if key not in document:
             raise ValueError(f"instances document lacks '{key}'")
-    inference_ms = document.get('inference_ms')
-    if inference_ms is not None and (isinstance(inference_ms, bool)
-                                     or not isinstance(inference_ms, (int, float))
-                                     or inference_ms < 0):
-        raise ValueError(f"'inference_ms' must be a non-negative number, got {inference_ms!r}")
-    latency_ms = document.get('latency_ms')
-    if latency_ms is not None and (isinstance(latency_ms, bool)
-                                   or not isinstance(latency_ms, (int, float))
-                                   or not math.isfinite(latency_ms)):
-        raise ValueError(f"'latency_ms' must be a finite number, got {latency_ms!r}")
+    _check_optional_time(document, 'inference_ms', non_negative=True)
+    _check_optional_time(document, 'latency_ms', non_negative=False)
     instances: List[Any] = document['instances']
     if not isinstance(instances, list):
         raise ValueError("'instances' must be a list")

@@ -41,6 +41,16 @@ def _stamp_ns(msg):
     return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
 
 
+def _document_for(messages, stamp_ns):
+    """Return the ~/instances document stamped ``stamp_ns`` among ``messages``, or None."""
+    for message in messages:
+        document = instances_json.loads(message.data)
+        stamp = document['header']['stamp']
+        if stamp['sec'] * 1_000_000_000 + stamp['nanosec'] == stamp_ns:
+            return document
+    return None
+
+
 def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_dir):
     node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
                               input_qos='reliable', depth_wait_s=1.0, **NO_MOTION_GATE)
@@ -93,9 +103,10 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     # it holds the model time and ends before the document reached us.
     stamp_ns = node.get_clock().now().nanoseconds
     ros.publish_frame(4, stamp_ns, depth=make_depth())
-    assert ros.spin_until(lambda: _stamp_ns(masks[-1]) == stamp_ns and len(docs) >= 5)
+    # ~/masks and ~/instances are separate topics: wait for this frame's own document.
+    assert ros.spin_until(lambda: _document_for(docs, stamp_ns) is not None)
     seen_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
-    doc = instances_json.loads(docs[-1].data)
+    doc = _document_for(docs, stamp_ns)
     assert doc['inference_ms'] < doc['latency_ms'] < seen_ms
 
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -26,7 +26,7 @@ from sam_gap_ros.engines.types import ConceptError, Instance, ModelLoadError, Pr
 from sam_gap_ros.geometry import align_depth, CameraIntrinsics, depth_to_meters
 from sam_gap_ros.geometry import instance_position
 from sam_gap_ros.instances_json import InstanceRecord
-from sam_gap_ros.mask_ops import label_image, mask_centroid, mask_iou_matrix, mask_to_box
+from sam_gap_ros.mask_ops import Box, label_image, mask_centroid, mask_iou_matrix
 
 MODES = ('sam2', 'sam3', 'hybrid')
 MAX_LABEL_ID = 65535
@@ -476,51 +476,48 @@ class SegmentationPipeline:
                 self.reset()
             self._image_size = (height, width)
             start = time.perf_counter()
-            ids, labels_txt, scores, masks = self._run(rgb)
+            found = self._run(rgb)
             inference_s = time.perf_counter() - start
             self._frame_index += 1
             frame_index = self._frame_index
-        records: List[InstanceRecord] = []
-        for object_id, text, score, mask in zip(ids, labels_txt, scores, masks,
-                                                strict=True):
-            records.append(self._record(object_id, text, score, mask, depth_m, intrinsics))
-        # The records' boxes bound each mask: paint only there, not over the whole frame.
-        labels = label_image(masks, ids, (height, width), scores,
-                             boxes=[record.bbox for record in records])
+        records = [self._record(item, depth_m, intrinsics) for item in found]
+        masks = [item.mask for item in found]
+        # The boxes bound each mask: paint only there, not over the whole frame.
+        labels = label_image(masks, [item.object_id for item in found], (height, width),
+                             [item.score for item in found],
+                             boxes=[item.box for item in found])
         return FrameResult(frame_index, labels, records, masks, inference_s)
 
-    def _record(self, object_id: int, text: str, score: float, mask: np.ndarray,
-                depth_m: Optional[np.ndarray],
+    def _record(self, item: _Found, depth_m: Optional[np.ndarray],
                 intrinsics: Optional[CameraIntrinsics]) -> InstanceRecord:
         """Describe one mask; pixel statistics run on its box crop (masks are mostly empty)."""
-        box = mask_to_box(mask)
-        x0, y0, x1, y1 = (int(v) for v in box)
-        crop = mask[y0:y1, x0:x1]
-        cx, cy = mask_centroid(crop)
+        x0, y0, x1, y1 = (int(v) for v in item.box)
+        cx, cy = mask_centroid(item.mask[y0:y1, x0:x1])
         position = None
         if depth_m is not None and intrinsics is not None:
-            position = instance_position(mask, depth_m, intrinsics,
+            position = instance_position(item.mask, depth_m, intrinsics,
                                          int(self.config.min_depth_pixels),
                                          crop_box=(x0, y0, x1, y1))
-        return InstanceRecord(object_id, text, score, box, int(np.count_nonzero(crop)),
+        return InstanceRecord(item.object_id, item.label, item.score, item.box, item.area,
                               (cx + x0, cy + y0), position)
 
-    def _run(self, rgb: np.ndarray) -> Tuple[List[int], List[str], List[float], List[np.ndarray]]:
-        """Run the engine; return non-empty instances as (ids, labels, scores, masks)."""
+    def _run(self, rgb: np.ndarray) -> List[_Found]:
+        """Run the engine; return its non-empty instances with their label-image IDs."""
         mode = self.config.mode
         if mode == 'sam2':
             result = self._track_sam2(rgb)
-            objects = [o for o in result.objects if o.present and o.area > 0]
-            return ([wrap_label_id(o.object_id) for o in objects], ['object'] * len(objects),
-                    [_sigmoid(o.score) for o in objects], [o.mask for o in objects])
+            return [_Found(wrap_label_id(o.object_id), 'object', _sigmoid(o.score), o.mask,
+                           o.box, o.area)
+                    for o in result.objects if o.present and o.area > 0]
         if mode == 'sam3':
             instances = [i for i in self._engine.segment(rgb) if i.area > 0]
             ids = self._ids.assign([i.mask for i in instances])
         else:
             instances = [i for i in self._engine.step(rgb) if i.area > 0]
             ids = [_require_id(i) for i in instances]
-        return ([wrap_label_id(i) for i in ids], [i.concept for i in instances],
-                [float(i.score) for i in instances], [i.mask for i in instances])
+        return [_Found(wrap_label_id(object_id), i.concept, float(i.score), i.mask, i.box,
+                       i.area)
+                for object_id, i in zip(ids, instances, strict=True)]
 
     def _track_sam2(self, rgb: np.ndarray) -> Any:
         result = self._tracker.track(rgb)
@@ -532,6 +529,21 @@ class SegmentationPipeline:
                 self._tracker.add_objects(None, **prompt)
             result = self._tracker.last_result
         return result
+
+
+class _Found(NamedTuple):
+    """One non-empty instance an engine returned, with its label-image ID.
+
+    ``box`` and ``area`` are the engine's own (``mask_to_box`` and the pixel count of
+    ``mask``, computed where the mask was made), so they are not computed twice.
+    """
+
+    object_id: int
+    label: str
+    score: float
+    mask: np.ndarray
+    box: Box
+    area: int
 
 
 def _require_id(instance: Instance) -> int:

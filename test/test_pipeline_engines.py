@@ -6,6 +6,7 @@ import pytest
 from node_harness import K, make_depth, make_frame, save_present_sam2
 from sam_gap_ros.engines.types import ConceptError, ModelLoadError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics
+from sam_gap_ros.mask_ops import mask_to_box
 from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
 
 
@@ -36,6 +37,7 @@ def _check_consistent(result):
     assert len(set(ids)) == len(ids)
     for record, mask in zip(result.records, result.masks, strict=True):
         assert record.area == int(mask.sum()) > 0
+        assert record.bbox == mask_to_box(mask)  # the engine's box, bounding its own mask
         assert (result.labels[mask] > 0).all()  # a masked pixel always carries some ID
         assert 0 < (result.labels == record.instance_id).sum() <= record.area
     assert set(np.unique(result.labels)) <= {0, *ids}

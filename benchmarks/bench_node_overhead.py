@@ -26,6 +26,13 @@ frame:
   into a Python subscriber (DDS, deserialization, executor wake-up), a cost the consumer
   pays as well (``delivered_overhead_pct``).
 
+The transport floor (``transport_floor_ms_p50``): the same images, in a pass of their
+own, through an echo node in the segmenter's layout (its own process with ``separate``).
+It takes each image into Python as the segmenter does and at once publishes a blank
+mono16 image of the same size, reporting stamp in -> masks out like ``latency_ms``: what
+any rclpy node with this input and output pays with no model at all (camera publish, the
+input hop, one mask message). ``node_own_overhead_ms`` is the masks-out overhead above it.
+
 Overhead % = median over frames of (latency - that frame's model time) / median model
 time * 100, where the model time is the ``inference_ms`` of the same document: paired
 per frame, so the run-to-run jitter of a shared machine (a few ms between two runs of the
@@ -100,6 +107,61 @@ def _paired_ms(latencies_ms, model_ms):
                              in zip(latencies_ms, model_ms, strict=True))
 
 
+ECHO_TOPICS = ('echo/image', 'echo/latency')
+
+
+def _make_echo_node(context, namespace):
+    """Return a node that answers each image at once with a blank mono16 label image.
+
+    The transport floor: what any rclpy segmenter does with no model at all. It takes the
+    image into Python and views it as an RGB array, as the segmenter does, publishes a
+    same-size mono16 message stamped with the input header, and reports stamp in -> masks
+    out on the node's clock (like the segmenter's ``latency_ms``) as ``'<stamp ns> <ms>'``.
+    """
+    import rclpy
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import String
+
+    from sam_gap_ros.image_conversion import image_msg_to_rgb, numpy_to_image_msg
+    from sam_gap_ros.nodes.ros_utils import input_qos, stamp_to_ns
+
+    node = rclpy.create_node('bench_echo', namespace=namespace, context=context)
+    masks_pub = node.create_publisher(Image, 'echo/masks', 5)
+    latency_pub = node.create_publisher(String, ECHO_TOPICS[1], 5)
+
+    def on_image(msg):
+        rgb = image_msg_to_rgb(msg, copy=False)
+        labels = np.zeros(rgb.shape[:2], np.uint16)
+        masks_pub.publish(numpy_to_image_msg(labels, 'mono16', msg.header))
+        stamp_ns = stamp_to_ns(msg.header.stamp)
+        latency_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
+        latency_pub.publish(String(data=f'{stamp_ns} {latency_ms}'))
+
+    node.create_subscription(Image, ECHO_TOPICS[0], on_image, input_qos('reliable'))
+    return node
+
+
+def _run_echo_process(namespace):
+    """Body of ``--role echo``: the echo node in its own process, until SIGINT."""
+    from rclpy.executors import ExternalShutdownException
+
+    from sam_gap_ros.nodes.ros_utils import init_node_process, make_executor
+    from sam_gap_ros.nodes.ros_utils import spin_until_shutdown
+
+    init_node_process(None, 'bench_echo')
+    node = _make_echo_node(None, namespace)
+    executor = make_executor()
+    executor.add_node(node)
+    try:
+        spin_until_shutdown(executor)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+    return 0
+
+
 def _node_times_by_stamp(documents):
     """Map each frame's stamp (ns) to its ~/instances (inference_ms, latency_ms)."""
     from sam_gap_ros import instances_json
@@ -112,17 +174,28 @@ def _node_times_by_stamp(documents):
     return times
 
 
+def _child_environment(threads):
+    """Return the environment the launch file gives a node, with the bench's torch threads."""
+    return dict(os.environ, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS=str(threads),
+                PYTHONUNBUFFERED='1')
+
+
 def _start_segmenter_process(namespace, params, threads):
     """Start the segmenter executable with ``params``, in the environment the launch file gives."""
     import subprocess
-    env = dict(os.environ, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS=str(threads),
-               PYTHONUNBUFFERED='1')
     command = [sys.executable, '-m', 'sam_gap_ros.nodes.segmenter', '--ros-args',
                '-r', f'__ns:={namespace}']
     for name, value in params.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         command += ['-p', f'{name}:={text}' if text else f"{name}:=''"]
-    return subprocess.Popen(command, env=env)
+    return subprocess.Popen(command, env=_child_environment(threads))
+
+
+def _start_echo_process(namespace, threads):
+    """Start the transport-floor echo node in its own process, like the segmenter."""
+    import subprocess
+    return subprocess.Popen([sys.executable, __file__, '--role', 'echo', '--namespace',
+                             namespace], env=_child_environment(threads))
 
 
 def _use_large_image_profile():
@@ -154,10 +227,10 @@ def _wait_for_segmenter(child, executor, image_pub, probe, masks_topic):
     _wait_until(lambda: False, executor, child, timeout_s=2.0, fail=False)
 
 
-def _stop_segmenter_process(child):
+def _stop_process(child):
     import signal
     import subprocess
-    if child.poll() is None:
+    if child is not None and child.poll() is None:
         child.send_signal(signal.SIGINT)
         try:
             child.wait(timeout=15)
@@ -185,7 +258,12 @@ def main(argv=None):
     parser.add_argument('--process', choices=('same', 'separate'), default='same',
                         help='segmenter in the probe\'s process, or its own (as launched)')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
+    # Internal: the transport-floor echo node, run by the parent in its own process.
+    parser.add_argument('--role', choices=('echo',), help=argparse.SUPPRESS)
+    parser.add_argument('--namespace', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.role == 'echo':
+        return _run_echo_process(args.namespace)
     if args.quick:
         args.frames, args.warmup = min(args.frames, 15), 2
 
@@ -223,60 +301,75 @@ def main(argv=None):
     params = {'mode': args.mode, 'model_dir': model_dir, 'tracker_model_dir': tracker_dir,
               'device': args.device, 'input_qos': 'reliable', 'use_depth': bool(args.depth),
               'depth_wait_s': 1.0, 'score_threshold': 0.0, 'max_instances': 10}
-    node = child = None
+    node = child = echo_node = echo_child = None
     if args.process == 'same':
         node = SegmenterNode(context=context, namespace=ns, parameter_overrides=[
             Parameter(k, value=v) for k, v in params.items()])
         if node.pipeline is None:
             raise SystemExit(f'segmenter failed to configure: {node.last_error}')
+        echo_node = _make_echo_node(context, ns)
     else:
         child = _start_segmenter_process(ns, params, args.threads)
-    # The engine-only reference: a second pipeline from the same weights, stepped in lockstep
-    # with the node (same frames, same tracker state), timed right after each node frame so
-    # that the load of this shared machine drifts equally over both measurements.
-    reference = SegmentationPipeline(PipelineConfig(
-        mode=args.mode, model_dir=model_dir, tracker_model_dir=tracker_dir, device=args.device,
-        score_threshold=0.0, max_instances=10))
-    reference.load()
-    if args.mode == 'sam2':
-        if node is not None:
-            node.pipeline.add_box(box)
-        reference.add_box(box)
-        reference.process(frames[0].image)  # attaches the prompt exactly as the node does
-    call = _engine_call(reference)
-    probe = rclpy.create_node('bench_probe', namespace=ns, context=context)
-    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-    received = {}
-    probe.create_subscription(
-        Image, f'{ns}/segmenter/masks',
-        lambda m: received.setdefault(stamp_to_ns(m.header.stamp),
-                                      time.perf_counter()), qos)
-    # Subscribed like a harvest planner (masks + instances, poses with depth), so the node
-    # builds and publishes those outputs; markers and the overlay (RViz) are unwatched.
-    instances = []
-    probe.create_subscription(String, f'{ns}/segmenter/instances', instances.append, qos)
-    poses = []
-    if args.depth:
-        probe.create_subscription(PoseArray, f'{ns}/segmenter/fruit_poses', poses.append, qos)
-    image_pub = probe.create_publisher(Image, f'{ns}/image', qos)
-    depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
-    info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
-    executor = make_executor(args.executor, context=context)
-    if node is not None:
-        executor.add_node(node)
-    executor.add_node(probe)
-    if child is not None:
-        _wait_for_segmenter(child, executor, image_pub, probe, f'{ns}/segmenter/masks')
+        echo_child = _start_echo_process(ns, args.threads)
+    executor = probe = None
+    end_to_end, engine_only, measured_stamps, floors = [], [], [], []
+    try:  # from here on, the child processes are stopped whatever happens
+        # The engine-only reference: a second pipeline from the same weights, stepped in lockstep
+        # with the node (same frames, same tracker state), timed right after each node frame so
+        # that the load of this shared machine drifts equally over both measurements.
+        reference = SegmentationPipeline(PipelineConfig(
+            mode=args.mode, model_dir=model_dir, tracker_model_dir=tracker_dir, device=args.device,
+            score_threshold=0.0, max_instances=10))
+        reference.load()
         if args.mode == 'sam2':
-            # Queued by the node until its first frame, as add_box is in-process.
-            box_pub = probe.create_publisher(PolygonStamped, f'{ns}/segmenter/prompt_box', qos)
-            _wait_until(lambda: box_pub.get_subscription_count() > 0, executor, child)
-            box_pub.publish(PolygonStamped(polygon=Polygon(points=[
-                Point32(x=box[0], y=box[1]), Point32(x=box[2], y=box[3])])))
-            _wait_until(lambda: False, executor, child, timeout_s=1.0, fail=False)
+            if node is not None:
+                node.pipeline.add_box(box)
+            reference.add_box(box)
+            reference.process(frames[0].image)  # attaches the prompt exactly as the node does
+        call = _engine_call(reference)
+        probe = rclpy.create_node('bench_probe', namespace=ns, context=context)
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        received = {}
+        probe.create_subscription(
+            Image, f'{ns}/segmenter/masks',
+            lambda m: received.setdefault(stamp_to_ns(m.header.stamp),
+                                          time.perf_counter()), qos)
+        # Subscribed like a harvest planner (masks + instances, poses with depth), so the node
+        # builds and publishes those outputs; markers and the overlay (RViz) are unwatched.
+        instances = []
+        probe.create_subscription(String, f'{ns}/segmenter/instances', instances.append, qos)
+        poses = []
+        if args.depth:
+            probe.create_subscription(PoseArray, f'{ns}/segmenter/fruit_poses', poses.append, qos)
+        image_pub = probe.create_publisher(Image, f'{ns}/image', qos)
+        echoed = {}  # stamp (ns) -> the echo node's stamp in -> masks out (ms)
 
-    end_to_end, engine_only, measured_stamps = [], [], []
-    try:
+        def on_echo_latency(message):
+            stamp_ns, latency_ms = message.data.split()
+            echoed[int(stamp_ns)] = float(latency_ms)
+
+        probe.create_subscription(String, f'{ns}/{ECHO_TOPICS[1]}', on_echo_latency, qos)
+        echo_pub = probe.create_publisher(Image, f'{ns}/{ECHO_TOPICS[0]}', qos)
+        depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
+        info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
+        executor = make_executor(args.executor, context=context)
+        if node is not None:
+            executor.add_node(node)
+        executor.add_node(probe)
+        if echo_node is not None:
+            executor.add_node(echo_node)
+        _wait_until(lambda: echo_pub.get_subscription_count() > 0
+                    and probe.count_publishers(f'{ns}/{ECHO_TOPICS[1]}') > 0, executor, echo_child)
+        if child is not None:
+            _wait_for_segmenter(child, executor, image_pub, probe, f'{ns}/segmenter/masks')
+            if args.mode == 'sam2':
+                # Queued by the node until its first frame, as add_box is in-process.
+                box_pub = probe.create_publisher(PolygonStamped, f'{ns}/segmenter/prompt_box', qos)
+                _wait_until(lambda: box_pub.get_subscription_count() > 0, executor, child)
+                box_pub.publish(PolygonStamped(polygon=Polygon(points=[
+                    Point32(x=box[0], y=box[1]), Point32(x=box[2], y=box[3])])))
+                _wait_until(lambda: False, executor, child, timeout_s=1.0, fail=False)
+
         for index, frame in enumerate(frames):
             msg = numpy_to_image_msg(frame.image, 'rgb8')
             headers = [msg.header]
@@ -313,6 +406,18 @@ def main(argv=None):
                 end_to_end.append(received[stamp_ns] - sent)
                 engine_only.append(engine_s)
                 measured_stamps.append(stamp_ns)
+        # The transport floor, in a pass of its own: an echo frame between two node frames
+        # slowed the node's model (~20 -> ~26 ms here, caches), which lowers the ratio.
+        # Paced like the node's pass: an engine call in the probe between two frames.
+        for index, frame in enumerate(frames):
+            msg = numpy_to_image_msg(frame.image, 'rgb8')
+            echo_stamp = probe.get_clock().now().nanoseconds
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(echo_stamp, 10**9)
+            echo_pub.publish(msg)
+            _wait_until(lambda stamp=echo_stamp: stamp in echoed, executor, echo_child)
+            call(frame.image)
+            if index >= args.warmup:
+                floors.append(echoed[echo_stamp])
         # Every processed frame has its instances (and poses): spin out the last ones.
         processed = node.stats()['frames_processed'] if node is not None else len(frames)
         expected = {'instances': processed, 'poses': processed if args.depth else 0}
@@ -331,12 +436,13 @@ def main(argv=None):
     finally:
         if node is not None:
             node._teardown()
-        if child is not None:
-            _stop_segmenter_process(child)
-        executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        probe.destroy_node()
+        _stop_process(child)
+        _stop_process(echo_child)
+        if executor is not None:
+            executor.shutdown()
+        for own_node in (node, echo_node, probe):
+            if own_node is not None:
+                own_node.destroy_node()
         rclpy.shutdown(context=context)
 
     e2e_ms = statistics.median(end_to_end) * 1e3
@@ -353,6 +459,7 @@ def main(argv=None):
     delivered_pct = delivered_ms / node_engine_ms * 100.0
     masks_out_ms = _paired_ms(masks_out, node_model_ms)
     overhead = masks_out_ms / node_engine_ms * 100.0
+    floor_ms = statistics.median(floors)
     result = {
         'mode': args.mode, 'device': args.device, 'executor': args.executor,
         'process': args.process,
@@ -370,6 +477,9 @@ def main(argv=None):
         'masks_out_ms_p50': round(statistics.median(masks_out), 2),
         'masks_out_overhead_ms_p50': round(masks_out_ms, 2),
         'masks_out_overhead_pct': round(overhead, 2),
+        'transport_floor_ms_p50': round(floor_ms, 2),
+        'transport_floor_pct': round(floor_ms / node_engine_ms * 100.0, 2),
+        'node_own_overhead_ms': round(masks_out_ms - floor_ms, 2),
         'instances_received': len(instances), 'poses_received': len(poses),
     }
     if stats:

@@ -34,5 +34,10 @@ def test_sam2_run_reports_overhead_for_every_frame(process, tmp_path):
     assert report['node_model_ms_p50'] < report['masks_out_ms_p50']
     assert report['masks_out_ms_p50'] <= report['end_to_end_ms_p50']
     assert report['end_to_end_ms_p50'] > 0 and report['engine_only_ms_p50'] > 0
+    # The echo node moved the same images in and blank masks out, in the same layout: the
+    # floor of any rclpy node, far below a frame that also ran the model.
+    assert 0 < report['transport_floor_ms_p50'] < report['masks_out_ms_p50']
+    assert report['node_own_overhead_ms'] == pytest.approx(
+        report['masks_out_overhead_ms_p50'] - report['transport_floor_ms_p50'], abs=0.02)
     # Frame 0 attaches the box prompt; then each of the 5 frames got its instances.
     assert report['instances_received'] == 5

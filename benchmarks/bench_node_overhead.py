@@ -143,22 +143,10 @@ def _make_echo_node(context, namespace):
 
 def _run_echo_process(namespace):
     """Body of ``--role echo``: the echo node in its own process, until SIGINT."""
-    from rclpy.executors import ExternalShutdownException
-
-    from sam_gap_ros.nodes.ros_utils import init_node_process, make_executor
-    from sam_gap_ros.nodes.ros_utils import spin_until_shutdown
+    from sam_gap_ros.nodes.ros_utils import init_node_process, make_executor, spin_node
 
     init_node_process(None, 'bench_echo')
-    node = _make_echo_node(None, namespace)
-    executor = make_executor()
-    executor.add_node(node)
-    try:
-        spin_until_shutdown(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
+    spin_node(_make_echo_node(None, namespace), make_executor())
     return 0
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import ParameterType
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import Executor, SingleThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
+from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data, QoSProfile, ReliabilityPolicy
 from rclpy.utilities import get_default_context, remove_ros_args
 
@@ -115,6 +116,26 @@ def spin_until_shutdown(executor: Executor, context: Optional[Context] = None) -
     context = context or get_default_context()
     while context.ok():
         executor.spin_once(timeout_sec=0.1)
+
+
+def spin_node(node: Node, executor: Executor,
+              on_stop: Optional[Callable[[], None]] = None) -> None:
+    """Spin ``node`` on ``executor`` until shutdown or Ctrl-C, then tear everything down.
+
+    ``on_stop`` runs first (a node's worker thread or file reader), then the executor, the
+    node and rclpy are shut down: the one ending of every node executable here.
+    """
+    executor.add_node(node)
+    try:
+        spin_until_shutdown(executor, node.context)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if on_stop is not None:
+            on_stop()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=node.context)
 
 
 def executor_arg(args: Optional[Sequence[str]], prog: str) -> str:

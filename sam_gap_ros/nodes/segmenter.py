@@ -17,8 +17,6 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PolygonStamped, Pose, PoseArray
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rcl_interfaces.msg import SetParametersResult
@@ -34,7 +32,7 @@ from sam_gap_ros.engines.types import ConceptError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics
 from sam_gap_ros.nodes.ros_utils import describe, executor_arg, init_node_process, input_qos
 from sam_gap_ros.nodes.ros_utils import INPUT_QOS
-from sam_gap_ros.nodes.ros_utils import make_executor, spin_until_shutdown, stamp_to_ns
+from sam_gap_ros.nodes.ros_utils import make_executor, spin_node, stamp_to_ns
 from sam_gap_ros.nodes.ros_utils import stamp_to_sec
 from sam_gap_ros.overlay import id_color, render_overlay
 from sam_gap_ros.pipeline import FrameResult, is_out_of_memory, memory_stats, MODES
@@ -713,17 +711,7 @@ def main(args: Optional[List[str]] = None) -> None:
     executor_kind = executor_arg(args, 'segmenter')
     init_node_process(args, 'segmenter')
     node = SegmenterNode()
-    executor = make_executor(executor_kind)
-    executor.add_node(node)
-    try:
-        spin_until_shutdown(executor)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node._stop_worker()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(node, make_executor(executor_kind), on_stop=node._stop_worker)
 
 
 if __name__ == '__main__':

@@ -12,13 +12,13 @@ from typing import List, Optional
 
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe, init_node_process
+from sam_gap_ros.nodes.ros_utils import describe, init_node_process, make_executor
+from sam_gap_ros.nodes.ros_utils import spin_node
 from sam_gap_ros.synthetic.config import scene_config_from_text
 from sam_gap_ros.synthetic.video import OrchardVideo
 
@@ -106,13 +106,7 @@ def main(args: Optional[List[str]] = None) -> None:
         get_logger('synthetic_camera').fatal(f'invalid parameters: {exc}')
         rclpy.try_shutdown()
         sys.exit(1)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(node, make_executor('single_threaded'))
 
 
 if __name__ == '__main__':

@@ -13,13 +13,13 @@ from typing import List, Optional
 import cv2
 import numpy as np
 import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.logging import get_logger
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe, init_node_process
+from sam_gap_ros.nodes.ros_utils import describe, init_node_process, make_executor
+from sam_gap_ros.nodes.ros_utils import spin_node
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -154,14 +154,7 @@ def main(args: Optional[List[str]] = None) -> None:
         get_logger('video_source').fatal(str(exc))
         rclpy.try_shutdown()
         sys.exit(1)
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.reader.close()
-        node.destroy_node()
-        rclpy.try_shutdown()
+    spin_node(node, make_executor('single_threaded'), on_stop=node.reader.close)
 
 
 if __name__ == '__main__':

@@ -394,9 +394,10 @@ def main(argv=None):
                 end_to_end.append(received[stamp_ns] - sent)
                 engine_only.append(engine_s)
                 measured_stamps.append(stamp_ns)
-        # The transport floor, in a pass of its own: an echo frame between two node frames
-        # slowed the node's model (~20 -> ~26 ms here, caches), which lowers the ratio.
-        # Paced like the node's pass: an engine call in the probe between two frames.
+        # The transport floor, in a pass of its own, paced like the node's pass (an engine
+        # call in the probe before each frame). Interleaved, an echo frame right before a
+        # node frame warmed the probe's publish path and took ~0.5 ms off the node's
+        # masks-out in A/B runs: the headline must not depend on the floor measurement.
         for index, frame in enumerate(frames):
             msg = numpy_to_image_msg(frame.image, 'rgb8')
             echo_stamp = probe.get_clock().now().nanoseconds

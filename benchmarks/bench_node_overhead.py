@@ -156,9 +156,8 @@ def _node_times_by_stamp(documents):
     times = {}
     for message in documents:
         document = instances_json.loads(message.data)
-        stamp = document['header']['stamp']
-        stamp_ns = stamp['sec'] * 10**9 + stamp['nanosec']
-        times[stamp_ns] = (document['inference_ms'], document['latency_ms'])
+        times[instances_json.document_stamp_ns(document)] = (document['inference_ms'],
+                                                             document['latency_ms'])
     return times
 
 

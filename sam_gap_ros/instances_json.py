@@ -112,6 +112,15 @@ def loads(text: str) -> Dict[str, Any]:
     return document
 
 
+def document_stamp_ns(document: Dict[str, Any]) -> int:
+    """Return a (validated) document's header stamp as integer nanoseconds.
+
+    The key to pair a document with the ``~/masks`` image and other messages of its frame.
+    """
+    stamp = document['header']['stamp']
+    return int(stamp['sec']) * 1_000_000_000 + int(stamp['nanosec'])
+
+
 def _check_optional_time(document: Dict[str, Any], key: str, non_negative: bool) -> None:
     """Raise ValueError unless ``document[key]`` is absent or a finite number (>= 0)."""
     value = document.get(key)

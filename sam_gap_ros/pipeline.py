@@ -94,15 +94,14 @@ class PipelineConfig:
         if int(self.max_object_batch) < 0:
             raise ValueError(f'max_object_batch {self.max_object_batch} must be >= 0 '
                              '(0 = no cap)')
-        if float(self.box_mask_margin) > 10.0:
-            raise ValueError(f'box_mask_margin {self.box_mask_margin} must be <= 10 '
-                             '(< 0 = no cut)')
-        if float(self.motion_gate_margin) > 10.0:
-            raise ValueError(f'motion_gate_margin {self.motion_gate_margin} must be <= 10 '
-                             '(< 0 = no gate)')
-        if float(self.mask_refine_radius) > 10.0:
-            raise ValueError(f'mask_refine_radius {self.mask_refine_radius} must be <= 10 '
-                             '(<= 0 = no refinement)')
+        # Tracker rule sizes, each at most 10; a ROS parameter cannot be None, so the value
+        # named in the message switches the rule off.
+        for name, off in (('box_mask_margin', '< 0 = no cut'),
+                          ('motion_gate_margin', '< 0 = no gate'),
+                          ('mask_refine_radius', '<= 0 = no refinement')):
+            value = getattr(self, name)
+            if float(value) > 10.0:
+                raise ValueError(f'{name} {value} must be <= 10 ({off})')
         if not str(self.model_dir).strip():
             raise ValueError('model_dir is empty: set it to a local model directory')
         if self.mode == 'hybrid' and not str(self.tracker_model_dir).strip():

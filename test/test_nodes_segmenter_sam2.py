@@ -45,8 +45,7 @@ def _document_for(messages, stamp_ns):
     """Return the ~/instances document stamped ``stamp_ns`` among ``messages``, or None."""
     for message in messages:
         document = instances_json.loads(message.data)
-        stamp = document['header']['stamp']
-        if stamp['sec'] * 1_000_000_000 + stamp['nanosec'] == stamp_ns:
+        if instances_json.document_stamp_ns(document) == stamp_ns:
             return document
     return None
 
@@ -77,8 +76,7 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     assert (last_mask.height, last_mask.width, last_mask.encoding) == (H, W, 'mono16')
     labels = image_msg_to_numpy(last_mask)
     doc = instances_json.loads(docs[-1].data)
-    assert doc['header']['stamp']['sec'] * 10**9 + doc['header']['stamp']['nanosec'] \
-        == _stamp_ns(last_mask)
+    assert instances_json.document_stamp_ns(doc) == _stamp_ns(last_mask)
     assert doc['mode'] == 'sam2' and doc['image'] == {'width': W, 'height': H}
     # The model's time on this frame: > 0 and part of what the node measured end to end.
     assert 0 < doc['inference_ms'] <= node.latency.percentile_ms(100)
@@ -264,7 +262,7 @@ def test_latest_frame_only_drops_a_burst_and_latency_stays_bounded(ros, sam2_dir
 
     def newest_done():
         doc = instances_json.loads(docs[-1].data)
-        return doc['header']['stamp']['nanosec'] == stamps[-1] % 10**9
+        return instances_json.document_stamp_ns(doc) == stamps[-1]
 
     # The newest frame is always processed, never an old one left behind.
     assert ros.spin_until(newest_done), node.stats()

@@ -26,6 +26,7 @@ def test_document_round_trip_and_fields():
     assert doc['schema'] == instances_json.SCHEMA_NAME
     assert doc['version'] == instances_json.SCHEMA_VERSION
     assert doc['header'] == {'stamp': {'sec': 12, 'nanosec': 345}, 'frame_id': 'cam'}
+    assert instances_json.document_stamp_ns(doc) == 12_000_000_345
     assert doc['image'] == {'width': 128, 'height': 96}
     assert [i['id'] for i in doc['instances']] == [3, 5]
     assert doc['instances'][0]['position'] == [0.1, -0.2, 1.3]

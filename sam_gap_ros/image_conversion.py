@@ -207,6 +207,17 @@ def image_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE, *,
     return _convert_layout(_message_view(msg, max_side), layout, 'RGB', copy=copy)
 
 
+def check_rgb_image_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
+    """Raise ValueError where image_msg_to_rgb would refuse ``msg``, without reading a pixel.
+
+    The encoding, side-length, step and data-length checks only, in microseconds: for a
+    subscription callback, so that a malformed frame is refused (and counted) where it
+    arrives instead of displacing a good frame that waits for inference.
+    """
+    _rgb_layout(msg.encoding)
+    _message_view(msg, max_side)
+
+
 def _array_for_encoding(image: Any, encoding: str) -> np.ndarray:
     """Validate ``image`` against ``encoding`` and return it as an ``(H, W, C)`` array."""
     spec = _encoding_spec(encoding)
@@ -402,6 +413,21 @@ def compressed_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarra
     """Return a ``sensor_msgs/CompressedImage`` as an ``(H, W, 3)`` uint8 RGB array."""
     decoded, encoding = _decode_compressed(msg, max_side)
     return _convert_layout(decoded, _rgb_layout(encoding), 'RGB')
+
+
+def check_rgb_compressed_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
+    """Raise ValueError where compressed_msg_to_rgb would refuse ``msg`` before decoding.
+
+    The format, encoding, emptiness and PNG header size checks, in microseconds (see
+    check_rgb_image_msg); data that passes can still fail to decode.
+    """
+    parsed = parse_compressed_format(msg.format)
+    if parsed.encoding is not None:  # None: a bare 'jpeg'/'png', known once decoded
+        _rgb_layout(parsed.encoding)
+    data = _message_bytes(msg.data)
+    if data.size == 0:
+        raise ValueError(f'compressed image ({msg.format!r}) has no data')
+    _check_png_header(data, msg.format, max_side)
 
 
 def _default_compressed_encoding(image: np.ndarray) -> str:

@@ -14,6 +14,8 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from sam_gap_ros.image_conversion import (
+    check_rgb_compressed_msg,
+    check_rgb_image_msg,
     compressed_msg_to_numpy,
     compressed_msg_to_rgb,
     image_msg_to_numpy,
@@ -270,6 +272,91 @@ def test_rejects_out_of_range_list_data():
 
     with pytest.raises(ValueError, match='not a sequence of bytes'):
         image_msg_to_numpy(FakeImage())
+
+
+# --- the callback's checks: the conversion's refusals, before any pixel is read ---------
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(data=array.array('B', bytes(17))), 'has 17 bytes'),
+    (dict(step=8, data=array.array('B', bytes(16))), 'step 8 is smaller'),
+    (dict(height=0, data=array.array('B')), 'zero size'),
+    (dict(width=MAX_IMAGE_SIDE + 1, step=3 * (MAX_IMAGE_SIDE + 1), data=array.array('B')),
+     'exceeds the 8192-pixel side limit'),
+    (dict(encoding='yuv422'), "unsupported image encoding 'yuv422'"),
+    (dict(encoding='mono16', step=6, data=array.array('B', bytes(12))),
+     "'mono16' images cannot be fed to the engines"),
+])
+def test_check_rgb_image_msg_refuses_what_the_conversion_refuses(fields, message):
+    msg = _msg(**fields)
+
+    with pytest.raises(ValueError, match=message):
+        image_msg_to_rgb(msg)
+    with pytest.raises(ValueError, match=message):
+        check_rgb_image_msg(msg)
+
+
+def test_check_rgb_image_msg_side_limit_is_a_parameter():
+    msg = raw_image_msg(np.zeros((4, 17, 3), np.uint8), 'rgb8')
+
+    with pytest.raises(ValueError, match='17x4 pixels exceeds the 16-pixel side limit'):
+        check_rgb_image_msg(msg, max_side=16)
+    check_rgb_image_msg(msg, max_side=17)
+
+
+@pytest.mark.parametrize('encoding', sorted(RGB_SOURCE_ENCODINGS))
+def test_check_rgb_image_msg_passes_every_convertible_image(encoding):
+    msg = raw_image_msg(np.zeros(_shape(encoding, 2, 3), np.uint8), encoding, padding=2)
+
+    check_rgb_image_msg(msg)
+    assert image_msg_to_rgb(msg).shape == (2, 3, 3)
+
+
+def _png(pixels):
+    return cv2.imencode('.png', pixels)[1].tobytes()
+
+
+def _png_claiming_width(width):
+    data = bytearray(_png(np.zeros((2, 2), np.uint8)))
+    data[16:20] = struct.pack('>I', width)  # IHDR width
+    return bytes(data)
+
+
+@pytest.mark.parametrize('data, fmt, message', [
+    (b'', 'rgb8; jpeg compressed bgr8', 'has no data'),
+    (_png_claiming_width(MAX_IMAGE_SIDE + 1), 'mono8; png compressed ',
+     '8193x2 pixels exceeds the 8192-pixel side limit'),
+    (_png(np.ones((3, 3), np.uint16)), 'mono16; png compressed ',
+     "'mono16' images cannot be fed to the engines"),
+    (struct.pack('<iff', 0, 0.0, 0.0) + _png(np.ones((3, 3), np.uint16)),
+     '16UC1; compressedDepth png', "'16UC1' images cannot be fed to the engines"),
+    (_png(np.zeros((3, 3, 3), np.uint8)), 'yuv422; png compressed ',
+     "unsupported image encoding 'yuv422'"),
+])
+def test_check_rgb_compressed_msg_refuses_what_the_conversion_refuses(data, fmt, message):
+    msg = _compressed(data, fmt)
+
+    with pytest.raises(ValueError, match=message):
+        compressed_msg_to_rgb(msg)
+    with pytest.raises(ValueError, match=message):
+        check_rgb_compressed_msg(msg)
+
+
+@pytest.mark.parametrize('fmt', ['rgb8; jpeg compressed bgr8', 'bgr8; png compressed bgr8',
+                                 'png', 'jpeg'])
+def test_check_rgb_compressed_msg_passes_decodable_colour(fmt):
+    codec = 'jpeg' if 'jpeg' in fmt else 'png'
+    msg = _compressed(numpy_to_compressed_msg(_smooth_rgb(), codec).data, fmt)
+
+    check_rgb_compressed_msg(msg)
+    assert compressed_msg_to_rgb(msg).shape == (24, 33, 3)
+
+
+def test_check_rgb_compressed_msg_leaves_undecodable_data_to_the_decoder():
+    msg = _compressed(b'not an image at all', 'png')
+
+    check_rgb_compressed_msg(msg)  # the check reads no pixel data...
+    with pytest.raises(ValueError, match='could not decode'):
+        compressed_msg_to_rgb(msg)  # ...so the conversion still refuses it
 
 
 # --- numpy -> Image ---------------------------------------------------------------------

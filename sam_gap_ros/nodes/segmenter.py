@@ -356,6 +356,16 @@ class SegmenterNode(LifecycleNode):
         self._count('frames_in')
         self._in_rate.tick(now)
         self._last_image_time = now
+        # Header and size checks here (microseconds), not only in the worker: a malformed
+        # frame must be counted as such, not dropped behind the next good one, and must not
+        # take the slot from a good frame.
+        check = (image_conversion.check_rgb_compressed_msg if isinstance(msg, CompressedImage)
+                 else image_conversion.check_rgb_image_msg)
+        try:
+            check(msg, max_side=int(self._param('max_image_side')))
+        except (ValueError, TypeError) as exc:
+            self._warn('bad_input', f'dropping malformed image: {exc}')
+            return
         pairer = self._pairer  # read once: cleanup may reset it from another thread
         if pairer is None:
             self._slot.put(Paired(stamp_to_sec(msg.header.stamp), (msg, now), None))
@@ -406,7 +416,9 @@ class SegmenterNode(LifecycleNode):
                 self._process(item)
             except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
                 if self._stop.is_set() or not self.context.ok():
-                    return  # shutting down: the frame's outputs have nowhere to go
+                    # Shutting down: the frame's outputs have nowhere to go.
+                    self._count('frames_aborted')
+                    return
                 if is_out_of_memory(exc):
                     release_cached_memory()
                     self._warn('oom_skips', f'out of memory during inference, frame skipped: '

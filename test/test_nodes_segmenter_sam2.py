@@ -234,20 +234,33 @@ def test_lifecycle_via_change_state_service(ros, sam2_dir, tmp_path):
     assert node.pipeline is not None and node.pipeline.loaded and not node._active
     assert ros.call(get, GetState.Request()).current_state.id == State.PRIMARY_STATE_INACTIVE
     assert transition(Transition.TRANSITION_ACTIVATE)
-    assert node._active and node._worker.is_alive()
+    worker = node._worker
+    assert node._active and worker.is_alive()
     # No image since activation -> WARN after stale_image_s.
     assert ros.spin_until(lambda: node.diagnostics().status[0].level == DiagnosticStatus.WARN)
     assert 'no image' in node.diagnostics().status[0].message
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    # Deactivate parks the worker thread (a new thread per activation grows the heap);
+    # activate hands it frames again.
     assert transition(Transition.TRANSITION_DEACTIVATE)
-    assert not node._active and node._worker is None and node.pipeline.loaded
+    assert not node._active and node.pipeline.loaded
+    assert node._worker is worker and worker.is_alive()
+    ros.publish_frame(0, 10**9)
+    ros.spin_until(lambda: node.stats()['frames_in'] > 0, timeout=1.0)
+    assert node.stats()['frames_in'] == 0 and not docs  # inactive: frames are not taken in
+    assert transition(Transition.TRANSITION_ACTIVATE)
+    ros.publish_frame(1, 2 * 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    assert node._worker is worker
+    assert transition(Transition.TRANSITION_DEACTIVATE)
+    # Cleanup unloads the model and ends the worker thread.
     assert transition(Transition.TRANSITION_CLEANUP)
-    assert node.pipeline is None
+    assert node.pipeline is None and node._worker is None and not worker.is_alive()
     # Cleanup destroyed the inputs: a configure/activate cycle brings them back.
     assert transition(Transition.TRANSITION_CONFIGURE)
     assert transition(Transition.TRANSITION_ACTIVATE)
-    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
-    ros.publish_frame(0, 10**9)
-    assert ros.spin_until(lambda: len(docs) >= 1)
+    ros.publish_frame(2, 3 * 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 2)
     assert not math.isnan(node.stats()['input_rate_hz'])
 
 

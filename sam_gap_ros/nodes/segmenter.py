@@ -145,7 +145,9 @@ class SegmenterNode(LifecycleNode):
         self._pair_lock = threading.Lock()
         self._camera_info: Optional[CameraInfo] = None
         self._worker: Optional[threading.Thread] = None
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # ends the worker thread (cleanup, shutdown)
+        # Held by the worker while it takes and processes a frame: deactivate waits on it.
+        self._in_flight = threading.Lock()
         self._entities: List[Any] = []
         self._timers: List[Any] = []
         self._pubs: Dict[str, Any] = {}
@@ -248,16 +250,18 @@ class SegmenterNode(LifecycleNode):
         with self._pair_lock:
             if self._pairer is not None:
                 self._pairer = StampPairer(self._pairer.tolerance, self._pairer.max_wait)
-        self._stop.clear()
-        self._worker = threading.Thread(target=self._work, name='segmenter-worker', daemon=True)
-        self._worker.start()
         self._active = True
+        if self._worker is None:  # after configure; deactivate only parks it
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._work, name='segmenter-worker',
+                                            daemon=True)
+            self._worker.start()
         self.get_logger().info('active: processing frames')
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Pause processing and free cached accelerator memory."""
-        self._stop_worker()
+        self._pause_worker()
         release_cached_memory()
         self.get_logger().info('inactive: processing paused')
         return TransitionCallbackReturn.SUCCESS
@@ -305,19 +309,33 @@ class SegmenterNode(LifecycleNode):
         self._stop.set()
         self._slot.close()
 
-    def _stop_worker(self) -> None:
+    def _pause_worker(self) -> None:
+        """Stop taking frames and wait for the one in flight; the worker thread stays.
+
+        Parked, not ended: with a new worker thread per activation, ~40 deactivate/activate
+        cycles grew the node's resident memory by ~450 MiB, as each thread that ran the
+        model left freed memory behind in malloc arenas (flat with MALLOC_ARENA_MAX=2;
+        benchmarks/bench_node_soak.py).
+        """
         self._active = False
-        self._stop.set()
-        self._slot.close()
-        if self._worker is not None and self._worker is not threading.current_thread():
-            self._worker.join(timeout=30.0)
-        self._worker = None
+        self._slot.close()  # wakes the worker's take
+        if self._worker is not threading.current_thread():
+            with self._in_flight:  # the frame in flight, if any, is finished and counted
+                pass
         # Whatever was still waiting is dropped (and counted): nothing is silently lost.
         self._slot.clear()
         self._slot.reopen()
         with self._pair_lock:
             if self._pairer is not None:
                 self._pairer.clear()
+
+    def _stop_worker(self) -> None:
+        """Pause processing and end the worker thread (cleanup, shutdown)."""
+        self._stop.set()
+        self._pause_worker()
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout=30.0)
+        self._worker = None
 
     def _param(self, name: str) -> Any:
         return self.get_parameter(name).value
@@ -403,30 +421,38 @@ class SegmenterNode(LifecycleNode):
     # -- worker ----------------------------------------------------------------------------
     def _work(self) -> None:
         while not self._stop.is_set():
-            item = self._slot.take(timeout=0.2)
-            if item is None:
+            if not self._active:
+                self._stop.wait(0.05)  # parked while inactive
                 continue
-            if self._stop.is_set():
-                self._count('frames_aborted')  # taken just as processing stopped
-                continue
-            if not self._enabled:
-                self._count('disabled_skips')
-                continue
-            try:
-                self._process(item)
-            except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
-                if self._stop.is_set() or not self.context.ok():
-                    # Shutting down: the frame's outputs have nowhere to go.
-                    self._count('frames_aborted')
-                    return
-                if is_out_of_memory(exc):
-                    release_cached_memory()
-                    self._warn('oom_skips', f'out of memory during inference, frame skipped: '
-                               f'{exc}')
-                else:
-                    self._count('errors')
-                    self.get_logger().error(f'frame failed: {type(exc).__name__}: {exc}',
-                                            throttle_duration_sec=THROTTLE_S)
+            with self._in_flight:
+                item = self._slot.take(timeout=0.2)
+                if item is not None:
+                    self._handle(item)
+            if not self.context.ok():
+                return
+
+    def _handle(self, item: Paired) -> None:
+        """Process one frame, or count why not: every frame taken is accounted for."""
+        if self._stop.is_set() or not self._active:
+            self._count('frames_aborted')  # taken just as processing stopped
+            return
+        if not self._enabled:
+            self._count('disabled_skips')
+            return
+        try:
+            self._process(item)
+        except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
+            if self._stop.is_set() or not self._active or not self.context.ok():
+                # Deactivated or shutting down: the frame's outputs have nowhere to go.
+                self._count('frames_aborted')
+            elif is_out_of_memory(exc):
+                release_cached_memory()
+                self._warn('oom_skips', f'out of memory during inference, frame skipped: '
+                           f'{exc}')
+            else:
+                self._count('errors')
+                self.get_logger().error(f'frame failed: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=THROTTLE_S)
 
     def _process(self, item: Paired) -> None:
         msg, received = item.primary
@@ -443,10 +469,11 @@ class SegmenterNode(LifecycleNode):
             return
         depth, encoding, intrinsics = self._depth_inputs(item.secondary, rgb.shape[:2])
         pipeline = self.pipeline
-        if pipeline is None:
+        if pipeline is None:  # cleaned up meanwhile
+            self._count('frames_aborted')
             return
         result = pipeline.process(rgb, depth, encoding, intrinsics)
-        if self._stop.is_set():
+        if self._stop.is_set() or not self._active:
             # Deactivated or shutting down during inference: publish nothing, but account
             # for the frame so frames_in == processed + dropped still holds.
             self._count('frames_aborted')

@@ -70,6 +70,9 @@ import numpy as np  # noqa: E402
 if importlib.util.find_spec('sam_gap_ros') is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node_processes import (child_environment, start_node, stop_process,  # noqa: E402
+                            use_large_image_profile, wait_until)
+
 
 def _prepare_models(args, workdir):
     """Return (model_dir, tracker_model_dir, scene overrides for the camera)."""
@@ -161,49 +164,15 @@ def _node_times_by_stamp(documents):
     return times
 
 
-def _child_environment(threads):
-    """Return the environment the launch file gives a node, with the bench's torch threads."""
-    return dict(os.environ, OPENBLAS_NUM_THREADS='1', OMP_NUM_THREADS=str(threads),
-                PYTHONUNBUFFERED='1')
-
-
-def _start_segmenter_process(namespace, params, threads):
-    """Start the segmenter executable with ``params``, in the environment the launch file gives."""
-    import subprocess
-    command = [sys.executable, '-m', 'sam_gap_ros.nodes.segmenter', '--ros-args',
-               '-r', f'__ns:={namespace}']
-    for name, value in params.items():
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        command += ['-p', f'{name}:={text}' if text else f"{name}:=''"]
-    return subprocess.Popen(command, env=_child_environment(threads))
-
-
 def _start_echo_process(namespace, threads):
     """Start the transport-floor echo node in its own process, like the segmenter."""
     import subprocess
     return subprocess.Popen([sys.executable, __file__, '--role', 'echo', '--namespace',
-                             namespace], env=_child_environment(threads))
-
-
-def _use_large_image_profile():
-    """Point Fast DDS at the shipped large-image profile, as orchard.launch.py does.
-
-    Set in this process before its first participant exists, so the probe publishes its
-    images the way the README asks camera drivers to; the segmenter process inherits it.
-    """
-    if os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp') == 'rmw_fastrtps_cpp':
-        os.environ.setdefault('FASTDDS_DEFAULT_PROFILES_FILE', str(
-            Path(__file__).resolve().parents[1] / 'config' / 'fastdds_large_images.xml'))
+                             namespace], env=child_environment(threads))
 
 
 def _wait_until(done, executor, child, timeout_s=60.0, fail=True):
-    deadline = time.perf_counter() + timeout_s
-    while not done() and time.perf_counter() < deadline:
-        if child is not None and child.poll() is not None:
-            raise SystemExit(f'the segmenter process exited with code {child.returncode}')
-        executor.spin_once(timeout_sec=0.05)
-    if fail and not done():
-        raise SystemExit(f'timed out after {timeout_s} s waiting for the segmenter')
+    return wait_until(done, executor, [child], timeout_s, fail, what='the segmenter')
 
 
 def _wait_for_segmenter(child, executor, image_pub, probe, masks_topic):
@@ -212,18 +181,6 @@ def _wait_for_segmenter(child, executor, image_pub, probe, masks_topic):
                 and probe.count_publishers(masks_topic) > 0, executor, child)
     # The node subscribes at configure and processes once active: give it a moment.
     _wait_until(lambda: False, executor, child, timeout_s=2.0, fail=False)
-
-
-def _stop_process(child):
-    import signal
-    import subprocess
-    if child is not None and child.poll() is None:
-        child.send_signal(signal.SIGINT)
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
 
 
 def main(argv=None):
@@ -274,7 +231,7 @@ def main(argv=None):
     keep_freed_buffers()
     torch.set_num_threads(args.threads)
     if args.process == 'separate':
-        _use_large_image_profile()
+        use_large_image_profile()
     workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
     model_dir, tracker_dir, scene = _prepare_models(args, workdir)
     video = OrchardVideo(0, scene_config_from_text(scene, width=640, height=480),
@@ -296,7 +253,7 @@ def main(argv=None):
             raise SystemExit(f'segmenter failed to configure: {node.last_error}')
         echo_node = _make_echo_node(context, ns)
     else:
-        child = _start_segmenter_process(ns, params, args.threads)
+        child = start_node('sam_gap_ros.nodes.segmenter', ns, params, args.threads)
         echo_child = _start_echo_process(ns, args.threads)
     executor = probe = None
     end_to_end, engine_only, measured_stamps, floors = [], [], [], []
@@ -424,8 +381,8 @@ def main(argv=None):
     finally:
         if node is not None:
             node._teardown()
-        _stop_process(child)
-        _stop_process(echo_child)
+        stop_process(child)
+        stop_process(echo_child)
         if executor is not None:
             executor.shutdown()
         for own_node in (node, echo_node, probe):

@@ -312,10 +312,15 @@ def _check_png_header(data: np.ndarray, fmt: str, max_side: int) -> None:
             raise ValueError(f'compressed image ({fmt!r}): {error}') from None
 
 
-def _decode(data: np.ndarray, fmt: str, max_side: int) -> np.ndarray:
+def _check_compressed_data(data: np.ndarray, fmt: str, max_side: int) -> None:
+    """Refuse empty data, and a PNG whose header names an image over ``max_side``."""
     if data.size == 0:
         raise ValueError(f'compressed image ({fmt!r}) has no data')
     _check_png_header(data, fmt, max_side)
+
+
+def _decode(data: np.ndarray, fmt: str, max_side: int) -> np.ndarray:
+    _check_compressed_data(data, fmt, max_side)
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if decoded is None:
         raise ValueError(
@@ -424,10 +429,7 @@ def check_rgb_compressed_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
     parsed = parse_compressed_format(msg.format)
     if parsed.encoding is not None:  # None: a bare 'jpeg'/'png', known once decoded
         _rgb_layout(parsed.encoding)
-    data = _message_bytes(msg.data)
-    if data.size == 0:
-        raise ValueError(f'compressed image ({msg.format!r}) has no data')
-    _check_png_header(data, msg.format, max_side)
+    _check_compressed_data(_message_bytes(msg.data), msg.format, max_side)
 
 
 def _default_compressed_encoding(image: np.ndarray) -> str:

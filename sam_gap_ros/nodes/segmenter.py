@@ -433,7 +433,7 @@ class SegmenterNode(LifecycleNode):
 
     def _handle(self, item: Paired) -> None:
         """Process one frame, or count why not: every frame taken is accounted for."""
-        if self._stop.is_set() or not self._active:
+        if not self._active:
             self._count('frames_aborted')  # taken just as processing stopped
             return
         if not self._enabled:
@@ -442,7 +442,7 @@ class SegmenterNode(LifecycleNode):
         try:
             self._process(item)
         except Exception as exc:  # noqa: BLE001 - the worker must survive any frame
-            if self._stop.is_set() or not self._active or not self.context.ok():
+            if not self._active or not self.context.ok():
                 # Deactivated or shutting down: the frame's outputs have nowhere to go.
                 self._count('frames_aborted')
             elif is_out_of_memory(exc):
@@ -473,7 +473,7 @@ class SegmenterNode(LifecycleNode):
             self._count('frames_aborted')
             return
         result = pipeline.process(rgb, depth, encoding, intrinsics)
-        if self._stop.is_set() or not self._active:
+        if not self._active:
             # Deactivated or shutting down during inference: publish nothing, but account
             # for the frame so frames_in == processed + dropped still holds.
             self._count('frames_aborted')

@@ -325,6 +325,17 @@ def _unaccounted(counters):
     return counters['frames_in'] - sum(counters[key] for key in ACCOUNTED)
 
 
+def _print_progress(elapsed_s, samples, planner):
+    """One line on stderr: where the run stands, should it stop before its summary."""
+    _, rss, threads, fds = samples[-1]
+    unaccounted = sum(_unaccounted(epoch) for epoch in planner.epochs)
+    not_as_expected = sum(bad for _, bad in planner.calls.values())
+    print(f'soak t={elapsed_s:.0f}s rss_mib={rss:.1f} threads={threads} fds={fds} '
+          f'documents={len(planner.documents)} activations={len(planner.epochs)} '
+          f'unaccounted_frames={unaccounted} calls_not_as_expected={not_as_expected}',
+          file=sys.stderr, flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='about 60 s in all')
@@ -337,6 +348,9 @@ def main(argv=None):
                         help='seconds between planner/operator calls')
     parser.add_argument('--sample-period', type=float, default=2.0,
                         help='seconds between /proc samples of the segmenter')
+    parser.add_argument('--progress-period', type=float, default=60.0,
+                        help='seconds between progress lines on stderr (a long run that '
+                             'stops early still shows how far it got)')
     parser.add_argument('--threads', type=int, default=0,
                         help='torch CPU threads of the node (0: torch default, as launched)')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
@@ -381,13 +395,16 @@ def main(argv=None):
         wait_until(lambda: len(planner.documents) > 0, executor, [segmenter, camera],
                    timeout_s=120.0, what='the first ~/instances')
         started = time.monotonic()
-        next_action = next_sample = started
+        next_action = next_sample = next_progress = started
         cycle = itertools.cycle(_cycle(args.mode))
         while time.monotonic() - started < args.duration:
             now = time.monotonic()
             if now >= next_sample:
                 samples.append((now - started, *_proc_sample(segmenter.pid)))
                 next_sample += args.sample_period
+            if now >= next_progress:
+                _print_progress(now - started, samples, planner)
+                next_progress += args.progress_period
             if now >= next_action:
                 call = next(cycle)
                 planner.act(call, executor, segmenter)

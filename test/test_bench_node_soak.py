@@ -16,7 +16,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_soak.p
 def test_quick_soak_accounts_for_every_frame_and_call(mode, tmp_path):
     out = tmp_path / 'soak.json'
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), '--quick', '--mode', mode, '--json', str(out)],
+        [sys.executable, str(SCRIPT), '--quick', '--mode', mode, '--json', str(out),
+         '--progress-period', '10'],
         capture_output=True, text=True, timeout=600,
         env={**os.environ, 'PYTHONUNBUFFERED': '1'})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -58,3 +59,13 @@ def test_quick_soak_accounts_for_every_frame_and_call(mode, tmp_path):
     assert len(report['samples']) >= 10
     assert report['fds_end'] == report['fds_after_warmup']
     assert report['segmenter_exit_code'] == 0 and report['camera_exit_code'] == 0
+    # A progress line every 10 s on stderr, so a long run that stops early shows how far
+    # it got; the last one agrees with the summary so far.
+    progress = [dict(item.split('=') for item in line.split()[1:])
+                for line in result.stderr.splitlines() if line.startswith('soak t=')]
+    assert len(progress) >= 4, result.stderr[-3000:]
+    times = [float(p['t'].rstrip('s')) for p in progress]
+    assert times[0] == 0.0 and times == sorted(set(times))
+    assert all(p['unaccounted_frames'] == '0' and p['calls_not_as_expected'] == '0'
+               for p in progress)
+    assert 0 < int(progress[-1]['documents']) <= report['documents']

@@ -348,6 +348,10 @@ def main(argv=None):
                         help='seconds between planner/operator calls')
     parser.add_argument('--sample-period', type=float, default=2.0,
                         help='seconds between /proc samples of the segmenter')
+    parser.add_argument('--skip', default='',
+                        help='comma-separated calls left out of the cycle, e.g. "reset" for '
+                             'a shift in which tracking state is never reset (hybrid: tracks '
+                             'come and go only by the re-detection rules)')
     parser.add_argument('--progress-period', type=float, default=60.0,
                         help='seconds between progress lines on stderr (a long run that '
                              'stops early still shows how far it got)')
@@ -355,6 +359,10 @@ def main(argv=None):
                         help='torch CPU threads of the node (0: torch default, as launched)')
     parser.add_argument('--json', type=Path, default=None, help='write the results here')
     args = parser.parse_args(argv)
+    skipped = {call for call in args.skip.split(',') if call}
+    calls = [call for call in _cycle(args.mode) if call not in skipped]
+    if skipped - set(_cycle(args.mode)) or not calls:
+        parser.error(f'--skip: calls of {args.mode} mode are {sorted(set(_cycle(args.mode)))}')
     if args.quick:
         args.duration, args.action_period = min(args.duration, 45.0), min(args.action_period, 1.5)
     warmup = args.warmup if args.warmup is not None else max(5.0, 0.1 * args.duration)
@@ -396,7 +404,7 @@ def main(argv=None):
                    timeout_s=120.0, what='the first ~/instances')
         started = time.monotonic()
         next_action = next_sample = next_progress = started
-        cycle = itertools.cycle(_cycle(args.mode))
+        cycle = itertools.cycle(calls)
         while time.monotonic() - started < args.duration:
             now = time.monotonic()
             if now >= next_sample:
@@ -428,8 +436,9 @@ def main(argv=None):
         rclpy.shutdown(context=context)
 
     # Latency and resources after warm-up; RSS growth over the second half of the run.
-    timed = [(latency, model) for arrival, latency, model, _ in planner.documents
+    timed = [(latency, model, len(ids)) for arrival, latency, model, ids in planner.documents
              if arrival - started >= warmup]
+    tenth = max(1, len(timed) // 10)
     latency_first, latency_last, latency_drift = _drift([t[0] for t in timed])
     model_first, model_last, model_drift = _drift([t[1] for t in timed])
     warm = [s for s in samples if s[0] >= warmup] or samples
@@ -440,6 +449,7 @@ def main(argv=None):
                             'unpaired_depth')}
     result = {
         'mode': args.mode, 'model': model_text, 'duration_s': round(args.duration, 1),
+        'skipped_calls': sorted(skipped),
         'camera_rate_hz': args.rate, 'image_size': [width, height],
         'calls': {call: {'as_expected': ok, 'not_as_expected': bad}
                   for call, (ok, bad) in planner.calls.items()},
@@ -461,6 +471,14 @@ def main(argv=None):
         'model_ms_p50_first_tenth': round(model_first, 2),
         'model_ms_p50_last_tenth': round(model_last, 2),
         'model_p50_drift_pct': round(model_drift, 1),
+        # Instances per frame: the scene loops, so a node that kept stale tracks would
+        # report more of them (and spend longer per frame) as the run goes on.
+        'instances_per_frame_first_tenth': round(
+            statistics.fmean(t[2] for t in timed[:tenth]), 2),
+        'instances_per_frame_last_tenth': round(
+            statistics.fmean(t[2] for t in timed[-tenth:]), 2),
+        'max_instance_id': max((max(ids) for *_, ids in planner.documents if ids),
+                               default=0),
         'rss_mib_after_warmup': round(warm[0][1], 1),
         'rss_mib_at_half': round(second_half[0][1], 1),
         'rss_mib_end': round(samples[-1][1], 1),

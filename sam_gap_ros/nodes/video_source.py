@@ -79,7 +79,10 @@ class FrameReader:
     def _rewind(self) -> None:
         self._index = 0
         if self._capture is not None:
-            self._capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            # Reopened rather than seeked: CAP_PROP_POS_FRAMES seeks are approximate or
+            # ignored for some codecs and backends, which would end a looping source.
+            self._capture.release()
+            self._capture = cv2.VideoCapture(str(self.path))
 
     def close(self) -> None:
         """Release the video file."""

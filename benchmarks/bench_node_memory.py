@@ -17,13 +17,17 @@ storage, so views are free). Reported per mode:
 
 Not included, because only a GPU has them: the CUDA context (roughly 0.3-1 GiB, driver and
 GPU dependent), cuBLAS/cuDNN workspaces, and the caching allocator's reserve above what is
-allocated (``cuda_reserved_mib``). The SAM2 engine batches objects by a byte budget that is
+allocated (``cuda_reserved_mib``). With ``--device cuda`` the same run happens on the GPU and
+each row adds what CUDA reports: ``cuda_max_allocated_mib`` (to compare with the node total),
+``cuda_reserved_mib`` and ``cuda_device_used_mib`` (the whole device, context included: run it
+alone on the GPU). The SAM2 engine batches objects by a byte budget that is
 larger on CUDA; the CUDA budget is used here so that the batches, and so the activations,
 are the ones a GPU would see. Everything runs in float32 (the engines' CPU dtype); with
 ``dtype: bfloat16`` on a GPU the weights halve and most activations do too.
 
     python benchmarks/bench_node_memory.py              # production sizes (minutes on CPU)
     python benchmarks/bench_node_memory.py --quick      # shipped tiny models, < 60 s
+    python benchmarks/bench_node_memory.py --device cuda  # on a GPU: + what CUDA reports
 
 The LAST line is ``node_memory_mib sam2=<f> sam3=<f> hybrid=<f>`` (weights + peak, MiB).
 """
@@ -117,18 +121,35 @@ def weight_bytes(*modules: torch.nn.Module) -> int:
 
 
 def measure(step: Callable[[np.ndarray], Any], frames: Sequence[np.ndarray],
-            start: Callable[[np.ndarray], Any]) -> Dict[str, float]:
-    """Run ``start(frames[0])`` then ``step`` on the other frames; return MiB and seconds."""
+            start: Callable[[np.ndarray], Any], device: str = 'cpu') -> Dict[str, float]:
+    """Run ``start(frames[0])`` then ``step`` on the other frames; return MiB and seconds.
+
+    On CUDA the row also holds what the GPU itself reports, to set beside the count:
+    ``torch.cuda.max_memory_allocated`` (weights included), the caching allocator's reserve,
+    and the device's used memory (CUDA context included; other processes' too, if any).
+    """
+    cuda = torch.device(device).type == 'cuda'
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     with LiveTensorMemory() as live:
         began = time.perf_counter()
         start(frames[0])
         for frame in frames[1:]:
             step(frame)
+        if cuda:
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - began
         gc.collect()
         state = live.current
-    return {'state_mib': state / MIB, 'peak_mib': live.peak / MIB,
-            'seconds_per_frame': seconds / len(frames)}
+    row = {'state_mib': state / MIB, 'peak_mib': live.peak / MIB,
+           'seconds_per_frame': seconds / len(frames)}
+    if cuda:
+        free, total = torch.cuda.mem_get_info(device)
+        row.update(cuda_max_allocated_mib=torch.cuda.max_memory_allocated(device) / MIB,
+                   cuda_reserved_mib=torch.cuda.memory_reserved(device) / MIB,
+                   cuda_device_used_mib=(total - free) / MIB)
+    return row
 
 
 def synthetic_frames(count: int, tiny_scene: bool) -> List[np.ndarray]:
@@ -152,7 +173,7 @@ def grid_boxes(count: int, width: int = 640, height: int = 480) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float32)
 
 
-def build_engines(quick: bool) -> Dict[str, Any]:
+def build_engines(quick: bool, device: str = 'cpu') -> Dict[str, Any]:
     """Return factories of the SAM2 tracker and the SAM3 engine (production or tiny)."""
     from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
     from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
@@ -161,10 +182,10 @@ def build_engines(quick: bool) -> Dict[str, Any]:
         from sam_gap_ros.demo import find_trained_model, TINY_SAM3_THRESHOLDS, TRAINED
 
         def sam2() -> Any:
-            return Sam2Tracker.load(find_trained_model(TRAINED['sam2']), device='cpu')
+            return Sam2Tracker.load(find_trained_model(TRAINED['sam2']), device=device)
 
         def sam3() -> Any:
-            return Sam3ConceptEngine.load(find_trained_model(TRAINED['sam3']), device='cpu',
+            return Sam3ConceptEngine.load(find_trained_model(TRAINED['sam3']), device=device,
                                           **TINY_SAM3_THRESHOLDS)
         return {'sam2': sam2, 'sam3': sam3}
 
@@ -173,13 +194,13 @@ def build_engines(quick: bool) -> Dict[str, Any]:
     from sam_gap_ros.engines.tiny_sam3 import build_tiny_processor
 
     def sam2() -> Any:
-        return Sam2Tracker.from_config(Sam2VideoConfig(), device='cpu')
+        return Sam2Tracker.from_config(Sam2VideoConfig(), device=device)
 
     def sam3() -> Any:
         config = Sam3Config()
         return Sam3ConceptEngine.from_config(
             config, processor=build_tiny_processor(config.vision_config.backbone_config
-                                                   .image_size), device='cpu')
+                                                   .image_size), device=device)
     return {'sam2': sam2, 'sam3': sam3}
 
 
@@ -190,8 +211,8 @@ def as_on_cuda(tracker: Any) -> Any:
 
 
 def run_mode(mode: str, factories: Dict[str, Any], frames: Sequence[np.ndarray],
-             objects: int, redetect_every_n: int, concepts: Sequence[str]
-             ) -> Dict[str, float]:
+             objects: int, redetect_every_n: int, concepts: Sequence[str],
+             device: str = 'cpu') -> Dict[str, float]:
     """Measure one node mode; return its row (MiB)."""
     from sam_gap_ros.engines.hybrid import HybridTracker
 
@@ -202,20 +223,20 @@ def run_mode(mode: str, factories: Dict[str, Any], frames: Sequence[np.ndarray],
         def start(frame):
             tracker.track(frame)
             tracker.add_objects(boxes=grid_boxes(objects))
-        row = measure(tracker.track, frames, start)
+        row = measure(tracker.track, frames, start, device)
         row['objects'] = len(tracker.object_ids)
     elif mode == 'sam3':
         engine = factories['sam3']()
         engine.set_concepts(list(concepts))
         weights = weight_bytes(engine.model)
-        row = measure(engine.segment, frames, engine.segment)
+        row = measure(engine.segment, frames, engine.segment, device)
         row['concepts'] = len(concepts)
     else:
         engine, tracker = factories['sam3'](), as_on_cuda(factories['sam2']())
         hybrid = HybridTracker(engine, tracker, redetect_every_n=redetect_every_n)
         hybrid.set_concepts(list(concepts))
         weights = weight_bytes(engine.model, tracker.model)
-        row = measure(hybrid.step, frames, hybrid.step)
+        row = measure(hybrid.step, frames, hybrid.step, device)
         row['objects'] = len(tracker.object_ids)
         row['concepts'] = len(concepts)
     row['weights_mib'] = weights / MIB
@@ -234,6 +255,8 @@ def main(argv: Sequence[str] = None) -> int:
                         help='frames per mode (SAM2 memory bank full after 7)')
     parser.add_argument('--redetect-every-n', type=int, default=4, help='hybrid mode')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument('--device', default='cpu',
+                        help='cpu, or cuda / cuda:N to add what the GPU reports (float32)')
     parser.add_argument('--json', type=Path, default=None, help='also write the rows here')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -242,7 +265,7 @@ def main(argv: Sequence[str] = None) -> int:
     if unknown:
         parser.error(f'unknown modes {sorted(unknown)}')
     object_counts = sorted(int(n) for n in args.objects.split(','))
-    factories = build_engines(args.quick)
+    factories = build_engines(args.quick, args.device)
     concepts = TINY_CONCEPTS if args.quick else CONCEPTS
     frames = synthetic_frames(args.frames, tiny_scene=args.quick)
     rows, last = {}, {}
@@ -251,7 +274,10 @@ def main(argv: Sequence[str] = None) -> int:
             name = f'sam2@{objects}' if mode == 'sam2' else mode
             with torch.inference_mode():
                 rows[name] = run_mode(mode, factories, frames, objects, args.redetect_every_n,
-                                      concepts)
+                                      concepts, args.device)
+            gc.collect()  # this mode's models go before the next one loads
+            if torch.device(args.device).type == 'cuda':
+                torch.cuda.empty_cache()
             last[mode] = rows[name]
             print(f'{name}: ' + ' '.join(f'{k}={v:.1f}' if isinstance(v, float) else f'{k}={v}'
                                          for k, v in rows[name].items()), flush=True)

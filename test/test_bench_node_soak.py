@@ -69,3 +69,12 @@ def test_quick_soak_accounts_for_every_frame_and_call(mode, tmp_path):
     assert all(p['unaccounted_frames'] == '0' and p['calls_not_as_expected'] == '0'
                for p in progress)
     assert 0 < int(progress[-1]['documents']) <= report['documents']
+
+
+def test_skip_names_only_calls_of_the_mode():
+    # A typo must not silently run the full cycle: the run stops before it starts anything.
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), '--mode', 'hybrid', '--skip', 'reset,box'],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "calls of hybrid mode are ['concepts'" in result.stderr

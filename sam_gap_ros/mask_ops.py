@@ -6,11 +6,27 @@ All masks are boolean ``(H, W)`` numpy arrays at full image resolution; boxes ar
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Collection, Optional, Sequence, Tuple
 
 import numpy as np
 
 Box = Tuple[float, float, float, float]
+MAX_LABEL_ID = int(np.iinfo(np.uint16).max)  # instance IDs are mono16 label values
+
+
+def next_label_id(candidate: int, live: Collection[int]) -> int:
+    """Return the first instance ID from ``candidate`` on that is not in ``live``.
+
+    IDs are label values of a mono16 image, 1..65535. After 65535 (a long shift hands out
+    that many) they start again at 1, and IDs still live are skipped, so that two live
+    instances never share a label.
+    """
+    if len(live) >= MAX_LABEL_ID:
+        raise ValueError(f'all {MAX_LABEL_ID} instance IDs are in use')
+    object_id = (int(candidate) - 1) % MAX_LABEL_ID + 1
+    while object_id in live:
+        object_id = object_id % MAX_LABEL_ID + 1
+    return object_id
 
 
 def mask_to_box(mask: np.ndarray) -> Optional[Box]:
@@ -79,7 +95,7 @@ def label_image(masks: Sequence[np.ndarray], ids: Sequence[int], shape: Tuple[in
     order = range(len(masks)) if scores is None else np.argsort(np.asarray(scores), kind='stable')
     for index in order:
         object_id = int(ids[index])
-        if not 0 < object_id <= np.iinfo(np.uint16).max:
+        if not 0 < object_id <= MAX_LABEL_ID:
             raise ValueError(
                 f'instance id {object_id} does not fit a mono16 label image (1..65535)')
         if boxes is None:

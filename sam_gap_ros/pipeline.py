@@ -27,9 +27,9 @@ from sam_gap_ros.geometry import align_depth, CameraIntrinsics, depth_to_meters
 from sam_gap_ros.geometry import instance_position
 from sam_gap_ros.instances_json import InstanceRecord
 from sam_gap_ros.mask_ops import Box, label_image, mask_centroid, mask_iou_matrix
+from sam_gap_ros.mask_ops import next_label_id
 
 MODES = ('sam2', 'sam3', 'hybrid')
-MAX_LABEL_ID = 65535
 _ID_STRIDE = 4
 _LOG = logging.getLogger(__name__)
 
@@ -155,11 +155,6 @@ def memory_stats(device: Optional[str]) -> Dict[str, float]:
     return stats
 
 
-def wrap_label_id(instance_id: int) -> int:
-    """Map any positive ID into the mono16 label range 1..65535 (wraps after 65535)."""
-    return (int(instance_id) - 1) % MAX_LABEL_ID + 1
-
-
 class IouIdAssigner:
     """Give per-frame detections IDs that persist while masks overlap between frames.
 
@@ -184,10 +179,12 @@ class IouIdAssigner:
             for row, col in zip(rows, cols, strict=True):
                 if iou[row, col] >= self.min_iou:
                     ids[row] = self._prev_ids[col]
+        taken = {i for i in ids if i is not None}
         for index, value in enumerate(ids):
             if value is None:
-                ids[index] = self._next_id
-                self._next_id += 1
+                ids[index] = next_label_id(self._next_id, taken)
+                taken.add(ids[index])
+                self._next_id = ids[index] + 1
         self._prev_masks = small
         self._prev_ids = [int(i) for i in ids]
         return [int(i) for i in ids]
@@ -408,7 +405,7 @@ class SegmentationPipeline:
                 raise PromptError('no model loaded')
             known = [int(i) for i in self._tracker.object_ids]
             known += [i for p in self._pending_prompts for i in p['object_ids']]
-            object_id = max([self._next_object_id] + [i + 1 for i in known])
+            object_id = next_label_id(self._next_object_id, set(known))
             if self._tracker.frame_index < 0:
                 # The tracker needs a frame to attach a prompt to: keep it for the first frame.
                 self._pending_prompts.append(dict(prompt, object_ids=[object_id]))
@@ -505,8 +502,7 @@ class SegmentationPipeline:
         mode = self.config.mode
         if mode == 'sam2':
             result = self._track_sam2(rgb)
-            return [_Found(wrap_label_id(o.object_id), 'object', _sigmoid(o.score), o.mask,
-                           o.box, o.area)
+            return [_Found(o.object_id, 'object', _sigmoid(o.score), o.mask, o.box, o.area)
                     for o in result.objects if o.present and o.area > 0]
         if mode == 'sam3':
             instances = [i for i in self._engine.segment(rgb) if i.area > 0]
@@ -514,8 +510,7 @@ class SegmentationPipeline:
         else:
             instances = [i for i in self._engine.step(rgb) if i.area > 0]
             ids = [_require_id(i) for i in instances]
-        return [_Found(wrap_label_id(object_id), i.concept, float(i.score), i.mask, i.box,
-                       i.area)
+        return [_Found(object_id, i.concept, float(i.score), i.mask, i.box, i.area)
                 for object_id, i in zip(ids, instances, strict=True)]
 
     def _track_sam2(self, rgb: np.ndarray) -> Any:
@@ -572,5 +567,4 @@ def _check_in_image(points: Sequence[Tuple[float, float]],
 
 
 __all__ = ['FrameResult', 'IouIdAssigner', 'MODES', 'ModelLoadError', 'PipelineConfig',
-           'SegmentationPipeline', 'is_out_of_memory', 'memory_stats', 'release_cached_memory',
-           'wrap_label_id']
+           'SegmentationPipeline', 'is_out_of_memory', 'memory_stats', 'release_cached_memory']

@@ -145,6 +145,17 @@ def test_ids_persist_new_ids_and_drop_after_k_misses():
     assert hybrid.frame_index == 9 and len(concepts.calls) == 4
 
 
+def test_new_track_ids_wrap_after_65535_past_live_tracks():
+    concepts = ScriptedConcepts({0: [det(A)], 1: [det(A), det(B), det(C)]})
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=1,
+                           max_missed_redetections=2)
+    assert ids(hybrid.step(FRAME)) == [1]
+    hybrid._next_id = 65535  # as after a long shift of apples coming and going
+    # A keeps 1; the two new apples get 65535, then 2: IDs are mono16 label values.
+    assert ids(hybrid.step(FRAME)) == [1, 2, 65535]
+    assert hybrid.track_ids == sorted(hybrid.tracker.object_ids) == [1, 2, 65535]
+
+
 def test_present_tracks_reported_between_redetections():
     concepts = ScriptedConcepts({0: [det(A), det(C)]})
     # Random SAM2 weights give both prompts the same mask; duplicate_iou=1.0 turns off the

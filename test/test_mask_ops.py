@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sam_gap_ros.mask_ops import (label_image, mask_centroid, mask_coverage, mask_iou,
-                                  mask_iou_matrix, mask_to_box)
+                                  mask_iou_matrix, mask_to_box, next_label_id)
 
 
 def _rect(shape, x0, y0, x1, y1):
@@ -84,3 +84,13 @@ def test_label_image_within_boxes_equals_painting_whole_masks():
             label_image(masks, ids, (20, 26), scores))
     with pytest.raises(ValueError, match='2 boxes for 1 masks'):
         label_image([masks[0]], [1], (20, 26), boxes=[None, None])
+
+
+def test_next_label_id_counts_up_wraps_after_65535_and_skips_live_ids():
+    assert next_label_id(1, set()) == 1 and next_label_id(7, {1, 2}) == 7
+    assert next_label_id(65535, set()) == 65535
+    assert next_label_id(65536, set()) == 1  # past the mono16 range: from 1 again
+    assert next_label_id(5, {5, 6}) == 7
+    assert next_label_id(65535, {65535, 1, 2}) == 3  # live IDs skipped across the wrap
+    with pytest.raises(ValueError, match='in use'):
+        next_label_id(1, range(1, 65536))

@@ -69,6 +69,14 @@ def test_sam2_prompt_before_first_frame_and_depth_positions(models):
         pipeline.set_concepts(['apple'])
     pipeline.remove_object(1)
     assert pipeline.object_ids == [2]
+    # After 65535 IDs (a long shift of prompts) new ones start again at 1, past live ones:
+    # the label image can hold every ID.
+    pipeline._next_object_id = 65535
+    assert [pipeline.add_box((20, 30, 50, 60)) for _ in range(3)] == [65535, 1, 3]
+    result = pipeline.process(make_frame(2))
+    assert sorted(r.instance_id for r in result.records) == [1, 2, 3, 65535]
+    # (The random decoder's masks of the same box overlap, so not every ID keeps pixels.)
+    assert set(np.unique(result.labels)) - {0} <= {1, 2, 3, 65535}
     # A new camera resolution cannot continue the old tracks: they are reset, no crash.
     bigger = pipeline.process(np.zeros((120, 160, 3), np.uint8))
     assert bigger.labels.shape == (120, 160) and pipeline.object_ids == []

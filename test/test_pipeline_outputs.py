@@ -9,7 +9,7 @@ from sam_gap_ros import instances_json
 from sam_gap_ros.instances_json import InstanceRecord
 from sam_gap_ros.mask_ops import label_image
 from sam_gap_ros.overlay import id_color, render_overlay
-from sam_gap_ros.pipeline import IouIdAssigner, PipelineConfig, wrap_label_id
+from sam_gap_ros.pipeline import IouIdAssigner, PipelineConfig
 
 
 def _doc(records):
@@ -121,9 +121,17 @@ def test_iou_ids_persist_across_frames_and_new_objects_get_new_ids():
     assert ids.assign([box(0)]) == [1]
 
 
-def test_label_ids_wrap_into_mono16_range():
-    assert wrap_label_id(1) == 1 and wrap_label_id(65535) == 65535
-    assert wrap_label_id(65536) == 1
+def test_iou_ids_wrap_after_65535_past_ids_still_live():
+    def box(x):
+        mask = np.zeros((40, 60), dtype=bool)
+        mask[10:20, x:x + 10] = True
+        return mask
+    ids = IouIdAssigner(min_iou=0.3)
+    assert ids.assign([box(0), box(15)]) == [1, 2]
+    ids._next_id = 65535  # as after a long shift of objects coming and going
+    # 1 and 2 are still in view: the new IDs wrap past them, none is handed out twice.
+    assert ids.assign([box(1), box(30), box(14), box(48)]) == [1, 65535, 2, 3]
+    assert ids.assign([box(1), box(30), box(48)]) == [1, 65535, 3]
 
 
 def test_config_validation():

@@ -379,8 +379,14 @@ def test_object_ids_remove_and_reset():
     session = tracker.session
     assert all(len(session.output_dict_per_obj[session.obj_id_to_idx(i)]['cond_frame_outputs'])
                == 1 for i in (1, 7, 8))
-    # IDs are never reused, even after removal.
+    # IDs are not reused, even after removal...
     assert tracker.add_objects(boxes=[BOX_A]) == [9]
+    # ...until 65535 have been handed out (mono16 label values): then they start again at
+    # 1, skipping the live ones.
+    tracker._next_object_id = 65535
+    assert tracker.add_objects(boxes=[BOX_A, BOX_B, BOX_A]) == [65535, 2, 3]
+    for object_id in (65535, 2, 3):
+        tracker.remove_object(object_id)
     with pytest.raises(PromptError, match='unknown object id 2'):
         tracker.remove_object(2)
     tracker.reset()

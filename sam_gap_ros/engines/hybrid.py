@@ -23,8 +23,9 @@ across frames; the rules, per frame:
     ``reprompt_matched``) SAM2 is re-prompted with the detection mask. With ``reanchor``
     that mask replaces the track's earlier prompts as its only conditioning frame: on a
     moving camera an old prompt pulls the mask back towards where the object was.
-  - An unmatched detection starts a new track with a new ID (IDs are never reused, also
-    not after ``reset``), unless it overlaps a live track by IoU >= ``match_iou`` (a
+  - An unmatched detection starts a new track with a new ID (not reused, also not after
+    ``reset``, until the mono16 label range 1..65535 wraps; live IDs are then skipped,
+    see ``mask_ops.next_label_id``), unless it overlaps a live track by IoU >= ``match_iou`` (a
     piece of an object already tracked, SAM3's many-to-one rule). A track left unmatched
     on ``max_missed_redetections`` consecutive re-detections is dropped.
 * Every frame, two tracks whose SAM2 masks cover one object (IoU > ``duplicate_iou``)
@@ -50,7 +51,7 @@ from scipy.optimize import linear_sum_assignment
 
 from sam_gap_ros.engines.concept_query import mask_overlaps, resolve_duplicates
 from sam_gap_ros.engines.types import Instance
-from sam_gap_ros.mask_ops import mask_iou, mask_to_box
+from sam_gap_ros.mask_ops import mask_iou, mask_to_box, next_label_id
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ class HybridTracker:
         self._last_detection = None
 
     def reset(self) -> None:
-        """Drop all tracks and SAM2 memory (a new stream); IDs continue, never reused."""
+        """Drop all tracks and SAM2 memory (a new stream); IDs continue where they were."""
         self._drop_all_tracks()
         self._frame_index = -1
 
@@ -270,8 +271,8 @@ class HybridTracker:
                 prompt_masks.append(detection.mask)
         for det_index in unmatched_detections:
             detection = detections[det_index]
-            track_id = self._next_id
-            self._next_id += 1
+            track_id = next_label_id(self._next_id, self._tracks)
+            self._next_id = track_id + 1
             self._tracks[track_id] = _Track.from_detection(detection)
             shown[track_id] = detection.mask
             prompt_ids.append(track_id)

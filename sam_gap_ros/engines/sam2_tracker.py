@@ -57,7 +57,9 @@ nothing on other frames. Tiny orchard model: prompted frames 0.715 -> 0.782, tra
 Each prompted object may be re-prompted later (``object_ids=[existing id]``): that adds a
 conditioning frame, or, with ``replace_conditioning=True``, replaces the object's earlier
 ones (re-anchoring on a fresh mask when the old prompts no longer describe the view).
-IDs are positive ints, assigned from 1 and never reused (not even after ``reset``).
+Assigned IDs count up from 1 and are not reused (not even after ``reset``) until 65535
+have been handed out; they are mono16 label values, so they then start again at 1,
+skipping IDs still live (``mask_ops.next_label_id``).
 Absent objects keep ``score`` (the logit) and get ``box=None``, ``area=0``. On CUDA
 with ``dtype='bfloat16'``/``'float16'`` the model runs in that dtype under autocast;
 on CPU everything is float32 (deterministic for a fixed seed).
@@ -98,7 +100,7 @@ from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, inside_boxes,
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
 from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
                                        TrackedObject, TrackResult)
-from sam_gap_ros.mask_ops import mask_to_box
+from sam_gap_ros.mask_ops import mask_to_box, next_label_id
 
 logger = logging.getLogger(__name__)
 
@@ -738,7 +740,8 @@ class Sam2Tracker:
                     input_labels=None if point_arr is None else [[label_arr[i].tolist()]],
                     input_boxes=None if box_arr is None else [[box_arr[i].tolist()]],
                     original_size=(height, width))
-            self._next_object_id = max(self._next_object_id, obj_id + 1)
+            self._next_object_id = (obj_id + 1 if object_ids is None
+                                    else max(self._next_object_id, obj_id + 1))
         # The processor's helper overwrites this list on every call; it is not used by
         # this engine (pending prompts live in self._pending), so keep it empty.
         session.obj_with_new_inputs = []
@@ -907,8 +910,12 @@ class Sam2Tracker:
 
     def _assign_ids(self, object_ids: Optional[Sequence[int]], count: int) -> List[int]:
         if object_ids is None:
-            start = self._next_object_id
-            return list(range(start, start + count))
+            ids: List[int] = []
+            live = set(self._session.obj_ids)
+            for _ in range(count):
+                ids.append(next_label_id(ids[-1] + 1 if ids else self._next_object_id, live))
+                live.add(ids[-1])
+            return ids
         ids = [int(i) for i in object_ids]
         if len(ids) != count:
             raise PromptError(f'{len(ids)} object ids for {count} prompts')

@@ -37,6 +37,9 @@ unaccounted_frames=<int> errors=<int>``.
 
     python benchmarks/bench_node_soak.py --quick                 # ~60 s, sam3
     python benchmarks/bench_node_soak.py --mode hybrid --duration 3600 --json soak.json
+    # a harvester shift: concepts set once, tracking never reset
+    python benchmarks/bench_node_soak.py --mode hybrid --duration 7200 \
+        --skip reset,concepts,invalid_concepts
 """
 
 import argparse

@@ -107,11 +107,14 @@ def test_id_colours_are_stable_and_distinct():
     assert len(colours) == 19
 
 
+def box(x):
+    """Return a 10x10 px square mask at column ``x`` of a 60x40 frame."""
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[10:20, x:x + 10] = True
+    return mask
+
+
 def test_iou_ids_persist_across_frames_and_new_objects_get_new_ids():
-    def box(x):
-        mask = np.zeros((40, 60), dtype=bool)
-        mask[10:20, x:x + 10] = True
-        return mask
     ids = IouIdAssigner(min_iou=0.3)
     first = ids.assign([box(0), box(30)])
     second = ids.assign([box(31), box(1), box(48)])  # swapped order, slight motion, new one
@@ -122,10 +125,6 @@ def test_iou_ids_persist_across_frames_and_new_objects_get_new_ids():
 
 
 def test_iou_ids_wrap_after_65535_past_ids_still_live():
-    def box(x):
-        mask = np.zeros((40, 60), dtype=bool)
-        mask[10:20, x:x + 10] = True
-        return mask
     ids = IouIdAssigner(min_iou=0.3)
     assert ids.assign([box(0), box(15)]) == [1, 2]
     ids._next_id = 65535  # as after a long shift of objects coming and going

@@ -25,9 +25,9 @@ across frames; the rules, per frame:
     moving camera an old prompt pulls the mask back towards where the object was.
   - An unmatched detection starts a new track with a new ID (not reused, also not after
     ``reset``, until the mono16 label range 1..65535 wraps; live IDs are then skipped,
-    see ``mask_ops.next_label_id``), unless it overlaps a live track by IoU >= ``match_iou`` (a
-    piece of an object already tracked, SAM3's many-to-one rule). A track left unmatched
-    on ``max_missed_redetections`` consecutive re-detections is dropped.
+    see ``mask_ops.next_label_id``), unless it overlaps a live track by IoU >=
+    ``match_iou`` (a piece of an object already tracked, SAM3's many-to-one rule). A track
+    left unmatched on ``max_missed_redetections`` consecutive re-detections is dropped.
 * Every frame, two tracks whose SAM2 masks cover one object (IoU > ``duplicate_iou``)
   are resolved: the one that strayed from its last SAM3-confirmed mask is dropped (see
   ``duplicate_tracks``), so an ID that SAM2 carried onto a neighbour does not take over

@@ -124,10 +124,15 @@ def _growth_per_hour(samples, start_s, end_s):
     return (statistics.median(late) - statistics.median(early)) / hours
 
 
+def _tenths(values):
+    """Return the first and the last tenth of ``values`` (at least one value each)."""
+    tenth = max(1, len(values) // 10)
+    return values[:tenth], values[-tenth:]
+
+
 def _drift(values):
     """Return (median of the first tenth, of the last tenth, change in %)."""
-    tenth = max(1, len(values) // 10)
-    first, last = statistics.median(values[:tenth]), statistics.median(values[-tenth:])
+    first, last = (statistics.median(part) for part in _tenths(values))
     return first, last, (last - first) / first * 100.0
 
 
@@ -441,7 +446,8 @@ def main(argv=None):
     # Latency and resources after warm-up; RSS growth over the second half of the run.
     timed = [(latency, model, len(ids)) for arrival, latency, model, ids in planner.documents
              if arrival - started >= warmup]
-    tenth = max(1, len(timed) // 10)
+    instances_first, instances_last = (statistics.fmean(t[2] for t in part)
+                                       for part in _tenths(timed))
     latency_first, latency_last, latency_drift = _drift([t[0] for t in timed])
     model_first, model_last, model_drift = _drift([t[1] for t in timed])
     warm = [s for s in samples if s[0] >= warmup] or samples
@@ -476,10 +482,8 @@ def main(argv=None):
         'model_p50_drift_pct': round(model_drift, 1),
         # Instances per frame: the scene loops, so a node that kept stale tracks would
         # report more of them (and spend longer per frame) as the run goes on.
-        'instances_per_frame_first_tenth': round(
-            statistics.fmean(t[2] for t in timed[:tenth]), 2),
-        'instances_per_frame_last_tenth': round(
-            statistics.fmean(t[2] for t in timed[-tenth:]), 2),
+        'instances_per_frame_first_tenth': round(instances_first, 2),
+        'instances_per_frame_last_tenth': round(instances_last, 2),
         'max_instance_id': max((max(ids) for *_, ids in planner.documents if ids),
                                default=0),
         'rss_mib_after_warmup': round(warm[0][1], 1),

@@ -29,9 +29,10 @@ frame:
 The transport floor (``transport_floor_ms_p50``): the same images, in a pass of their
 own, through an echo node in the segmenter's layout (its own process with ``separate``).
 It takes each image into Python as the segmenter does and at once publishes a blank
-mono16 image of the same size, reporting stamp in -> masks out like ``latency_ms``: what
-any rclpy node with this input and output pays with no model at all (camera publish, the
-input hop, one mask message). ``node_own_overhead_ms`` is the masks-out overhead above it.
+mono16 image of the same size, which the probe receives as it does the segmenter's masks,
+reporting stamp in -> masks out like ``latency_ms``: what any rclpy node with this input
+and output pays with no model at all (camera publish, the input hop, one mask message).
+``node_own_overhead_ms`` is the masks-out overhead above it.
 
 Overhead % = median over frames of (latency - that frame's model time) / median model
 time * 100, where the model time is the ``inference_ms`` of the same document: paired
@@ -110,7 +111,7 @@ def _paired_ms(latencies_ms, model_ms):
                              in zip(latencies_ms, model_ms, strict=True))
 
 
-ECHO_TOPICS = ('echo/image', 'echo/latency')
+ECHO_IMAGE, ECHO_MASKS, ECHO_LATENCY = 'echo/image', 'echo/masks', 'echo/latency'
 
 
 def _make_echo_node(context, namespace):
@@ -129,8 +130,8 @@ def _make_echo_node(context, namespace):
     from sam_gap_ros.nodes.ros_utils import input_qos, stamp_to_ns
 
     node = rclpy.create_node('bench_echo', namespace=namespace, context=context)
-    masks_pub = node.create_publisher(Image, 'echo/masks', 5)
-    latency_pub = node.create_publisher(String, ECHO_TOPICS[1], 5)
+    masks_pub = node.create_publisher(Image, ECHO_MASKS, 5)
+    latency_pub = node.create_publisher(String, ECHO_LATENCY, 5)
 
     def on_image(msg):
         rgb = image_msg_to_rgb(msg, copy=False)
@@ -140,7 +141,7 @@ def _make_echo_node(context, namespace):
         latency_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
         latency_pub.publish(String(data=f'{stamp_ns} {latency_ms}'))
 
-    node.create_subscription(Image, ECHO_TOPICS[0], on_image, input_qos('reliable'))
+    node.create_subscription(Image, ECHO_IMAGE, on_image, input_qos('reliable'))
     return node
 
 
@@ -292,8 +293,11 @@ def main(argv=None):
             stamp_ns, latency_ms = message.data.split()
             echoed[int(stamp_ns)] = float(latency_ms)
 
-        probe.create_subscription(String, f'{ns}/{ECHO_TOPICS[1]}', on_echo_latency, qos)
-        echo_pub = probe.create_publisher(Image, f'{ns}/{ECHO_TOPICS[0]}', qos)
+        probe.create_subscription(String, f'{ns}/{ECHO_LATENCY}', on_echo_latency, qos)
+        # The echo's masks are received like the segmenter's: a publish to a subscriber in
+        # another process costs more than one to none (~0.2 ms for 600 KiB here).
+        probe.create_subscription(Image, f'{ns}/{ECHO_MASKS}', lambda msg: None, qos)
+        echo_pub = probe.create_publisher(Image, f'{ns}/{ECHO_IMAGE}', qos)
         depth_pub = probe.create_publisher(Image, f'{ns}/depth', qos)
         info_pub = probe.create_publisher(CameraInfo, f'{ns}/camera_info', qos)
         executor = make_executor(args.executor, context=context)
@@ -303,7 +307,8 @@ def main(argv=None):
         if echo_node is not None:
             executor.add_node(echo_node)
         _wait_until(lambda: echo_pub.get_subscription_count() > 0
-                    and probe.count_publishers(f'{ns}/{ECHO_TOPICS[1]}') > 0, executor, echo_child)
+                    and probe.count_publishers(f'{ns}/{ECHO_MASKS}') > 0
+                    and probe.count_publishers(f'{ns}/{ECHO_LATENCY}') > 0, executor, echo_child)
         if child is not None:
             _wait_for_segmenter(child, executor, image_pub, probe, f'{ns}/segmenter/masks')
             if args.mode == 'sam2':

@@ -35,23 +35,35 @@ class StampPairer:
     unpaired (and counted) when waiting is pointless: a secondary newer than
     ``stamp + tolerance`` has arrived (streams are stamp-ordered), or it waited
     ``max_wait`` seconds of receive time (depth stream stalled). Only the newest
-    ``max_pending`` primaries wait; older ones are dropped and counted.
+    ``max_pending`` primaries wait; older ones are dropped and counted. Among equally close
+    secondaries the newest wins (a driver that stamps every frame alike still pairs with
+    current depth).
+
+    A stamp more than ``max_jump`` seconds (at least twice the tolerance) older than the
+    newest held secondary means time went back (a bag played in a loop, a simulator
+    restarted): the held secondaries are forgotten and the jump counted. They could never
+    pair with later frames, and left in place they would make every new colour frame look
+    late (released unpaired at once) until they aged out. Colour frames pending from
+    before the jump time out as usual.
     """
 
     def __init__(self, tolerance: float, max_wait: float, max_pending: int = 4,
-                 max_secondary: int = 8) -> None:
-        if tolerance < 0 or max_wait < 0:
-            raise ValueError('tolerance and max_wait must be >= 0')
+                 max_secondary: int = 8, max_jump: float = 1.0) -> None:
+        if tolerance < 0 or max_wait < 0 or max_jump <= 0:
+            raise ValueError('tolerance and max_wait must be >= 0, max_jump > 0')
         self.tolerance = float(tolerance)
         self.max_wait = float(max_wait)
+        self.max_jump = max(float(max_jump), 2.0 * self.tolerance)
         self._pending: Deque[Tuple[float, float, Any]] = deque()
         self._max_pending = max(1, int(max_pending))
         self._secondary: Deque[Tuple[float, Any]] = deque(maxlen=max(1, int(max_secondary)))
         self.unpaired = 0
         self.dropped = 0
+        self.time_jumps = 0
 
     def add_primary(self, stamp: float, item: Any, now: float) -> List[Paired]:
         """Offer a colour item received at ``now``; return the pairs that became ready."""
+        self._forget_secondaries_after_jump(stamp)
         match = self._best_secondary(stamp)
         if match is not None:
             return self._expire(now) + [Paired(stamp, item, match)]
@@ -63,6 +75,7 @@ class StampPairer:
 
     def add_secondary(self, stamp: float, item: Any, now: float) -> List[Paired]:
         """Offer a depth item; return the pending colour items it completes or expires."""
+        self._forget_secondaries_after_jump(stamp)
         self._secondary.append((stamp, item))
         ready: List[Paired] = []
         still: Deque[Tuple[float, float, Any]] = deque()
@@ -90,16 +103,26 @@ class StampPairer:
         """Return the number of colour items waiting for depth."""
         return len(self._pending)
 
+    def _forget_secondaries_after_jump(self, stamp: float) -> None:
+        """Drop the held secondaries when ``stamp`` is ``max_jump`` older than the newest."""
+        newest = self._newest_secondary()
+        if newest is not None and stamp < newest - self.max_jump:
+            self.time_jumps += 1
+            self._secondary.clear()
+
+    def _newest_secondary(self) -> Optional[float]:
+        return max((s for s, _ in self._secondary), default=None)
+
     def _best_secondary(self, stamp: float) -> Any:
         best, best_dt = None, None
-        for s_stamp, s_item in self._secondary:
+        for s_stamp, s_item in self._secondary:  # oldest first: '<=' lets the newest win ties
             dt = abs(s_stamp - stamp)
-            if dt <= self.tolerance and (best_dt is None or dt < best_dt):
+            if dt <= self.tolerance and (best_dt is None or dt <= best_dt):
                 best, best_dt = s_item, dt
         return best
 
     def _expire(self, now: float) -> List[Paired]:
-        newest = max((s for s, _ in self._secondary), default=None)
+        newest = self._newest_secondary()
         ready: List[Paired] = []
         still: Deque[Tuple[float, float, Any]] = deque()
         for p_stamp, received, p_item in self._pending:

@@ -110,3 +110,39 @@ def test_clear_counts_waiting_colour_frames_as_dropped():
     pairer.add_primary(1.0, 'c', now=0.0)
     pairer.clear()
     assert pairer.pending == 0 and pairer.dropped == 1
+
+
+def test_equally_close_depth_pairs_with_the_newest():
+    # A driver that stamps every frame alike (here 0): colour must pair with current depth,
+    # not with the oldest depth still held.
+    pairer = StampPairer(tolerance=0.01, max_wait=1.0)
+    for name in ('old', 'older_but_one', 'current'):
+        pairer.add_secondary(0.0, name, now=0.0)
+    assert pairer.add_primary(0.0, 'c', now=0.0)[0].secondary == 'current'
+
+
+@pytest.mark.parametrize('depth_first', [True, False])
+def test_stamps_going_back_start_pairing_over(depth_first):
+    # A bag played in a loop: stamps jump from ~100 s back to ~0 s. Every frame after the
+    # jump must pair with its own depth as before it, whichever stream arrives first.
+    pairer = StampPairer(tolerance=0.01, max_wait=10.0)
+    stamps = [100.0 + i / 30 for i in range(8)] + [i / 30 for i in range(8)]
+    pairs = []
+    for now, stamp in enumerate(stamps):
+        calls = [(pairer.add_secondary, f'd{stamp}'), (pairer.add_primary, f'c{stamp}')]
+        for add, name in (calls if depth_first else calls[::-1]):
+            pairs += add(stamp, name, now=float(now))
+    assert [(p.primary, p.secondary) for p in pairs] == [(f'c{s}', f'd{s}') for s in stamps]
+    assert pairer.unpaired == 0 and pairer.pending == 0
+    assert pairer.time_jumps == 1
+
+
+def test_small_steps_back_are_not_jumps():
+    # Out-of-order stamps within a second (a driver's jitter) keep the held depth.
+    pairer = StampPairer(tolerance=0.01, max_wait=10.0)
+    pairer.add_secondary(10.0, 'd10', now=0.0)
+    pairer.add_secondary(9.5, 'd9.5', now=0.0)
+    assert pairer.add_primary(10.0, 'c', now=0.0)[0].secondary == 'd10'
+    assert pairer.time_jumps == 0
+    # The jump threshold is never below twice the tolerance.
+    assert StampPairer(tolerance=0.8, max_wait=1.0).max_jump == pytest.approx(1.6)

@@ -149,3 +149,30 @@ def test_hybrid_node_publishes_persistent_ids(ros, sam3_dir, tmp_path):
     values = {kv.key: kv.value for kv in node.diagnostics().status[0].values}
     assert values['mode'] == 'hybrid' and values['active_concepts'] == 'apple'
     assert '+' in values['model']
+
+
+def test_depth_pairing_after_stamps_go_back_and_zero_stamps(ros, sam3_dir):
+    """A bag played in a loop: frames after the jump still get their depth (3D poses)."""
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', score_threshold=0.0, max_instances=4,
+                              depth_wait_s=1.0, concepts=['apple'])
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    for count, stamp_s in enumerate((100, 101, 1), start=1):
+        ros.publish_frame(count, stamp_s * 10**9, depth=make_depth(2000))
+        assert ros.spin_until(lambda count=count: len(docs) >= count)
+        doc = instances_json.loads(docs[-1].data)
+        assert doc['header']['stamp']['sec'] == stamp_s
+        # Paired with its own depth: before the jump was handled, the frame at 1 s was
+        # released unpaired at once (the depth held from 100-101 s made it look late).
+        assert doc['instances'] and all(i['position'] is not None for i in doc['instances'])
+    stats = node.stats()
+    assert stats['stamp_jumps_back'] == 1 and stats['unpaired_depth'] == 0
+
+    # A driver that does not stamp: processed and published, and counted for diagnostics.
+    ros.publish_frame(4, 0, depth=make_depth(2000))
+    assert ros.spin_until(lambda: len(docs) >= 4 and len(masks) >= 4)
+    assert masks[-1].header.stamp.sec == 0 and masks[-1].header.stamp.nanosec == 0
+    stats = node.stats()
+    assert stats['zero_stamps'] == 1 and stats['frames_processed'] == 4
+    assert stats['bad_input'] == 0 and stats['errors'] == 0

@@ -172,7 +172,7 @@ class SegmenterNode(LifecycleNode):
             self.counters = {key: 0 for key in (
                 'frames_in', 'frames_processed', 'frames_dropped', 'bad_input', 'bad_depth',
                 'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips',
-                'frames_aborted')}
+                'frames_aborted', 'zero_stamps')}
         self._slot = LatestSlot()
         self._in_rate = RateMeter()
         self._out_rate = RateMeter()
@@ -194,6 +194,7 @@ class SegmenterNode(LifecycleNode):
         snapshot['frames_dropped'] = (self._slot.dropped + (pairer.dropped if pairer else 0)
                                       + snapshot['frames_aborted'])
         snapshot['unpaired_depth'] = pairer.unpaired if pairer else 0
+        snapshot['stamp_jumps_back'] = pairer.time_jumps if pairer else 0
         snapshot['input_rate_hz'] = self._in_rate.rate(now)
         snapshot['processed_rate_hz'] = self._out_rate.rate(now)
         snapshot['latency_ms_p50'] = self.latency.percentile_ms(50)
@@ -384,21 +385,37 @@ class SegmenterNode(LifecycleNode):
         except (ValueError, TypeError) as exc:
             self._warn('bad_input', f'dropping malformed image: {exc}')
             return
+        stamp = msg.header.stamp
+        if stamp.sec == 0 and stamp.nanosec == 0:
+            # Processed all the same, but its outputs cannot be placed in time (TF lookups
+            # fail) and depth pairs by arrival rather than by capture time.
+            self._warn('zero_stamps', 'image header stamp is 0: the camera driver does not '
+                       'stamp its frames; outputs carry the same stamp')
         pairer = self._pairer  # read once: cleanup may reset it from another thread
         if pairer is None:
-            self._slot.put(Paired(stamp_to_sec(msg.header.stamp), (msg, now), None))
+            self._slot.put(Paired(stamp_to_sec(stamp), (msg, now), None))
             return
-        with self._pair_lock:
-            ready = pairer.add_primary(stamp_to_sec(msg.header.stamp), (msg, now), now)
-        self._deliver(ready)
+        self._pair(pairer, True, stamp_to_sec(stamp), (msg, now), now)
 
     def _on_depth(self, msg: Image) -> None:
         pairer = self._pairer
         if not self._active or pairer is None:
             return
-        now = time.monotonic()
+        self._pair(pairer, False, stamp_to_sec(msg.header.stamp), msg, time.monotonic())
+
+    def _pair(self, pairer: StampPairer, colour: bool, stamp: float, item: Any,
+              now: float) -> None:
+        """Offer a colour or depth item to ``pairer``; queue the frames that makes ready."""
         with self._pair_lock:
-            ready = pairer.add_secondary(stamp_to_sec(msg.header.stamp), msg, now)
+            jumps = pairer.time_jumps
+            add = pairer.add_primary if colour else pairer.add_secondary
+            ready = add(stamp, item, now)
+            jumped = pairer.time_jumps != jumps
+        if jumped:
+            self.get_logger().warning(
+                f'image/depth stamps went back by more than {pairer.max_jump:g} s (a bag '
+                'played in a loop, a restarted clock?): depth pairing starts over',
+                throttle_duration_sec=THROTTLE_S)
         self._deliver(ready)
 
     def _on_camera_info(self, msg: CameraInfo) -> None:

@@ -44,7 +44,8 @@ class ScriptedConcepts:
     def __init__(self, script):
         self.script = dict(script)
         self.calls = []
-        self.concepts = ['apple']
+        # As a real engine, it only returns concepts of its set.
+        self.concepts = sorted({d.concept for dets in self.script.values() for d in dets})
 
     def set_concepts(self, concepts):
         self.concepts = [q.text for q in parse_concepts(concepts)]
@@ -192,15 +193,18 @@ def test_two_tracks_on_one_object_keep_one_id():
 
 
 def test_concept_change_reset_and_bad_frames():
-    concepts = ScriptedConcepts({0: [det(A)], 1: [det(B)], 2: [det(C)]})
+    concepts = ScriptedConcepts({0: [det(A)], 1: [det(B, concept='leaf')], 2: [det(C)]})
     hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10)
     assert ids(hybrid.step(FRAME)) == [1]
     with pytest.raises(ConceptError):
         hybrid.set_concepts(['apple or pear'])
-    assert hybrid.track_ids == [1] and concepts.concepts == ['apple']
+    assert hybrid.track_ids == [1] and concepts.concepts == ['apple', 'leaf']
     assert hybrid.set_concepts(['Leaf']) == ['leaf']
-    assert hybrid.track_ids == [] and hybrid.tracker.object_ids == []
-    assert ids(hybrid.step(FRAME)) == [2]       # detection right after the change
+    assert hybrid.track_ids == [1]              # sorted out by the next re-detection
+    # Detection right after the change; apple track 1 is not matched and its concept has
+    # left the set, so it goes at once (max_missed_redetections would keep it one more).
+    assert ids(hybrid.step(FRAME)) == [2]
+    assert hybrid.track_ids == [2] and hybrid.tracker.object_ids == [2]
     with pytest.raises(ValueError, match='stream size'):
         hybrid.step(np.zeros((H + 2, W, 3), np.uint8))
     assert hybrid.track_ids == [2] and hybrid.frame_index == 1
@@ -210,6 +214,29 @@ def test_concept_change_reset_and_bad_frames():
     assert len(concepts.calls) == 3
     with pytest.raises(ValueError):
         HybridTracker(concepts, make_tracker(0.0), redetect_every_n=0)
+
+
+def test_concept_change_keeps_the_ids_of_tracks_still_detected():
+    # A planner asks for ripe and unripe apples, then for ripe and damaged ones, then for
+    # any apple: the ripe apple keeps ID 1 throughout, whatever its concept is called.
+    script = {0: [det(A, concept='ripe apple'), det(B, concept='unripe apple')],
+              1: [det(A_MOVED, concept='ripe apple'), det(C, concept='damaged apple')],
+              2: [det(A, concept='apple')]}
+    concepts = ScriptedConcepts(script)
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10,
+                           max_missed_redetections=3)
+    hybrid.set_concepts(['ripe apple', 'unripe apple'])
+    assert ids(hybrid.step(FRAME)) == [1, 2]
+    hybrid.set_concepts(['ripe apple', 'damaged apple'])
+    second = hybrid.step(FRAME)                 # re-detects right after the change
+    assert [(i.instance_id, i.concept) for i in second] == [(1, 'ripe apple'),
+                                                            (3, 'damaged apple')]
+    # The unripe apple (2) is no longer asked for: gone although it missed only once.
+    assert hybrid.track_ids == [1, 3] and hybrid.tracker.object_ids == [1, 3]
+    hybrid.set_concepts(['apple'])
+    third = hybrid.step(FRAME)
+    assert [(i.instance_id, i.concept) for i in third] == [(1, 'apple')]
+    assert hybrid.track_ids == [1] and len(concepts.calls) == 3
 
 
 def test_detection_rules_follow_sam3_video():
@@ -265,6 +292,13 @@ def test_end_to_end_with_tiny_sam3():
     assert ids(again) == ids(first)
     for old, new in zip(first, again, strict=True):
         assert np.array_equal(old.mask, new.mask) and old.concept == new.concept
+    # The planner sets the same concepts in another order (a new set to the node): the
+    # next frame re-detects at once, and every instance keeps its ID.
+    assert hybrid.set_concepts(concepts[::-1]) == concepts[::-1]
+    after_change = hybrid.step(FRAME)
+    assert ids(after_change) == ids(first)
+    for old, new in zip(first, after_change, strict=True):
+        assert np.array_equal(old.mask, new.mask)
 
 
 def test_failed_detection_is_retried_next_frame():

@@ -27,7 +27,8 @@ across frames; the rules, per frame:
     ``reset``, until the mono16 label range 1..65535 wraps; live IDs are then skipped,
     see ``mask_ops.next_label_id``), unless it overlaps a live track by IoU >=
     ``match_iou`` (a piece of an object already tracked, SAM3's many-to-one rule). A track
-    left unmatched on ``max_missed_redetections`` consecutive re-detections is dropped.
+    left unmatched on ``max_missed_redetections`` consecutive re-detections is dropped, and
+    at once if its concept is no longer in the set (``set_concepts``).
 * Every frame, two tracks whose SAM2 masks cover one object (IoU > ``duplicate_iou``)
   are resolved: the one that strayed from its last SAM3-confirmed mask is dropped (see
   ``duplicate_tracks``), so an ID that SAM2 carried onto a neighbour does not take over
@@ -186,12 +187,17 @@ class HybridTracker:
         return self._tracks[track_id].missed
 
     def set_concepts(self, concepts: Sequence[str]) -> List[str]:
-        """Change the concepts; on success drop all tracks and re-detect on the next frame.
+        """Change the concepts; the next frame re-detects, and tracks keep their IDs.
 
-        Invalid concepts raise ConceptError and change nothing (tracks continue).
+        A planner that adds ``damaged apple`` to ``ripe apple`` must not see every apple
+        renumbered. So tracks live on, and the re-detection on the next frame sorts them:
+        a track matched by a detection of the new set keeps its ID and takes that
+        detection's concept; an unmatched one whose concept left the set is dropped then
+        and there (never reported under a concept no longer asked for). Invalid concepts
+        raise ConceptError and change nothing (tracks continue).
         """
         accepted = self.concept_engine.set_concepts(concepts)
-        self._drop_all_tracks()
+        self.request_redetection()
         return accepted
 
     def request_redetection(self) -> None:
@@ -250,13 +256,16 @@ class HybridTracker:
             # SAM3's rule: a detection overlapping any track is not a new object.
             unmatched_detections = [d for d in unmatched_detections
                                     if iou[:, d].max() < self.match_iou]
+        active = set(self.concept_engine.concepts)
         for index in unmatched_tracks:
             track_id = track_ids[index]
             track = self._tracks[track_id]
             track.missed += 1
-            if track.missed >= self.max_missed_redetections:
-                logger.debug('dropping track %d after %d missed re-detections', track_id,
-                             track.missed)
+            # A concept outside the set: the planner removed it since this track's
+            # detection (set_concepts), so the track must not be shown again.
+            if track.missed >= self.max_missed_redetections or track.concept not in active:
+                logger.debug('dropping track %d (%s) after %d missed re-detections',
+                             track_id, track.concept, track.missed)
                 del self._tracks[track_id]
                 self.tracker.remove_object(track_id)
         shown: Dict[int, np.ndarray] = {}

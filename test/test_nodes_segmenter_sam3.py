@@ -4,7 +4,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseArray
 import numpy as np
 import pytest
-from rcl_interfaces.srv import SetParameters
+from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
@@ -176,3 +176,29 @@ def test_depth_pairing_after_stamps_go_back_and_zero_stamps(ros, sam3_dir):
     stats = node.stats()
     assert stats['zero_stamps'] == 1 and stats['frames_processed'] == 4
     assert stats['bad_input'] == 0 and stats['errors'] == 0
+
+
+def test_atomic_parameter_set_is_all_or_none(ros, sam3_dir):
+    """A refused parameter in an atomic set leaves the earlier ones unapplied as well."""
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu',
+                              concepts=['apple'], score_threshold=0.2)
+    client = ros.probe.create_client(SetParametersAtomically,
+                                     f'{ros.ns}/segmenter/set_parameters_atomically')
+
+    def atomically(**values):
+        request = SetParametersAtomically.Request(parameters=[
+            Parameter(name, value=value).to_parameter_msg() for name, value in values.items()])
+        return ros.call(client, request).result
+
+    # Applied in order: the thresholds pass, then the concept query is refused.
+    result = atomically(score_threshold=0.6, mask_threshold=0.7, concepts=['apple ('])
+    assert not result.successful and result.reason
+    assert node.pipeline.config.score_threshold == pytest.approx(0.2)
+    assert node.pipeline._engine.score_threshold == pytest.approx(0.2)
+    assert node.pipeline._engine.mask_threshold == pytest.approx(0.5)
+    assert node.get_parameter('score_threshold').value == pytest.approx(0.2)
+    assert node.pipeline.concepts == ['apple']
+    result = atomically(concepts=['ripe apple'], score_threshold=0.6)
+    assert result.successful, result.reason
+    assert node.pipeline.concepts == ['ripe apple']
+    assert node.pipeline.config.score_threshold == pytest.approx(0.6)

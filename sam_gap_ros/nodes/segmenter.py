@@ -681,32 +681,49 @@ class SegmenterNode(LifecycleNode):
 
     # -- parameters ------------------------------------------------------------------------
     def _on_set_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        """Apply runtime changes all or none: a refused one undoes those applied before it.
+
+        ``set_parameters_atomically`` hands over several at once; ROS keeps every old value
+        when the result is unsuccessful, so the pipeline must too.
+        """
         pipeline = self.pipeline
+        applied: List[str] = []
         try:
             for param in params:
-                if param.name == 'concepts':
-                    concepts = [str(c) for c in (param.value or [])]
-                    if pipeline is not None:
-                        accepted = pipeline.set_concepts(concepts)
-                        self.get_logger().info(f'concepts set to {accepted}')
-                    elif self._param('mode') == 'sam2':
-                        raise ConceptError('concepts are not used in sam2 mode')
-                    else:
-                        parse_concepts(concepts)
-                elif pipeline is None:
-                    continue
-                elif param.name == 'score_threshold':
-                    pipeline.set_score_threshold(float(param.value))
-                elif param.name == 'mask_threshold':
-                    pipeline.set_mask_threshold(float(param.value))
-                elif param.name == 'max_instances':
-                    pipeline.set_max_instances(int(param.value))
-                elif param.name == 'redetect_every_n':
-                    pipeline.set_redetect_every_n(int(param.value))
+                self._apply_parameter(pipeline, param.name, param.value)
+                applied.append(param.name)
         except (ConceptError, ValueError, TypeError) as exc:
+            for name in reversed(applied):  # the current values are still the old ones
+                try:
+                    self._apply_parameter(pipeline, name, self.get_parameter(name).value)
+                except (ConceptError, ValueError, TypeError) as undo_exc:  # accepted before
+                    self.get_logger().error(f"could not restore '{name}': {undo_exc}")
             self.get_logger().warning(f'parameter change refused: {exc}')
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
+
+    def _apply_parameter(self, pipeline: Optional[SegmentationPipeline], name: str,
+                         value: Any) -> None:
+        """Hand one runtime-changeable parameter to the pipeline (validated there)."""
+        if name == 'concepts':
+            concepts = [str(c) for c in (value or [])]
+            if pipeline is not None:
+                accepted = pipeline.set_concepts(concepts)
+                self.get_logger().info(f'concepts set to {accepted}')
+            elif self._param('mode') == 'sam2':
+                raise ConceptError('concepts are not used in sam2 mode')
+            else:
+                parse_concepts(concepts)
+        elif pipeline is None:
+            return
+        elif name == 'score_threshold':
+            pipeline.set_score_threshold(float(value))
+        elif name == 'mask_threshold':
+            pipeline.set_mask_threshold(float(value))
+        elif name == 'max_instances':
+            pipeline.set_max_instances(int(value))
+        elif name == 'redetect_every_n':
+            pipeline.set_redetect_every_n(int(value))
 
     # -- diagnostics -----------------------------------------------------------------------
     def _publish_diagnostics(self) -> None:

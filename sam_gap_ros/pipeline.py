@@ -212,6 +212,8 @@ class SegmentationPipeline:
         self._frame_index = -1
         self._next_object_id = 1
         self._pending_prompts: List[Dict[str, Any]] = []
+        self._last_labels: Optional[np.ndarray] = None
+        """The latest frame's label image (sam2 mode): what a background point corrects."""
         self._image_size: Optional[Tuple[int, int]] = None
         self.device: Optional[str] = None
         self.tensorrt_status = 'not requested'
@@ -297,6 +299,7 @@ class SegmentationPipeline:
             self._engine = None
             self._tracker = None
             self._pending_prompts.clear()
+            self._last_labels = None
             self._ids.reset()
             self._frame_index = -1
         release_cached_memory()
@@ -392,17 +395,42 @@ class SegmentationPipeline:
     def add_point(self, x: float, y: float, positive: bool = True,
                   frame_index: Optional[int] = None,
                   image_size: Optional[Tuple[int, int]] = None) -> int:
-        """Add a point-prompted object (sam2 mode); return its new object ID."""
-        _check_in_image([(float(x), float(y))], image_size)
-        return self._add_prompt(
-            {'points': [[[float(x), float(y)]]], 'labels': [[1 if positive else 0]]}, frame_index)
+        """Apply a point prompt (sam2 mode); return the ID of the object it applies to.
+
+        A foreground point seeds a new object. A background point corrects the object shown
+        under it in the latest label image: SAM2 re-predicts that object from its memory
+        with the point excluded (e.g. a leaf the mask ran onto). A background point alone
+        cannot seed an object, so one on no object is refused.
+        """
+        x, y = float(x), float(y)
+        _check_in_image([(x, y)], image_size)
+        prompt = {'points': [[[x, y]]], 'labels': [[1 if positive else 0]]}
+        if positive:
+            return self._add_prompt(prompt, frame_index)
+        with self._lock:
+            self._require_sam2_tracker()
+            labels = self._last_labels
+            if labels is None:
+                raise PromptError('a background point corrects the object under it, and no '
+                                  'frame has been segmented yet')
+            height, width = labels.shape
+            object_id = int(labels[min(int(y), height - 1), min(int(x), width - 1)])
+            if object_id not in self._tracker.object_ids:
+                raise PromptError(f'background point ({x:.1f}, {y:.1f}) lies on no tracked '
+                                  'object: nothing to correct (a new object needs a '
+                                  'foreground point, z = 1, or a box)')
+            self._tracker.add_objects(frame_index, object_ids=[object_id], **prompt)
+            return object_id
+
+    def _require_sam2_tracker(self) -> None:
+        if self.config.mode != 'sam2':
+            raise PromptError(f'prompts need mode sam2 (current mode {self.config.mode})')
+        if self._tracker is None:
+            raise PromptError('no model loaded')
 
     def _add_prompt(self, prompt: Dict[str, Any], frame_index: Optional[int]) -> int:
         with self._lock:
-            if self.config.mode != 'sam2':
-                raise PromptError(f'prompts need mode sam2 (current mode {self.config.mode})')
-            if self._tracker is None:
-                raise PromptError('no model loaded')
+            self._require_sam2_tracker()
             known = [int(i) for i in self._tracker.object_ids]
             known += [i for p in self._pending_prompts for i in p['object_ids']]
             object_id = next_label_id(self._next_object_id, set(known))
@@ -449,6 +477,7 @@ class SegmentationPipeline:
                 self._tracker.reset()
             self._ids.reset()
             self._pending_prompts.clear()
+            self._last_labels = None
             self._frame_index = -1
 
     # -- processing ------------------------------------------------------------------------
@@ -482,6 +511,8 @@ class SegmentationPipeline:
         labels = label_image(masks, [item.object_id for item in found], (height, width),
                              [item.score for item in found],
                              boxes=[item.box for item in found])
+        if self.config.mode == 'sam2':
+            self._last_labels = labels  # never written after this: kept without a copy
         return FrameResult(frame_index, labels, records, masks, inference_s)
 
     def _record(self, item: _Found, depth_m: Optional[np.ndarray],

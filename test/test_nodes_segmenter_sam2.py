@@ -112,6 +112,7 @@ def test_prompts_remove_reset_enable_and_refused_concepts(ros, sam2_dir):
     node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
                               input_qos='reliable')
     docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
     ros.publish_frame(0, 10**9)
     assert ros.spin_until(lambda: len(docs) >= 1)
     _box(ros, 20, 30, 50, 60)
@@ -125,12 +126,28 @@ def test_prompts_remove_reset_enable_and_refused_concepts(ros, sam2_dir):
     assert ros.spin_until(lambda: len(docs) >= 2)
     assert [i['id'] for i in instances_json.loads(docs[-1].data)['instances']] == [2]
 
-    # Unknown ID, a point outside the image and a bad label: refused, counted, node alive.
+    # A background point on object 2's mask corrects object 2 (a new conditioning frame);
+    # it adds no object.
+    assert ros.spin_until(lambda: len(masks) >= 2)
+    labels = image_msg_to_numpy(masks[-1])
+    (on_y, on_x), (off_y, off_x) = np.argwhere(labels == 2)[0], np.argwhere(labels == 0)[0]
+    session = node.pipeline._tracker.session
+    conditioning = session.output_dict_per_obj[session.obj_id_to_idx(2)]['cond_frame_outputs']
+    before = len(conditioning)
+    point.point.x, point.point.y, point.point.z = float(on_x), float(on_y), 0.0
+    ros.publisher(PointStamped, f'{ros.ns}/segmenter/prompt_point').publish(point)
+    assert ros.spin_until(lambda: len(conditioning) == before + 1)
+    assert node.pipeline.object_ids == [2] and node.stats()['bad_prompts'] == 0
+
+    # Unknown ID, a point outside the image, a bad label and a background point on no
+    # object: refused, counted, node alive.
     ros.publisher(UInt32, f'{ros.ns}/segmenter/remove_object').publish(UInt32(data=77))
     _box(ros, 100, 10, 400, 50)
     point.point.z = 0.5
     ros.publisher(PointStamped, f'{ros.ns}/segmenter/prompt_point').publish(point)
-    assert ros.spin_until(lambda: node.stats()['bad_prompts'] == 3)
+    point.point.x, point.point.y, point.point.z = float(off_x), float(off_y), 0.0
+    ros.publisher(PointStamped, f'{ros.ns}/segmenter/prompt_point').publish(point)
+    assert ros.spin_until(lambda: node.stats()['bad_prompts'] == 4)
     assert node.pipeline.object_ids == [2]
 
     enable = ros.probe.create_client(SetBool, f'{ros.ns}/segmenter/enable')

@@ -84,6 +84,36 @@ def test_sam2_prompt_before_first_frame_and_depth_positions(models):
     assert pipeline.object_ids == [] and pipeline.frame_index == -1
 
 
+def test_sam2_background_point_corrects_the_object_under_it(models):
+    pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
+    with pytest.raises(PromptError, match='no frame'):
+        pipeline.add_point(30, 40, False)  # nothing segmented yet: nothing to correct
+    assert pipeline.add_box((20, 30, 50, 60)) == 1
+    pipeline.process(make_frame(0))
+    labels = pipeline.process(make_frame(1)).labels
+    ys, xs = np.nonzero(labels == 1)
+    assert len(xs) > 0
+    # Off every object: refused, since a background point alone cannot seed an object.
+    off_y, off_x = np.argwhere(labels == 0)[0]
+    with pytest.raises(PromptError, match='no tracked object'):
+        pipeline.add_point(float(off_x), float(off_y), False, image_size=(128, 96))
+    assert pipeline.object_ids == [1]
+    session = pipeline._tracker.session
+    conditioning = session.output_dict_per_obj[session.obj_id_to_idx(1)]['cond_frame_outputs']
+    assert sorted(conditioning) == [0]  # the box prompt's frame
+    # On object 1's mask: object 1 is re-predicted on this frame with the point excluded
+    # (a new conditioning frame from its memory), and no object is added.
+    assert pipeline.add_point(float(xs[0]) + 0.5, float(ys[0]) + 0.5, False,
+                              image_size=(128, 96)) == 1
+    assert pipeline.object_ids == [1] and sorted(conditioning) == [0, 1]
+    assert [r.instance_id for r in pipeline.process(make_frame(2)).records] == [1]
+    # A foreground point still adds an object; after a reset there is nothing to correct.
+    assert pipeline.add_point(90, 40, True, image_size=(128, 96)) == 2
+    pipeline.reset()
+    with pytest.raises(PromptError, match='no frame'):
+        pipeline.add_point(float(xs[0]), float(ys[0]), False)
+
+
 def test_sam3_ids_persist_on_a_static_scene_and_concepts_are_validated(models):
     pipeline = _pipeline('sam3', models, score_threshold=0.0, max_instances=3)
     first = pipeline.process(make_frame(0))

@@ -635,12 +635,14 @@ class SegmenterNode(LifecycleNode):
                 raise PromptError(f'point label z must be 1 (foreground) or 0 (background), '
                                   f'got {msg.point.z}')
             size = self._prompt_image_size(msg.header.stamp)
+            foreground = msg.point.z == 1.0
             object_id = self._require_pipeline().add_point(
-                msg.point.x, msg.point.y, msg.point.z == 1.0, None, size)
+                msg.point.x, msg.point.y, foreground, None, size)
         except (PromptError, ValueError) as exc:
             self._warn('bad_prompts', f'point prompt refused: {exc}')
             return
-        self.get_logger().info(f'point prompt added object {object_id}')
+        self.get_logger().info(f'point prompt added object {object_id}' if foreground
+                               else f'background point corrected object {object_id}')
 
     def _on_remove_object(self, msg: UInt32) -> None:
         try:

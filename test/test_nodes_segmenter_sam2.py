@@ -1,6 +1,7 @@
 """Segmenter node end to end in sam2 mode: outputs, prompts, services, bad input, lifecycle."""
 
 import math
+import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import Point32, PointStamped, PolygonStamped, PoseArray
@@ -279,6 +280,30 @@ def test_lifecycle_via_change_state_service(ros, sam2_dir, tmp_path):
     ros.publish_frame(2, 3 * 10**9)
     assert ros.spin_until(lambda: len(docs) >= 2)
     assert not math.isnan(node.stats()['input_rate_hz'])
+
+
+def test_images_without_depth_warn_in_diagnostics(ros, sam2_dir):
+    """use_depth on and images arriving, but no depth (not remapped): WARN naming the topic."""
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=0.05, stale_image_s=0.5)
+    frames = iter(range(1000))
+
+    def feed(seconds, depth=None):
+        # A camera at ~10 Hz, so that images never go stale.
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            index = next(frames)
+            ros.publish_frame(index, (index + 1) * 10**8, depth=depth)
+            ros.spin_until(lambda: False, timeout=0.1)
+
+    feed(1.0)
+    status = node.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.WARN
+    assert 'no depth' in status.message and f'{ros.ns}/depth' in status.message
+    assert node.stats()['frames_processed'] > 0  # processed all the same, without poses
+    feed(0.3, depth=make_depth())
+    status = node.diagnostics().status[0]
+    assert (status.level, status.message) == (DiagnosticStatus.OK, 'processing')
 
 
 def test_latest_frame_only_drops_a_burst_and_latency_stays_bounded(ros, sam2_dir):

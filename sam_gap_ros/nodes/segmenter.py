@@ -142,6 +142,7 @@ class SegmenterNode(LifecycleNode):
         self._active = False
         self._slot: LatestSlot = LatestSlot()
         self._pairer: Optional[StampPairer] = None
+        self._depth_subscription: Any = None
         self._pair_lock = threading.Lock()
         self._camera_info: Optional[CameraInfo] = None
         self._worker: Optional[threading.Thread] = None
@@ -179,6 +180,7 @@ class SegmenterNode(LifecycleNode):
         self.latency = LatencyWindow()
         self.inference = LatencyWindow()
         self._last_image_time: Optional[float] = None
+        self._last_depth_time: Optional[float] = None
         self._active_since = time.monotonic()
 
     def _count(self, key: str, amount: int = 1) -> None:
@@ -291,6 +293,7 @@ class SegmenterNode(LifecycleNode):
             self.destroy_timer(timer)
         self._entities, self._timers, self._pubs = [], [], {}
         self._pairer = None
+        self._depth_subscription = None
         self._camera_info = None
         if self.pipeline is not None:
             self.pipeline.unload()
@@ -352,7 +355,8 @@ class SegmenterNode(LifecycleNode):
         if self._param('use_depth'):
             self._pairer = StampPairer(self._param('sync_tolerance_s'),
                                        self._param('depth_wait_s'))
-            self._entities.append(sub(Image, 'depth', self._on_depth, qos))
+            self._depth_subscription = sub(Image, 'depth', self._on_depth, qos)
+            self._entities.append(self._depth_subscription)
             self._entities.append(sub(CameraInfo, 'camera_info', self._on_camera_info, qos))
             self._timers.append(self.create_timer(0.02, self._poll_pairer))
         self._entities.append(sub(PolygonStamped, '~/prompt_box', self._on_prompt_box, 10))
@@ -401,7 +405,9 @@ class SegmenterNode(LifecycleNode):
         pairer = self._pairer
         if not self._active or pairer is None:
             return
-        self._pair(pairer, False, stamp_to_sec(msg.header.stamp), msg, time.monotonic())
+        now = time.monotonic()
+        self._last_depth_time = now
+        self._pair(pairer, False, stamp_to_sec(msg.header.stamp), msg, now)
 
     def _pair(self, pairer: StampPairer, colour: bool, stamp: float, item: Any,
               now: float) -> None:
@@ -734,6 +740,17 @@ class SegmenterNode(LifecycleNode):
         except Exception as exc:  # noqa: BLE001 - diagnostics must never take the node down
             self.get_logger().error(f'diagnostics failed: {exc}', throttle_duration_sec=10.0)
 
+    def _depth_silence(self, now: float) -> float:
+        """Seconds without depth while depth is paired (0 when depth is not used)."""
+        if self._pairer is None:
+            return 0.0
+        last = self._last_depth_time
+        return now - (last if last is not None else self._active_since)
+
+    def _depth_topic(self) -> str:
+        subscription = self._depth_subscription
+        return subscription.topic_name if subscription is not None else 'depth'
+
     def diagnostics(self) -> DiagnosticArray:
         """Return the current DiagnosticArray (also published periodically)."""
         now = time.monotonic()
@@ -754,9 +771,19 @@ class SegmenterNode(LifecycleNode):
         else:
             last = self._last_image_time
             since = now - (last if last is not None else self._active_since)
+            depth_since = self._depth_silence(now)
             if since > stale:
                 level = DiagnosticStatus.WARN
                 message = f'no image for {since:.1f} s'
+            elif depth_since > stale:
+                # Images but no depth: every frame goes out without 3D poses. Usually the
+                # depth topic is not remapped to the camera's depth aligned to colour.
+                level = DiagnosticStatus.WARN
+                message = (f"no depth for {depth_since:.1f} s on '{self._depth_topic()}' "
+                           '(use_depth is on): no 3D poses')
+                self.get_logger().warning(f'{message}; remap depth to the depth image '
+                                          'aligned to the colour camera',
+                                          throttle_duration_sec=THROTTLE_S)
             elif stats['oom_skips'] or stats['errors']:
                 level, message = DiagnosticStatus.WARN, 'frames skipped (see counters)'
         status.level, status.message = level, message

@@ -5,6 +5,10 @@ Examples::
     ros2 launch sam_gap_ros orchard.launch.py mode:=hybrid camera:=/camera/color
     ros2 launch sam_gap_ros orchard.launch.py synthetic:=true use_depth:=true
     ros2 launch sam_gap_ros orchard.launch.py camera:=/front,/rear concepts:='apple;damaged apple'
+    # RealSense (realsense2_camera 4.x with align_depth.enable:=true)
+    ros2 launch sam_gap_ros orchard.launch.py camera:=/camera/camera \
+        image_topic:=color/image_raw camera_info_topic:=color/camera_info \
+        depth_topic:=aligned_depth_to_color/image_raw use_depth:=true
 
 Parameter precedence (lowest first): shipped tiny-model defaults, ``params_file``, launch
 arguments that are set (non-empty). The segmenter configures and activates itself
@@ -26,8 +30,16 @@ PACKAGE = 'sam_gap_ros'
 
 ARGUMENTS = (
     ('mode', '', 'sam2 | sam3 | hybrid (empty = params_file value, default hybrid)'),
-    ('camera', '/camera', 'camera namespace(s), comma separated: one segmenter per camera; '
-     'topics <camera>/image_raw, <camera>/depth/image_raw, <camera>/camera_info'),
+    ('camera', '/camera', 'camera namespace(s), comma separated: one segmenter per camera, '
+     'subscribed to <camera>/<image_topic>, <camera>/<depth_topic>, <camera>/<camera_info_topic>'),
+    ('image_topic', 'image_raw', 'colour image topic relative to each camera namespace (a '
+     "name starting with '/' is used as is, one camera only); the compressed transport is "
+     '<image_topic>/compressed'),
+    ('depth_topic', 'depth/image_raw', 'depth image aligned to the colour camera (16UC1 mm or '
+     '32FC1 m), relative to each camera namespace or absolute, e.g. '
+     'aligned_depth_to_color/image_raw (RealSense)'),
+    ('camera_info_topic', 'camera_info', 'colour camera_info, relative to each camera '
+     'namespace or absolute'),
     ('model_dir', '', 'local model directory (empty = params_file value or the shipped tiny '
      'orchard model)'),
     ('tracker_model_dir', '', 'SAM2 model directory for hybrid mode (empty = params_file value '
@@ -112,6 +124,20 @@ def _truthy(text):
     return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
 
 
+def _camera_topics(camera, value, several):
+    """Return the remappings of one camera's inputs (``*_topic`` arguments, see ARGUMENTS)."""
+    topics = {}
+    for key, default in (('image', 'image_raw'), ('depth', 'depth/image_raw'),
+                         ('camera_info', 'camera_info')):
+        name = value[f'{key}_topic'] or default
+        if name.startswith('/') and several:
+            raise ValueError(f"{key}_topic {name!r} is absolute, so every camera would share "
+                             'it: give it relative to the camera namespaces')
+        topics[key] = name if name.startswith('/') else f"{camera}/{name.strip('/')}"
+    return [('image', topics['image']), ('image/compressed', f"{topics['image']}/compressed"),
+            ('depth', topics['depth']), ('camera_info', topics['camera_info'])]
+
+
 def _setup(context, *args, **kwargs):
     value = {name: LaunchConfiguration(name).perform(context).strip()
              for name, _, _ in ARGUMENTS}
@@ -147,14 +173,12 @@ def _setup(context, *args, **kwargs):
         namespace = value['namespace']
         if len(cameras) > 1:
             namespace = f"{namespace.rstrip('/')}/{camera.strip('/').replace('/', '_')}"
+        remappings = _camera_topics(camera, value, len(cameras) > 1)
         actions.append(LifecycleNode(
             package=PACKAGE, executable='segmenter', name='segmenter', namespace=namespace,
             output='screen', emulate_tty=True,
             parameters=[p for p in (defaults_file, params_file, overrides) if p],
-            remappings=[('image', f'{camera}/image_raw'),
-                        ('image/compressed', f'{camera}/image_raw/compressed'),
-                        ('depth', f'{camera}/depth/image_raw'),
-                        ('camera_info', f'{camera}/camera_info')],
+            remappings=remappings,
             # --ros-args in `arguments` works on every distro (ros_arguments is newer).
             arguments=['--executor', value['executor'] or 'events',
                        '--ros-args', '--log-level', value['log_level']],
@@ -166,9 +190,7 @@ def _setup(context, *args, **kwargs):
                 package=PACKAGE, executable='synthetic_camera', name='synthetic_camera',
                 namespace=namespace, output='screen', parameters=[params_file],
                 additional_env=dds_env,
-                remappings=[('image', f'{camera}/image_raw'),
-                            ('depth', f'{camera}/depth/image_raw'),
-                            ('camera_info', f'{camera}/camera_info')]))
+                remappings=remappings))
     return actions
 
 

@@ -85,26 +85,65 @@ def test_orchard_yaml_only_sets_declared_parameters_with_matching_types():
 
 @NEEDS_LAUNCH_ROS
 def test_launch_description_starts_one_segmenter_per_camera():
-    from launch import LaunchContext
-    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+    from launch.actions import DeclareLaunchArgument
     from launch_ros.actions import LifecycleNode, Node
 
-    module = _load_launch_file()
-    description = module.generate_launch_description()
+    description = _load_launch_file().generate_launch_description()
     declared = {a.name for a in description.entities if isinstance(a, DeclareLaunchArgument)}
     assert REQUIRED_ARGS <= declared
+    actions, context = _launch_actions({'camera': '/front,/rear', 'synthetic': 'true',
+                                        'concepts': 'apple;damaged apple near trunk'})
+    segmenters = [a for a in actions if isinstance(a, LifecycleNode)]
+    cameras = [a for a in actions if isinstance(a, Node) and not isinstance(a, LifecycleNode)]
+    assert len(segmenters) == 2 and len(cameras) == 2
+    # Each segmenter and synthetic camera on its own camera's default topics.
+    for camera, segmenter, synthetic in zip(('/front', '/rear'), segmenters, cameras,
+                                            strict=True):
+        for node in (segmenter, synthetic):
+            assert _remappings(node, context) == {
+                'image': f'{camera}/image_raw',
+                'image/compressed': f'{camera}/image_raw/compressed',
+                'depth': f'{camera}/depth/image_raw', 'camera_info': f'{camera}/camera_info'}
+
+
+def _launch_actions(configurations):
+    """Run the launch file's setup with these launch arguments; return (actions, context)."""
+    from launch import LaunchContext
+    from launch.actions import DeclareLaunchArgument, OpaqueFunction
+
+    description = _load_launch_file().generate_launch_description()
     context = LaunchContext()
-    context.launch_configurations.update({
-        'camera': '/front,/rear', 'synthetic': 'true', 'params_file': str(CONFIG),
-        'concepts': 'apple;damaged apple near trunk'})
+    context.launch_configurations.update(dict(configurations, params_file=str(CONFIG)))
     for action in description.entities:
         if isinstance(action, DeclareLaunchArgument):
             action.visit(context)
     opaque = [a for a in description.entities if isinstance(a, OpaqueFunction)][0]
-    actions = opaque.execute(context)
-    segmenters = [a for a in actions if isinstance(a, LifecycleNode)]
-    cameras = [a for a in actions if isinstance(a, Node) and not isinstance(a, LifecycleNode)]
-    assert len(segmenters) == 2 and len(cameras) == 2
+    return opaque.execute(context), context
+
+
+def _remappings(node, context):
+    node._perform_substitutions(context)
+    return dict(node.expanded_remapping_rules)
+
+
+@NEEDS_LAUNCH_ROS
+def test_camera_topic_arguments_remap_the_inputs():
+    from launch_ros.actions import LifecycleNode
+
+    # A RealSense: colour and aligned depth under one camera namespace, in sub-namespaces.
+    actions, context = _launch_actions({
+        'camera': '/camera/camera', 'image_topic': 'color/image_raw',
+        'depth_topic': 'aligned_depth_to_color/image_raw',
+        'camera_info_topic': '/camera/camera/color/camera_info'})
+    segmenter, = [a for a in actions if isinstance(a, LifecycleNode)]
+    assert _remappings(segmenter, context) == {
+        'image': '/camera/camera/color/image_raw',
+        'image/compressed': '/camera/camera/color/image_raw/compressed',
+        'depth': '/camera/camera/aligned_depth_to_color/image_raw',
+        'camera_info': '/camera/camera/color/camera_info'}
+    # An absolute topic would be shared by every camera: refused with the reason.
+    with pytest.raises(ValueError, match='depth_topic'):
+        _launch_actions({'camera': '/front,/rear', 'depth_topic': '/front/depth'})
 
 
 @NEEDS_LAUNCH_ROS

@@ -23,6 +23,13 @@ def sam3_dir(tmp_path_factory):
     return str(save_tiny_sam3(tmp_path_factory.mktemp('sam3') / 'tiny-sam3', seed=0))
 
 
+def _depth_segmenter(ros, sam3_dir):
+    # Threshold 0: a random tiny SAM3 scores ~0.25, so every query returns instances.
+    return ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', score_threshold=0.0, max_instances=4,
+                              depth_wait_s=1.0, concepts=['apple'])
+
+
 def _set_concepts(ros, client, concepts):
     request = SetParameters.Request(
         parameters=[Parameter('concepts', value=concepts).to_parameter_msg()])
@@ -30,10 +37,7 @@ def _set_concepts(ros, client, concepts):
 
 
 def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
-    # Threshold 0: a random tiny SAM3 scores ~0.25, so every query returns instances.
-    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
-                              input_qos='reliable', score_threshold=0.0, max_instances=4,
-                              depth_wait_s=1.0, concepts=['apple'])
+    node = _depth_segmenter(ros, sam3_dir)
     docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
     masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
     markers = ros.subscribe(MarkerArray, f'{ros.ns}/segmenter/markers')
@@ -105,9 +109,7 @@ def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
 
 def test_optional_outputs_follow_their_subscribers(ros, sam3_dir):
     """Instances, poses and markers are built while subscribed: a late subscriber gets them."""
-    ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
-                       input_qos='reliable', score_threshold=0.0, max_instances=4,
-                       depth_wait_s=1.0, concepts=['apple'])
+    _depth_segmenter(ros, sam3_dir)
     masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
     ros.publish_frame(0, 10**9, depth=make_depth(2000))
     assert ros.spin_until(lambda: len(masks) >= 1)
@@ -153,9 +155,7 @@ def test_hybrid_node_publishes_persistent_ids(ros, sam3_dir, tmp_path):
 
 def test_depth_pairing_after_stamps_go_back_and_zero_stamps(ros, sam3_dir):
     """A bag played in a loop: frames after the jump still get their depth (3D poses)."""
-    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
-                              input_qos='reliable', score_threshold=0.0, max_instances=4,
-                              depth_wait_s=1.0, concepts=['apple'])
+    node = _depth_segmenter(ros, sam3_dir)
     docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
     masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
     for count, stamp_s in enumerate((100, 101, 1), start=1):

@@ -163,3 +163,17 @@ def test_hybrid_id_switches_per_10_tracks(engines):
     # 0.43 (the rules before SAM3's association defaults: 0.50 with 9.2 switches per 10).
     # Both models' scores move it: a better model must not trade coverage for switches.
     assert s.coverage >= 0.4
+
+
+def test_hybrid_concept_change_keeps_the_apples_ids(engines):
+    """A planner adds a concept mid-pan: the apples keep their IDs through the change."""
+    hybrid = HybridTracker(engines['sam3'], Sam2Tracker.load(quality.SAM2_DIR, device='cpu'),
+                           redetect_every_n=quality.REDETECT_EVERY)
+    steady = quality.evaluate_hybrid(hybrid)
+    changed = quality.evaluate_hybrid(hybrid, concept_change=(30, ('apple', 'damaged apple')))
+    print(f'hybrid, concepts changed at frame 30: {changed.switches} ID switches over '
+          f'{changed.tracks} tracks (unchanged: {steady.switches} over {steady.tracks})')
+    # Dropping every track at a concept change (the old rule) renumbered each apple in
+    # view: 9 switches over these three pans (1 without the change).
+    assert changed.switches <= steady.switches + 1
+    assert changed.coverage >= steady.coverage - 0.05

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -337,8 +337,13 @@ class HybridScores:
 
 
 def evaluate_hybrid(hybrid: Any, seeds: Sequence[int] = CLIP_SEEDS,
-                    concepts: Sequence[str] = ('apple',)) -> HybridScores:
-    """Score a ``HybridTracker`` (concept ``apple``) for ID switches on held-out pans."""
+                    concepts: Sequence[str] = ('apple',),
+                    concept_change: Optional[Tuple[int, Sequence[str]]] = None) -> HybridScores:
+    """Score a ``HybridTracker`` (concept ``apple``) for ID switches on held-out pans.
+
+    ``concept_change=(t, new_concepts)``: a planner sets ``new_concepts`` before frame ``t``
+    of every pan, as the node's ``concepts`` parameter does.
+    """
     scores = HybridScores()
     for seed in seeds:
         clip = make_clip(seed)
@@ -346,6 +351,8 @@ def evaluate_hybrid(hybrid: Any, seeds: Sequence[int] = CLIP_SEEDS,
         hybrid.set_concepts(list(concepts))
         last_id: Dict[int, int] = {}
         for t in range(clip.n_frames):
+            if concept_change is not None and t == concept_change[0]:
+                hybrid.set_concepts(list(concept_change[1]))
             frame = clip[t]
             instances = hybrid.step(frame.image)
             truth_ids = _visible_apples(frame)

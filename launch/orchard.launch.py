@@ -2,7 +2,7 @@
 
 Examples::
 
-    ros2 launch sam_gap_ros orchard.launch.py mode:=hybrid camera:=/camera/color
+    ros2 launch sam_gap_ros orchard.launch.py mode:=hybrid camera:=/camera
     ros2 launch sam_gap_ros orchard.launch.py synthetic:=true use_depth:=true
     ros2 launch sam_gap_ros orchard.launch.py camera:=/front,/rear concepts:='apple;damaged apple'
     # RealSense (realsense2_camera 4.x with align_depth.enable:=true)
@@ -126,10 +126,10 @@ def _truthy(text):
 
 def _camera_topics(camera, value, several):
     """Return the remappings of one camera's inputs (``*_topic`` arguments, see ARGUMENTS)."""
+    defaults = {name: default for name, default, _ in ARGUMENTS}
     topics = {}
-    for key, default in (('image', 'image_raw'), ('depth', 'depth/image_raw'),
-                         ('camera_info', 'camera_info')):
-        name = value[f'{key}_topic'] or default
+    for key in ('image', 'depth', 'camera_info'):
+        name = value[f'{key}_topic'] or defaults[f'{key}_topic']
         if name.startswith('/') and several:
             raise ValueError(f"{key}_topic {name!r} is absolute, so every camera would share "
                              'it: give it relative to the camera namespaces')

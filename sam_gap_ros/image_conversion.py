@@ -55,6 +55,18 @@ SUPPORTED_ENCODINGS: Mapping[str, EncodingSpec] = MappingProxyType({
     '16UC1': EncodingSpec(np.dtype(np.uint16), 1),
     '16UC3': EncodingSpec(np.dtype(np.uint16), 3),
     '32FC1': EncodingSpec(np.dtype(np.float32), 1),
+    # Raw sensor layouts: a Bayer mosaic (one byte per pixel, the colour of the pixel's
+    # filter) as industrial GigE/USB3 cameras send it, and YUV 4:2:2 (two bytes per pixel,
+    # chroma shared by pixel pairs) as UVC webcams and v4l2 drivers send it. 'yuv422' and
+    # 'yuv422_yuy2' are the older names of 'uyvy' and 'yuyv'.
+    'bayer_rggb8': EncodingSpec(np.dtype(np.uint8), 1),
+    'bayer_bggr8': EncodingSpec(np.dtype(np.uint8), 1),
+    'bayer_gbrg8': EncodingSpec(np.dtype(np.uint8), 1),
+    'bayer_grbg8': EncodingSpec(np.dtype(np.uint8), 1),
+    'uyvy': EncodingSpec(np.dtype(np.uint8), 2),
+    'yuv422': EncodingSpec(np.dtype(np.uint8), 2),
+    'yuyv': EncodingSpec(np.dtype(np.uint8), 2),
+    'yuv422_yuy2': EncodingSpec(np.dtype(np.uint8), 2),
 })
 
 # Channel layout of the encodings that carry colour meaning; generic ones (8UC3 ...)
@@ -65,7 +77,29 @@ _COLOUR_LAYOUTS: Mapping[str, str] = MappingProxyType({
     'rgba8': 'RGBA',
     'bgra8': 'BGRA',
     'mono8': 'GRAY',
+    'bayer_rggb8': 'BAYER_RGGB',
+    'bayer_bggr8': 'BAYER_BGGR',
+    'bayer_gbrg8': 'BAYER_GBRG',
+    'bayer_grbg8': 'BAYER_GRBG',
+    'uyvy': 'UYVY',
+    'yuv422': 'UYVY',
+    'yuyv': 'YUYV',
+    'yuv422_yuy2': 'YUYV',
 })
+
+# Raw sensor layouts and their OpenCV conversion to RGB (they are only ever a source).
+# OpenCV names a Bayer pattern after the second row's second and third pixels, so ROS's
+# RGGB (red at the top-left) is OpenCV's BayerBG, as in cv_bridge. Demosaicing is bilinear,
+# as cv_bridge and image_proc's default do; YUV 4:2:2 decodes as BT.601 video range.
+_RAW_TO_RGB: Mapping[str, int] = MappingProxyType({
+    'BAYER_RGGB': cv2.COLOR_BayerBG2RGB,
+    'BAYER_BGGR': cv2.COLOR_BayerRG2RGB,
+    'BAYER_GBRG': cv2.COLOR_BayerGR2RGB,
+    'BAYER_GRBG': cv2.COLOR_BayerGB2RGB,
+    'UYVY': cv2.COLOR_YUV2RGB_UYVY,
+    'YUYV': cv2.COLOR_YUV2RGB_YUY2,
+})
+_PIXEL_PAIR_LAYOUTS = frozenset(('UYVY', 'YUYV'))
 
 # Encodings image_msg_to_rgb / compressed_msg_to_rgb accept: what the engines can be fed.
 RGB_SOURCE_ENCODINGS = frozenset(_COLOUR_LAYOUTS)
@@ -161,8 +195,10 @@ def _convert_layout(image: np.ndarray, source: str, target: str,
     """
     if source == target:
         return np.array(image, order='C', copy=True if copy else None)
-    if source == 'GRAY':
+    if source == 'GRAY' or source.startswith('BAYER'):
         image = _squeeze_single_channel(image)
+    if source in _RAW_TO_RGB and target == 'RGB':
+        return cv2.cvtColor(image, _RAW_TO_RGB[source])
     code = getattr(cv2, f'COLOR_{source}2{target}', None)
     if code is None:
         raise ValueError(f'no conversion from {source} to {target} channel layout')
@@ -197,14 +233,26 @@ def image_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE, *,
                      copy: bool = True) -> np.ndarray:
     """Return a ``sensor_msgs/Image`` as an ``(H, W, 3)`` uint8 RGB array for the engines.
 
-    Accepts rgb8, bgr8, rgba8 (alpha dropped), bgra8 and mono8; raises ValueError for
-    depth, 16-bit and generic encodings, and for every case image_msg_to_numpy rejects.
+    Accepts rgb8, bgr8, rgba8 (alpha dropped), bgra8, mono8, the 8-bit Bayer mosaics
+    (demosaiced) and YUV 4:2:2 (uyvy/yuv422, yuyv/yuv422_yuy2; even widths); raises
+    ValueError for depth, 16-bit and generic encodings, and for every case
+    image_msg_to_numpy rejects.
     With ``copy=False`` an rgb8 message without row padding is returned as a view of its
     buffer (read-only when ``data`` is immutable), which saves a frame-sized copy; the
     caller must own the message and leave it unchanged while the array is in use.
     """
     layout = _rgb_layout(msg.encoding)
-    return _convert_layout(_message_view(msg, max_side), layout, 'RGB', copy=copy)
+    view = _message_view(msg, max_side)
+    _check_pixel_pairs(view, layout, msg.encoding)
+    return _convert_layout(view, layout, 'RGB', copy=copy)
+
+
+def _check_pixel_pairs(image: np.ndarray, layout: str, encoding: str) -> None:
+    # YUV 4:2:2 stores the chroma of two neighbouring pixels once: a row of an odd width
+    # has a pixel without chroma, which no camera sends and OpenCV refuses with an assert.
+    if layout in _PIXEL_PAIR_LAYOUTS and image.shape[1] % 2:
+        raise ValueError(f'{encoding} images need an even width (pixels come in pairs '
+                         f'sharing chroma), got width {image.shape[1]}')
 
 
 def check_rgb_image_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
@@ -214,8 +262,8 @@ def check_rgb_image_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
     subscription callback, so that a malformed frame is refused (and counted) where it
     arrives instead of displacing a good frame that waits for inference.
     """
-    _rgb_layout(msg.encoding)
-    _message_view(msg, max_side)
+    layout = _rgb_layout(msg.encoding)
+    _check_pixel_pairs(_message_view(msg, max_side), layout, msg.encoding)
 
 
 def _array_for_encoding(image: Any, encoding: str) -> np.ndarray:
@@ -392,7 +440,11 @@ def _decode_compressed(msg: Any, max_side: int) -> Tuple[np.ndarray, str]:
                 f'compressed {encoding} image ({fmt!r}) decoded to {decoded.dtype}, '
                 f'expected {spec.dtype.name}')
         layout = _COLOUR_LAYOUTS.get(encoding)
-        if layout is not None and layout != 'GRAY' and channels in (3, 4):
+        if layout in _RAW_TO_RGB and channels == 3:
+            # compressed_image_transport converts YUV sources to bgr8 before compressing
+            # (format 'yuyv; jpeg compressed bgr8'): the pixels are colour already.
+            encoding = 'bgr8' if parsed.compressed_bgr else 'rgb8'
+        elif layout is not None and layout != 'GRAY' and channels in (3, 4):
             source = ('BGR' if parsed.compressed_bgr else 'RGB') + ('A' if channels == 4 else '')
             decoded = _convert_layout(decoded, source, layout)
         elif channels != spec.channels:
@@ -408,8 +460,10 @@ def compressed_msg_to_numpy(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndar
 
     The result is in the encoding named before the ``;`` of ``msg.format`` (as
     image_transport's subscriber restores it), or, for a bare ``'jpeg'``/``'png'``
-    format, in OpenCV's layout (mono8, bgr8, bgra8, mono16). compressedDepth PNG
-    (16UC1 and 32FC1) is decoded too. Raises ValueError on undecodable data.
+    format, in OpenCV's layout (mono8, bgr8, bgra8, mono16); a YUV source that the
+    publisher converted to colour before compressing comes back in that colour layout.
+    compressedDepth PNG (16UC1 and 32FC1) is decoded too. Raises ValueError on
+    undecodable data.
     """
     return _decode_compressed(msg, max_side)[0]
 

@@ -35,6 +35,12 @@ PROPERTY_SETTINGS = settings(max_examples=60, deadline=None)
 
 # Independent statement of each colour encoding's channels, for expected values.
 RGB_INDEX = {'rgb8': [0, 1, 2], 'bgr8': [2, 1, 0], 'rgba8': [0, 1, 2], 'bgra8': [2, 1, 0]}
+CHANNEL_ORDER_ENCODINGS = tuple(sorted([*RGB_INDEX, 'mono8']))
+# Where each filter colour sits in a 2x2 Bayer tile, read row by row, as the names say.
+BAYER_TILES = {'bayer_rggb8': 'RGGB', 'bayer_bggr8': 'BGGR', 'bayer_gbrg8': 'GBRG',
+               'bayer_grbg8': 'GRBG'}
+# Byte order of a YUV 4:2:2 pixel pair: U Y0 V Y1 (UYVY) or Y0 U Y1 V (YUYV).
+YUV422_ORDERS = {'uyvy': 'UYVY', 'yuv422': 'UYVY', 'yuyv': 'YUYV', 'yuv422_yuy2': 'YUYV'}
 ALL_ENCODINGS = tuple(sorted(SUPPORTED_ENCODINGS))
 CV_BRIDGE_SKIP_REASON = (
     'cv_bridge not installable in this environment (PyPI cv-bridge is a ROS1 port)')
@@ -51,6 +57,8 @@ def images(draw, encodings=ALL_ENCODINGS, max_height=6, max_width=9):
     encoding = draw(st.sampled_from(encodings))
     height = draw(st.integers(1, max_height))
     width = draw(st.integers(1, max_width))
+    if encoding in YUV422_ORDERS:  # pixels come in pairs sharing chroma
+        width = 2 * draw(st.integers(1, max_width // 2))
     pixels = draw(hnp.arrays(SUPPORTED_ENCODINGS[encoding].dtype,
                              _shape(encoding, height, width)))
     return encoding, pixels
@@ -145,7 +153,7 @@ def test_duck_typed_message_with_bytes_data():
 # --- Image -> RGB for the engines -------------------------------------------------------
 
 @PROPERTY_SETTINGS
-@given(image=images(encodings=tuple(sorted(RGB_SOURCE_ENCODINGS))), padding=st.integers(0, 5))
+@given(image=images(encodings=CHANNEL_ORDER_ENCODINGS), padding=st.integers(0, 5))
 def test_image_msg_to_rgb_orders_channels(image, padding):
     encoding, pixels = image
     msg = raw_image_msg(pixels, encoding, padding)
@@ -196,6 +204,80 @@ def test_image_msg_to_rgb_rejects_non_colour_encodings(encoding):
 
     with pytest.raises(ValueError, match=f"'{encoding}' images cannot be fed to the engines"):
         image_msg_to_rgb(msg)
+
+
+def _bayer_mosaic(rgb, tile):
+    """Keep, at each pixel, the one channel its filter passes (``tile`` row by row)."""
+    mosaic = np.empty(rgb.shape[:2], np.uint8)
+    for (dy, dx), colour in zip([(0, 0), (0, 1), (1, 0), (1, 1)], tile, strict=True):
+        channel = 'RGB'.index(colour)
+        mosaic[dy::2, dx::2] = rgb[dy::2, dx::2, channel]
+    return mosaic
+
+
+@pytest.mark.parametrize('encoding', sorted(BAYER_TILES))
+@pytest.mark.parametrize('size', [(6, 8), (5, 7)])
+def test_bayer_mosaics_are_demosaiced_with_their_own_pattern(encoding, size):
+    # A flat colour with three distinct channels: reading the mosaic with another pattern
+    # swaps red and blue or mixes green in, everywhere.
+    rgb = np.empty(size + (3,), np.uint8)
+    rgb[:] = (200, 110, 30)
+    msg = raw_image_msg(_bayer_mosaic(rgb, BAYER_TILES[encoding]), encoding, padding=3)
+
+    check_rgb_image_msg(msg)
+    np.testing.assert_array_equal(image_msg_to_rgb(msg), rgb)
+    np.testing.assert_array_equal(image_msg_to_rgb(msg, copy=False), rgb)
+
+
+def _yuv422(rgb, order):
+    """Encode RGB as BT.601 video-range YUV 4:2:2 (chroma of each pixel pair averaged)."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
+    u = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+    v = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+    u = (u[:, 0::2] + u[:, 1::2]) / 2
+    v = (v[:, 0::2] + v[:, 1::2]) / 2
+    planes = {'Y0': y[:, 0::2], 'Y1': y[:, 1::2], 'U': u, 'V': v}
+    byte_order = {'UYVY': ('U', 'Y0', 'V', 'Y1'), 'YUYV': ('Y0', 'U', 'Y1', 'V')}[order]
+    pairs = np.stack([planes[name] for name in byte_order], axis=-1)
+    return np.round(pairs).astype(np.uint8).reshape(rgb.shape[0], rgb.shape[1], 2)
+
+
+@pytest.mark.parametrize('encoding', sorted(YUV422_ORDERS))
+def test_yuv422_is_decoded_in_its_byte_order(encoding):
+    colours = np.array([(200, 110, 30), (30, 160, 220), (90, 90, 90), (240, 20, 120)],
+                       np.uint8)
+    rgb = np.repeat(np.repeat(colours[np.newaxis], 2, axis=1), 3, axis=0)  # 3 x 8 pixels
+    msg = raw_image_msg(_yuv422(rgb, YUV422_ORDERS[encoding]), encoding, padding=2)
+
+    check_rgb_image_msg(msg)
+    decoded = image_msg_to_rgb(msg)
+
+    assert decoded.shape == rgb.shape
+    # Video range rounds to about one level per channel; a swapped U/V or byte order is off
+    # by tens.
+    assert np.abs(decoded.astype(int) - rgb).max() <= 2, decoded[0, ::2]
+
+
+@pytest.mark.parametrize('encoding', sorted(YUV422_ORDERS))
+def test_yuv422_of_odd_width_is_refused(encoding):
+    msg = raw_image_msg(np.zeros((2, 5, 2), np.uint8), encoding)
+
+    for convert in (check_rgb_image_msg, image_msg_to_rgb):
+        with pytest.raises(ValueError, match=f'{encoding} images need an even width .* 5'):
+            convert(msg)
+
+
+def test_compressed_raw_sensor_encodings():
+    rgb = np.empty((4, 6, 3), np.uint8)
+    rgb[:] = (200, 110, 30)
+    # A Bayer image is compressed as its single-channel mosaic and demosaiced after decoding.
+    mosaic = _bayer_mosaic(rgb, 'GRBG')
+    msg = CompressedImage(format='bayer_grbg8; png compressed ', data=_png(mosaic))
+    np.testing.assert_array_equal(compressed_msg_to_rgb(msg), rgb)
+    # compressed_image_transport turns a YUV image into bgr8 before compressing it.
+    msg = CompressedImage(format='yuyv; png compressed bgr8', data=_png(rgb[..., ::-1]))
+    np.testing.assert_array_equal(compressed_msg_to_rgb(msg), rgb)
 
 
 # --- Image validation -------------------------------------------------------------------
@@ -259,7 +341,7 @@ def test_side_limit_is_a_parameter():
     assert image_msg_to_numpy(msg, max_side=17).shape == (4, 17)
 
 
-@pytest.mark.parametrize('encoding', ['yuv422', 'rgb16', 'bayer_rggb8', '', 'RGB8'])
+@pytest.mark.parametrize('encoding', ['nv12', 'rgb16', 'bayer_rggb16', '', 'RGB8'])
 def test_rejects_unknown_encoding(encoding):
     with pytest.raises(ValueError, match=f"unsupported image encoding '{encoding}'"):
         image_msg_to_numpy(_msg(encoding=encoding))
@@ -282,7 +364,7 @@ def test_rejects_out_of_range_list_data():
     (dict(height=0, data=array.array('B')), 'zero size'),
     (dict(width=MAX_IMAGE_SIDE + 1, step=3 * (MAX_IMAGE_SIDE + 1), data=array.array('B')),
      'exceeds the 8192-pixel side limit'),
-    (dict(encoding='yuv422'), "unsupported image encoding 'yuv422'"),
+    (dict(encoding='nv12'), "unsupported image encoding 'nv12'"),
     (dict(encoding='mono16', step=6, data=array.array('B', bytes(12))),
      "'mono16' images cannot be fed to the engines"),
 ])
@@ -305,10 +387,10 @@ def test_check_rgb_image_msg_side_limit_is_a_parameter():
 
 @pytest.mark.parametrize('encoding', sorted(RGB_SOURCE_ENCODINGS))
 def test_check_rgb_image_msg_passes_every_convertible_image(encoding):
-    msg = raw_image_msg(np.zeros(_shape(encoding, 2, 3), np.uint8), encoding, padding=2)
+    msg = raw_image_msg(np.zeros(_shape(encoding, 2, 4), np.uint8), encoding, padding=2)
 
     check_rgb_image_msg(msg)
-    assert image_msg_to_rgb(msg).shape == (2, 3, 3)
+    assert image_msg_to_rgb(msg).shape == (2, 4, 3)
 
 
 def _png(pixels):
@@ -329,8 +411,8 @@ def _png_claiming_width(width):
      "'mono16' images cannot be fed to the engines"),
     (struct.pack('<iff', 0, 0.0, 0.0) + _png(np.ones((3, 3), np.uint16)),
      '16UC1; compressedDepth png', "'16UC1' images cannot be fed to the engines"),
-    (_png(np.zeros((3, 3, 3), np.uint8)), 'yuv422; png compressed ',
-     "unsupported image encoding 'yuv422'"),
+    (_png(np.zeros((3, 3, 3), np.uint8)), 'nv12; png compressed ',
+     "unsupported image encoding 'nv12'"),
 ])
 def test_check_rgb_compressed_msg_refuses_what_the_conversion_refuses(data, fmt, message):
     msg = _compressed(data, fmt)
@@ -407,7 +489,7 @@ def test_numpy_to_image_msg_of_non_contiguous_and_big_endian_arrays():
     (np.zeros((2, 2), np.uint8), 'rgb8', r'shape \(H, W, 3\), got \(2, 2\)'),
     (np.zeros((2, 2, 3), np.uint8), 'rgba8', r'shape \(H, W, 4\), got \(2, 2, 3\)'),
     (np.zeros((0, 2, 3), np.uint8), 'rgb8', 'zero size: height=0, width=2'),
-    (np.zeros((2, 2), np.uint8), 'yuv422', "unsupported image encoding 'yuv422'"),
+    (np.zeros((2, 2), np.uint8), 'nv12', "unsupported image encoding 'nv12'"),
 ])
 def test_numpy_to_image_msg_validates(pixels, encoding, message):
     with pytest.raises(ValueError, match=message):
@@ -649,7 +731,7 @@ def test_matches_cv_bridge():
     bridge = CvBridge()
     rng = np.random.default_rng(11)
     for encoding, spec in sorted(SUPPORTED_ENCODINGS.items()):
-        shape = _shape(encoding, 5, 7)
+        shape = _shape(encoding, 5, 8)  # an even width: YUV 4:2:2 pixels come in pairs
         if spec.dtype.kind == 'f':
             pixels = rng.standard_normal(shape).astype(spec.dtype)
         else:
@@ -658,6 +740,8 @@ def test_matches_cv_bridge():
         np.testing.assert_array_equal(bridge.imgmsg_to_cv2(ours), image_msg_to_numpy(ours))
         theirs = bridge.cv2_to_imgmsg(pixels, encoding)
         np.testing.assert_array_equal(image_msg_to_numpy(theirs), pixels)
-        if encoding in RGB_SOURCE_ENCODINGS:
+        # cv_bridge releases differ on the newer YUV names (uyvy, yuyv); the older ones
+        # name the same layouts.
+        if encoding in RGB_SOURCE_ENCODINGS - {'uyvy', 'yuyv'}:
             np.testing.assert_array_equal(bridge.imgmsg_to_cv2(ours, 'rgb8'),
                                           image_msg_to_rgb(ours))

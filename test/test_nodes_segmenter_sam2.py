@@ -190,6 +190,9 @@ def _bad_image(kind):
     elif kind == 'huge':
         msg.width, msg.step = 9000, 9000 * 3
         msg.data = bytes(1)
+    elif kind == 'odd_yuyv':  # a supported encoding, but YUV 4:2:2 pixels come in pairs
+        msg.encoding, msg.width, msg.step = 'yuyv', W - 1, (W - 1) * 2
+        msg.data = bytes(H * msg.step)
     return msg
 
 
@@ -202,11 +205,12 @@ def test_bad_input_is_counted_and_the_node_keeps_running(ros, sam2_dir):
     # arrives, so none waits in the latest-frame slot to be dropped or skipped uncounted.
     enable = ros.probe.create_client(SetBool, f'{ros.ns}/segmenter/enable')
     assert ros.call(enable, SetBool.Request(data=False)).success
-    for kind in ('size', 'encoding', 'empty', 'huge'):
+    kinds = ('size', 'encoding', 'empty', 'huge', 'odd_yuyv')
+    for kind in kinds:
         pub.publish(_bad_image(kind))
-    assert ros.spin_until(lambda: node.stats()['frames_in'] == 4), node.stats()
+    assert ros.spin_until(lambda: node.stats()['frames_in'] == len(kinds)), node.stats()
     stats = node.stats()
-    assert stats['bad_input'] == 4, stats
+    assert stats['bad_input'] == len(kinds), stats
     assert stats['frames_dropped'] == stats['disabled_skips'] == 0, stats
     assert ros.call(enable, SetBool.Request(data=True)).success
     # NaN depth everywhere: frame processed, no 3D position, nothing crashes.
@@ -227,7 +231,7 @@ def test_bad_input_is_counted_and_the_node_keeps_running(ros, sam2_dir):
     assert node.stats()['errors'] == 0
     diag = node.diagnostics().status[0]
     values = {kv.key: kv.value for kv in diag.values}
-    assert values['bad_input'] == '4' and values['mode'] == 'sam2'
+    assert values['bad_input'] == str(len(kinds)) and values['mode'] == 'sam2'
     assert diag.level == DiagnosticStatus.OK
 
 

@@ -68,3 +68,24 @@ def test_segmenter_executable_autostarts_and_stops_cleanly(executor, stop_signal
             process.communicate()
     assert process.returncode == 0, output
     assert 'Traceback' not in output, output
+
+
+@pytest.mark.parametrize('module, params, reason', [
+    ('segmenter', ['score_threshold:=5.0'], 'score_threshold out of range'),
+    ('segmenter', ['score_threshold:=1'], "expecting type 'DOUBLE'"),  # YAML `1`, not `1.0`
+    ('video_source', [f'path:={REPO}', 'rate_hz:=-5.0'], 'rate_hz out of range'),
+    ('video_source', [], "set 'path'"),
+    ('synthetic_camera', ['rate_hz:=0.0'], 'rate_hz out of range'),
+    ('synthetic_camera', ["scene:='{width: 6000}'"], "cannot set ['width']"),
+], ids=['segmenter-range', 'segmenter-type', 'video-range', 'video-no-path', 'camera-range',
+        'camera-scene-width'])
+def test_executables_refuse_bad_parameters_with_one_fatal_line(module, params, reason):
+    """A bad parameter stops the process with status 1 and a reason, not a traceback."""
+    command = [sys.executable, '-m', f'sam_gap_ros.nodes.{module}', '--ros-args']
+    for param in params:
+        command += ['-p', param]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert 'Traceback' not in output, output
+    assert 'cannot start' in output and reason in output, output

@@ -52,6 +52,10 @@ def test_synthetic_camera_scene_parameter_sets_the_field_of_view(ros):
     with pytest.raises(ValueError, match='hfov'):
         SyntheticCameraNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
             Parameter('scene', value='{hfov: 30}')])
+    # The image size has parameters of its own (with their range); the scene cannot bypass it.
+    with pytest.raises(ValueError, match=r"cannot set \['height', 'width'\]"):
+        SyntheticCameraNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+            Parameter('scene', value='{width: 6000, height: 40}')])
 
 
 def test_video_source_reads_a_folder_and_a_video_file(ros, tmp_path):
@@ -89,3 +93,52 @@ def test_video_source_reads_a_folder_and_a_video_file(ros, tmp_path):
     assert [int(image_msg_to_numpy(m)[0, 0, 0]) for m in images] == [0, 40, 80]
     assert images[0].encoding == 'bgr8' and infos[0].header == images[0].header
     assert list(infos[0].k)[:3] == [50.0, 0.0, 29.5]
+
+
+def _write_png(path, grey):
+    cv2.imwrite(str(path), np.full((8, 10, 3), grey, dtype=np.uint8))
+
+
+def test_frame_reader_plays_a_folder_in_natural_order_and_skips_broken_files(tmp_path):
+    for number in (1, 2, 10):
+        _write_png(tmp_path / f'frame_{number}.png', number)
+    (tmp_path / 'frame_3.png').write_bytes(b'not a png')  # e.g. a half-copied file
+    unreadable = []
+    reader = FrameReader(str(tmp_path), loop=True, on_unreadable=unreadable.append)
+
+    greys = [int(reader.read()[0, 0, 0]) for _ in range(7)]
+
+    assert greys == [1, 2, 10, 1, 2, 10, 1]  # not frame_1, frame_10, frame_2
+    assert unreadable == reader.unreadable == [tmp_path / 'frame_3.png']  # reported once
+
+
+def test_frame_reader_needs_a_path():
+    for path in ('', '  '):
+        with pytest.raises(ValueError, match="set 'path'"):
+            FrameReader(path)  # Path('') would be the working directory
+
+
+def test_video_source_stops_when_nothing_can_be_decoded(ros, tmp_path):
+    for name in ('a.png', 'b.jpg'):
+        (tmp_path / name).write_bytes(b'junk')
+    node = ros.add(VideoSourceNode(
+        context=ros.context, namespace=ros.ns, parameter_overrides=[
+            Parameter('path', value=str(tmp_path)), Parameter('rate_hz', value=100.0)]))
+
+    assert ros.spin_until(lambda: node.finished)
+
+    # Looping, but with no frame to show the timer stops instead of re-reading every file.
+    assert node.timer.is_canceled() and node.published == 0
+    assert sorted(p.name for p in node.reader.unreadable) == ['a.png', 'b.jpg']
+
+
+def test_video_source_caps_a_high_speed_video_rate(ros, tmp_path):
+    video = tmp_path / 'fast.avi'
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*'MJPG'), 1000.0, (10, 8))
+    writer.write(np.zeros((8, 10, 3), np.uint8))
+    writer.release()
+    node = ros.add(VideoSourceNode(context=ros.context, namespace=ros.ns,
+                                   parameter_overrides=[Parameter('path', value=str(video))]))
+
+    assert node.reader.fps == pytest.approx(1000.0)
+    assert node.timer.timer_period_ns == 5_000_000  # 200 Hz, not a 1 ms busy loop

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Optional, Sequence
+import sys
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rcl_interfaces.msg import ParameterType
 import rclpy
 from rclpy.context import Context
+from rclpy.exceptions import ParameterException
 from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.logging import get_logger
 from rclpy.node import Node
@@ -18,6 +20,8 @@ from rclpy.utilities import get_default_context, remove_ros_args
 from sam_gap_ros.allocator import keep_freed_buffers
 
 INPUT_QOS = ('sensor_data', 'reliable')
+MAX_RATE_HZ = 200.0
+"""Highest publish rate of the source nodes: beyond it a timer is a busy loop."""
 EXECUTORS = ('events', 'single_threaded')
 DEFAULT_EXECUTOR = 'events'
 
@@ -103,6 +107,24 @@ def init_node_process(args: Optional[Sequence[str]], name: str) -> None:
     rclpy.init(args=args)
     if reason:
         get_logger(name).info(f'heap left at its defaults for image buffers: {reason}')
+
+
+NodeT = TypeVar('NodeT', bound=Node)
+
+
+def create_node_or_exit(factory: Callable[[], NodeT], name: str) -> NodeT:
+    """Return ``factory()``; if it refuses its parameters, log why and exit with status 1.
+
+    An out-of-range or mistyped parameter (``rate_hz: 15`` in YAML is an integer, not a
+    double) raises from ``declare_parameter``; a user gets one fatal line naming it, as
+    ``ros2 launch`` shows it, not a traceback.
+    """
+    try:
+        return factory()
+    except (ParameterException, ValueError, TypeError) as exc:
+        get_logger(name).fatal(f'cannot start: {exc}')
+        rclpy.try_shutdown()
+        sys.exit(1)
 
 
 def spin_until_shutdown(executor: Executor, context: Optional[Context] = None) -> None:

@@ -32,7 +32,8 @@ from sam_gap_ros.engines.types import ConceptError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics
 from sam_gap_ros.nodes.ros_utils import describe, executor_arg, init_node_process, input_qos
 from sam_gap_ros.nodes.ros_utils import INPUT_QOS
-from sam_gap_ros.nodes.ros_utils import make_executor, spin_node, stamp_to_ns
+from sam_gap_ros.nodes.ros_utils import create_node_or_exit, make_executor, spin_node
+from sam_gap_ros.nodes.ros_utils import stamp_to_ns
 from sam_gap_ros.nodes.ros_utils import stamp_to_sec
 from sam_gap_ros.overlay import id_color, render_overlay
 from sam_gap_ros.pipeline import FrameResult, is_out_of_memory, memory_stats, MODES
@@ -812,7 +813,7 @@ def main(args: Optional[List[str]] = None) -> None:
     args = sys.argv if args is None else args
     executor_kind = executor_arg(args, 'segmenter')
     init_node_process(args, 'segmenter')
-    node = SegmenterNode()
+    node = create_node_or_exit(SegmenterNode, 'segmenter')
     spin_node(node, make_executor(executor_kind), on_stop=node._stop_worker)
 
 

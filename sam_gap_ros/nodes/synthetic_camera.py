@@ -11,14 +11,12 @@ import sys
 from typing import List, Optional
 
 import numpy as np
-import rclpy
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe, init_node_process, make_executor
-from sam_gap_ros.nodes.ros_utils import spin_node
+from sam_gap_ros.nodes.ros_utils import create_node_or_exit, describe, init_node_process
+from sam_gap_ros.nodes.ros_utils import make_executor, MAX_RATE_HZ, spin_node
 from sam_gap_ros.synthetic.config import scene_config_from_text
 from sam_gap_ros.synthetic.video import OrchardVideo
 
@@ -29,11 +27,13 @@ class SyntheticCameraNode(Node):
     def __init__(self, node_name: str = 'synthetic_camera', **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         for name, default, text, extra in (
-                ('rate_hz', 10.0, 'frames per second', dict(float_range=(0.1, 200.0))),
+                ('rate_hz', 10.0, 'frames per second', dict(float_range=(0.1, MAX_RATE_HZ))),
                 ('width', 640, 'image width (px)', dict(int_range=(32, 4096))),
                 ('height', 480, 'image height (px)', dict(int_range=(32, 4096))),
                 ('seed', 0, 'scene seed (same seed = same frames)', dict(int_range=(0, 2**31))),
-                ('n_frames', 300, 'frames before the video loops', dict(int_range=(1, 100000))),
+                ('n_frames', 300, 'frames before the video loops; the world panned over must fit '
+                 'one image layer, so a long video needs a slow pan (refused at start '
+                 'otherwise)', dict(int_range=(1, 100000))),
                 ('pan_speed', 4.0, 'camera pan in px per frame', {}),
                 ('publish_depth', True, 'publish depth and camera_info', {}),
                 ('depth_encoding', '16UC1', '16UC1 (mm) or 32FC1 (m)',
@@ -53,7 +53,8 @@ class SyntheticCameraNode(Node):
         # with a scene other than the one asked for.
         config = scene_config_from_text(str(param('scene').value),
                                         width=int(param('width').value),
-                                        height=int(param('height').value))
+                                        height=int(param('height').value),
+                                        reserved=('width', 'height'))
         self.video = OrchardVideo(int(param('seed').value), config,
                                   n_frames=int(param('n_frames').value),
                                   pan_speed=float(param('pan_speed').value))
@@ -100,12 +101,7 @@ class SyntheticCameraNode(Node):
 def main(args: Optional[List[str]] = None) -> None:
     """Run the synthetic_camera node until shutdown."""
     init_node_process(args, 'synthetic_camera')
-    try:
-        node = SyntheticCameraNode()
-    except (ValueError, TypeError) as exc:
-        get_logger('synthetic_camera').fatal(f'invalid parameters: {exc}')
-        rclpy.try_shutdown()
-        sys.exit(1)
+    node = create_node_or_exit(SyntheticCameraNode, 'synthetic_camera')
     spin_node(node, make_executor('single_threaded'))
 
 

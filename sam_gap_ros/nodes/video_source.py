@@ -1,41 +1,59 @@
 """``video_source`` node: publish a video file or an image folder as a camera stream.
 
 Publishes ``image`` (bgr8, as OpenCV decodes it) and, when ``fx`` > 0, ``camera_info`` with
-the same header, at ``rate_hz`` (0 = the video's own frame rate).
+the same header, at ``rate_hz`` (0 = the video's own frame rate). A folder plays in natural
+name order (``frame_2`` before ``frame_10``); files that cannot be decoded are skipped
+with a warning.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+import re
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
-import rclpy
-from rclpy.logging import get_logger
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
-from sam_gap_ros.nodes.ros_utils import describe, init_node_process, make_executor
-from sam_gap_ros.nodes.ros_utils import spin_node
+from sam_gap_ros.nodes.ros_utils import create_node_or_exit, describe, init_node_process
+from sam_gap_ros.nodes.ros_utils import make_executor, MAX_RATE_HZ, spin_node
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 
-class FrameReader:
-    """Read BGR frames from a video file or a folder of images, optionally looping."""
+def natural_key(name: str) -> Tuple[Union[int, str], ...]:
+    """Sort key that orders digit runs by value: ``frame_2`` before ``frame_10``."""
+    return tuple(int(part) if part.isdigit() else part.lower()
+                 for part in re.split(r'(\d+)', name))
 
-    def __init__(self, path: str, loop: bool = True) -> None:
+
+class FrameReader:
+    """Read BGR frames from a video file or a folder of images, optionally looping.
+
+    ``on_unreadable(path)`` is called once for each image file that cannot be decoded; such a
+    file is left out from then on.
+    """
+
+    def __init__(self, path: str, loop: bool = True,
+                 on_unreadable: Optional[Callable[[Path], None]] = None) -> None:
+        if not str(path).strip():
+            raise ValueError("no video source given: set 'path' to a video file or a folder "
+                             'of images')
         self.path = Path(path).expanduser()
         self.loop = loop
+        self.unreadable: List[Path] = []
+        self._on_unreadable = on_unreadable
         self._files: List[Path] = []
         self._capture: Optional[cv2.VideoCapture] = None
         self._index = 0
         if self.path.is_dir():
-            self._files = sorted(p for p in self.path.iterdir()
-                                 if p.suffix.lower() in IMAGE_SUFFIXES)
+            self._files = sorted((p for p in self.path.iterdir()
+                                  if p.suffix.lower() in IMAGE_SUFFIXES),
+                                 key=lambda p: natural_key(p.name))
             if not self._files:
                 raise ValueError(f"folder '{self.path}' holds no {IMAGE_SUFFIXES} images")
         elif self.path.is_file():
@@ -70,10 +88,15 @@ class FrameReader:
             return frame if ok else None
         while self._index < len(self._files):
             path = self._files[self._index]
-            self._index += 1
             frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
             if frame is not None:
+                self._index += 1
                 return frame
+            # Dropped from the list, so a looping folder does not decode it again each pass.
+            del self._files[self._index]
+            self.unreadable.append(path)
+            if self._on_unreadable is not None:
+                self._on_unreadable(path)
         return None
 
     def _rewind(self) -> None:
@@ -95,19 +118,28 @@ class VideoSourceNode(Node):
 
     def __init__(self, node_name: str = 'video_source', **kwargs) -> None:
         super().__init__(node_name, **kwargs)
-        for name, default, text in (
-                ('path', '', 'video file (any OpenCV format) or folder of images'),
-                ('rate_hz', 0.0, 'publish rate; 0 = the video frame rate (10 Hz for folders)'),
-                ('loop', True, 'restart at the end instead of stopping'),
-                ('frame_id', 'camera_color_optical_frame', 'frame_id of the published headers'),
-                ('fx', 0.0, 'focal length x (px) for camera_info; 0 = no camera_info'),
-                ('fy', 0.0, 'focal length y (px); 0 = fx'),
-                ('cx', -1.0, 'principal point x (px); < 0 = image centre'),
-                ('cy', -1.0, 'principal point y (px); < 0 = image centre')):
-            self.declare_parameter(name, default, describe(text, default, read_only=True))
+        for name, default, text, extra in (
+                ('path', '', 'video file (any OpenCV format) or folder of images', {}),
+                ('rate_hz', 0.0, 'publish rate; 0 = the video frame rate (10 Hz for folders)',
+                 dict(float_range=(0.0, MAX_RATE_HZ))),
+                ('loop', True, 'restart at the end instead of stopping', {}),
+                ('frame_id', 'camera_color_optical_frame', 'frame_id of the published headers',
+                 {}),
+                ('fx', 0.0, 'focal length x (px) for camera_info; 0 = no camera_info',
+                 dict(float_range=(0.0, 1e6))),
+                ('fy', 0.0, 'focal length y (px); 0 = fx', dict(float_range=(0.0, 1e6))),
+                ('cx', -1.0, 'principal point x (px); < 0 = image centre', {}),
+                ('cy', -1.0, 'principal point y (px); < 0 = image centre', {})):
+            self.declare_parameter(name, default, describe(text, default, read_only=True,
+                                                           **extra))
         self.reader = FrameReader(self.get_parameter('path').value,
-                                  bool(self.get_parameter('loop').value))
+                                  bool(self.get_parameter('loop').value),
+                                  on_unreadable=self._warn_unreadable)
         rate = float(self.get_parameter('rate_hz').value) or self.reader.fps or 10.0
+        if rate > MAX_RATE_HZ:  # a high-speed recording played at its own rate
+            self.get_logger().warning(f'{self.reader.path} runs at {rate:g} fps: publishing at '
+                                      f'{MAX_RATE_HZ:g} Hz (set rate_hz to choose)')
+            rate = MAX_RATE_HZ
         self.image_pub = self.create_publisher(Image, 'image', 5)
         self.info_pub = self.create_publisher(CameraInfo, 'camera_info', 5)
         self.published = 0
@@ -115,12 +147,22 @@ class VideoSourceNode(Node):
         self.timer = self.create_timer(1.0 / rate, self._tick)
         self.get_logger().info(f"publishing '{self.reader.path}' at {rate:.1f} Hz")
 
+    def _warn_unreadable(self, path: Path) -> None:
+        self.get_logger().warning(f"cannot decode '{path}': skipped")
+
     def _tick(self) -> None:
         frame = self.reader.read()
         if frame is None:
-            if not self.finished:
-                self.get_logger().info(f'end of {self.reader.path} after {self.published} frames')
+            # The end (loop off), or nothing left that decodes: stop the timer, stay up.
+            self.timer.cancel()
             self.finished = True
+            if self.published == 0:
+                self.get_logger().error(
+                    f'no frame could be read from {self.reader.path} '
+                    f'({len(self.reader.unreadable)} files could not be decoded)')
+            else:
+                self.get_logger().info(f'end of {self.reader.path} after {self.published} '
+                                       'frames')
             return
         stamp = self.get_clock().now().to_msg()
         msg = image_conversion.numpy_to_image_msg(frame, 'bgr8')
@@ -151,12 +193,7 @@ class VideoSourceNode(Node):
 def main(args: Optional[List[str]] = None) -> None:
     """Run the video_source node until shutdown."""
     init_node_process(args, 'video_source')
-    try:
-        node = VideoSourceNode()
-    except ValueError as exc:
-        get_logger('video_source').fatal(str(exc))
-        rclpy.try_shutdown()
-        sys.exit(1)
+    node = create_node_or_exit(VideoSourceNode, 'video_source')
     spin_node(node, make_executor('single_threaded'), on_stop=node.reader.close)
 
 

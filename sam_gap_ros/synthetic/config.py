@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -174,11 +174,13 @@ def scene_config_from_mapping(overrides: Optional[Mapping[str, Any]],
         raise ValueError(f'invalid scene overrides: {exc}') from exc
 
 
-def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
+def scene_config_from_text(text: str, reserved: Sequence[str] = (),
+                           **base: Any) -> OrchardSceneConfig:
     """Return an ``OrchardSceneConfig`` from ``base`` plus overrides written as YAML/JSON.
 
     ``text`` is a mapping such as ``{hfov_deg: 30.0, n_apples: [3, 6]}`` (empty = none);
-    see ``scene_config_from_mapping``.
+    see ``scene_config_from_mapping``. Fields in ``reserved`` (set by the caller's own
+    options, e.g. a node's ``width`` parameter) are refused as overrides.
     """
     import yaml
 
@@ -188,4 +190,7 @@ def scene_config_from_text(text: str, **base: Any) -> OrchardSceneConfig:
         raise ValueError(f'scene overrides are not valid YAML: {exc}') from exc
     if overrides is not None and not isinstance(overrides, dict):
         raise ValueError(f'scene overrides must be a mapping, got {type(overrides).__name__}')
+    taken = sorted(set(overrides or {}) & set(reserved))
+    if taken:
+        raise ValueError(f'scene overrides cannot set {taken}: they have options of their own')
     return scene_config_from_mapping(overrides, **base)

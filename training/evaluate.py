@@ -3,14 +3,20 @@
 Usage::
 
     python -m training.evaluate --coco data/val --sam2 runs/sam2.1_tiny/best
-        --sam3 runs/sam3/best --out reports/sam2_vs_sam3 [--sam2-prompt box|points|box+points]
+        --sam3 runs/sam3_orchard/best --out reports/sam2_vs_sam3
+        [--sam2-prompt box|points|box+points]
 
 (one command line).
 
 SAM2 gets the prompts a human would give for every ground-truth instance (its tight box
 and/or one click at the mask's interior centre) through ``Sam2Tracker`` on a single frame.
-SAM3 gets each noun phrase of the dataset once, through ``Sam3ConceptEngine``. Both are
-scored per noun phrase and overall with
+SAM3 gets each noun phrase of the dataset once, through ``Sam3ConceptEngine``.
+
+The ground truth of a phrase is every instance that answers it, as the SAM3 trainer
+teaches: an annotation's ``phrases`` (a damaged red apple answers "ripe red apple" as well
+as its primary "damaged apple"). A SAM2 mask, prompted once per instance, therefore answers
+every evaluated phrase of its instance. Both are scored per phrase and overall (over all
+phrase-instance pairs) with
 
 * ``miou``: mean over ground-truth instances of the IoU with its matched prediction
   (one-to-one Hungarian matching on mask IoU among predictions of the same phrase above
@@ -19,8 +25,8 @@ scored per noun phrase and overall with
 * ``precision``: fraction of kept predictions matched with IoU >= 0.5;
 * ``ap`` / ``ap50``: COCO mask AP (pycocotools) with the phrase as the category, over all
   predictions above ``--ap-score-threshold``;
-* annotation effort: prompts per object. SAM2 needs >= 1 per instance (a box or a click
-  each), SAM3 one noun phrase per concept for the whole dataset.
+* annotation effort: prompts per object (distinct instances). SAM2 needs >= 1 per
+  instance (a box or a click each), SAM3 one noun phrase per concept for the whole dataset.
 
 Writes ``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` (bar chart) to ``--out``.
 """
@@ -35,7 +41,7 @@ import json
 from pathlib import Path
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -44,7 +50,7 @@ from pycocotools.cocoeval import COCOeval
 import torch
 
 from sam_gap_ros.mask_ops import mask_iou_matrix
-from training.coco_data import CocoInstances
+from training.coco_data import CocoInstances, CocoSample
 from training.matching import hungarian_match
 from training.sam2_data import center_click
 
@@ -92,7 +98,7 @@ def run_sam2(tracker: Any, dataset: CocoInstances, phrases: Sequence[str], promp
     wanted = set(phrases)
     for index in range(_count(dataset, max_images)):
         sample = dataset[index]
-        keep = [i for i, p in enumerate(sample.noun_phrases) if p in wanted]
+        keep = [i for i, names in enumerate(sample.phrases) if wanted.intersection(names)]
         preds: List[Prediction] = []
         if keep:
             tracker.reset()
@@ -112,7 +118,7 @@ def run_sam2(tracker: Any, dataset: CocoInstances, phrases: Sequence[str], promp
                 if obj is None or not obj.present or not obj.mask.any():
                     continue  # judged absent: no prediction, the instance counts as missed
                 score = float(torch.sigmoid(torch.tensor(obj.score)))
-                preds.append(Prediction(sample.noun_phrases[i], obj.mask, score))
+                preds += instance_predictions(sample, i, obj.mask, score, wanted)
         run.predictions.append(preds)
     run.seconds = time.time() - started
     return run
@@ -131,6 +137,17 @@ def run_sam3(engine: Any, dataset: CocoInstances, phrases: Sequence[str],
                                 for phrase in phrases for inst in detections.get(phrase, [])])
     run.seconds = time.time() - started
     return run
+
+
+def instance_predictions(sample: CocoSample, index: int, mask: np.ndarray, score: float,
+                         phrases: AbstractSet[str]) -> List[Prediction]:
+    """Return a mask predicted for instance ``index`` as a prediction of each of its phrases.
+
+    Only the phrases being evaluated count; one prompt found the instance, so its mask
+    answers every phrase the instance is a positive for.
+    """
+    return [Prediction(phrase, mask, score) for phrase in sample.phrases[index]
+            if phrase in phrases]
 
 
 def _count(dataset: CocoInstances, max_images: Optional[int]) -> int:
@@ -163,12 +180,13 @@ def _coco_ap(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
         sample = dataset[index]
         height, width = sample.image.shape[:2]
         images.append({'id': index + 1, 'height': height, 'width': width})
-        for mask, phrase in zip(sample.masks, sample.noun_phrases, strict=True):
-            if phrase in cat_ids:
+        for phrase, cat in cat_ids.items():
+            for mask in sample.masks[sample.instances_for(phrase)]:
+                rle = _rle(mask)
                 anns.append({'id': len(anns) + 1, 'image_id': index + 1,
-                             'category_id': cat_ids[phrase], 'segmentation': _rle(mask),
+                             'category_id': cat, 'segmentation': rle,
                              'area': float(mask.sum()), 'iscrowd': 0,
-                             'bbox': list(mask_utils.toBbox(_rle(mask)))})
+                             'bbox': list(mask_utils.toBbox(rle))})
         for pred in run.predictions[index]:
             dets.append({'image_id': index + 1, 'category_id': cat_ids[pred.phrase],
                          'segmentation': _rle(pred.mask), 'score': pred.score})
@@ -205,11 +223,12 @@ def score_run(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
     ious: Dict[str, List[float]] = {p: [] for p in phrases}
     true_pos = {p: 0 for p in phrases}
     kept = {p: 0 for p in phrases}
+    objects = 0  # distinct instances answering any phrase: what a human prompts once each
     for index in range(num_images):
         sample = dataset[index]
+        objects += sum(1 for names in sample.phrases if set(phrases).intersection(names))
         for phrase in phrases:
-            gts = [m for m, p in zip(sample.masks, sample.noun_phrases, strict=True)
-                   if p == phrase]
+            gts = list(sample.masks[sample.instances_for(phrase)])
             preds = [q for q in run.predictions[index]
                      if q.phrase == phrase and q.score >= score_threshold]
             matched, tp = _match(gts, preds)
@@ -217,7 +236,6 @@ def score_run(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
             true_pos[phrase] += tp
             kept[phrase] += len(preds)
     ap = _coco_ap(dataset, run, phrases, num_images)
-    total_gt = sum(len(v) for v in ious.values())
     table: Dict[str, Dict[str, float]] = {}
     for phrase in list(phrases) + ['overall']:
         if phrase == 'overall':
@@ -234,7 +252,8 @@ def score_run(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
             'ap': ap[phrase][0],
             'ap50': ap[phrase][1],
         }
-    effort = run.prompts / total_gt if total_gt else 0.0
+    effort = run.prompts / objects if objects else 0.0
+    table['overall']['objects'] = objects
     table['overall']['prompts'] = run.prompts
     table['overall']['prompts_per_object'] = effort
     table['overall']['seconds_per_image'] = run.seconds / max(1, num_images)
@@ -313,10 +332,10 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
     """
     dataset = CocoInstances(coco_root, ann_file)
     phrases = sorted(set(phrases)) if phrases else dataset.noun_phrases
-    unknown = sorted(set(phrases) - set(dataset.noun_phrases))
+    unknown = sorted(set(phrases) - set(dataset.vocabulary))
     if unknown:
         raise ValueError(f'phrases {unknown} do not occur in the dataset '
-                         f'(it has {dataset.noun_phrases})')
+                         f'(it has {dataset.vocabulary})')
     if sam2_tracker is None and sam2_dir is not None:
         from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
         sam2_tracker = Sam2Tracker.load(sam2_dir, device=device)
@@ -358,7 +377,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--out', required=True, help='output folder for the reports')
     parser.add_argument('--sam2-prompt', default='box', choices=SAM2_PROMPTS)
     parser.add_argument('--phrases', nargs='*', default=None,
-                        help='noun phrases to evaluate (default: all in the dataset)')
+                        help='phrases to evaluate, any the annotations list (default: every '
+                        'primary noun phrase of the dataset)')
     parser.add_argument('--max-images', type=int, default=None)
     parser.add_argument('--device', default='auto')
     parser.add_argument('--score-threshold', type=float, default=0.5,

@@ -98,6 +98,25 @@ def depth_to_meters(depth: np.ndarray, encoding: str) -> np.ndarray:
     raise ValueError(f"unsupported depth encoding '{encoding}': use one of {DEPTH_ENCODINGS}")
 
 
+def check_same_view(name: str, size: Tuple[int, int], image_size: Tuple[int, int],
+                    tolerance: float = 0.01) -> None:
+    """Raise ValueError unless ``size`` (width, height) can be the colour image's view rescaled.
+
+    Depth aligned to the colour camera, and the colour camera's camera_info, may come at
+    another resolution but never at another aspect ratio. One that differs belongs to
+    another camera (unaligned depth, the depth camera's intrinsics), and rescaling it
+    would place every fruit wrongly.
+    """
+    width, height = size
+    image_width, image_height = image_size
+    aspect, image_aspect = width / height, image_width / image_height
+    if abs(aspect / image_aspect - 1.0) > tolerance:
+        raise ValueError(
+            f'{name} is {width}x{height} but the colour image is {image_width}x{image_height}, '
+            f'another aspect ratio: it is not registered to the colour camera (use depth '
+            f'aligned to colour and the colour camera_info)')
+
+
 def align_depth(depth_m: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     """Resize a registered depth image to the colour image size (nearest neighbour).
 

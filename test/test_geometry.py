@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sam_gap_ros.geometry import align_depth, back_project, CameraIntrinsics, depth_to_meters
-from sam_gap_ros.geometry import instance_position, median_depth
+from sam_gap_ros.geometry import check_same_view, instance_position, median_depth
 
 K = [100.0, 0.0, 64.0, 0.0, 120.0, 48.0, 0.0, 0.0, 1.0]
 
@@ -105,3 +105,13 @@ def test_median_of_a_large_mask_is_accurate():
     depth = rng.uniform(1.0, 3.0, size=(480, 640)).astype(np.float32)
     mask = np.ones((480, 640), dtype=bool)
     assert median_depth(depth, mask) == pytest.approx(float(np.median(depth)), abs=0.02)
+
+
+def test_check_same_view_accepts_rescaled_views_and_refuses_other_cameras():
+    check_same_view('depth', (320, 240), (640, 480))  # aligned depth at half resolution
+    check_same_view('camera_info', (1280, 720), (848, 477))  # rounding of a 16:9 crop
+    # A RealSense's raw depth (848x480) next to 640x480 colour: another camera's view.
+    with pytest.raises(ValueError, match='depth is 848x480 but the colour image is 640x480'):
+        check_same_view('depth', (848, 480), (640, 480))
+    with pytest.raises(ValueError, match='camera_info is 640x640'):
+        check_same_view('camera_info', (640, 640), (640, 480))

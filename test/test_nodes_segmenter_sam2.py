@@ -228,7 +228,17 @@ def test_bad_input_is_counted_and_the_node_keeps_running(ros, sam2_dir):
     wrong = numpy_to_image_msg(np.zeros((H, W, 3), np.uint8), 'rgb8', colour.header)
     ros.publisher(Image, f'{ros.ns}/depth').publish(wrong)
     assert ros.spin_until(lambda: len(docs) >= 3 and node.stats()['bad_depth'] >= 1)
-    assert node.stats()['errors'] == 0
+    # Depth of another aspect ratio is another camera's view (not aligned to colour):
+    # refused and counted, never rescaled into wrong 3D poses ...
+    ros.publish_frame(3, 4 * 10**9, depth=np.full((H, W + 40), 800, np.uint16))
+    assert ros.spin_until(lambda: len(docs) >= 4 and node.stats()['bad_depth'] >= 2)
+    assert all(i['position'] is None for i in instances_json.loads(docs[-1].data)['instances'])
+    # ... while aligned depth at half the resolution is the same view: poses come out.
+    ros.publish_frame(4, 5 * 10**9, depth=np.full((H // 2, W // 2), 800, np.uint16))
+    assert ros.spin_until(lambda: len(docs) >= 5)
+    positions = [i['position'] for i in instances_json.loads(docs[-1].data)['instances']]
+    assert positions and all(p is not None and p[2] == pytest.approx(0.8) for p in positions)
+    assert node.stats()['bad_depth'] == 2 and node.stats()['errors'] == 0
     diag = node.diagnostics().status[0]
     values = {kv.key: kv.value for kv in diag.values}
     assert values['bad_input'] == str(len(kinds)) and values['mode'] == 'sam2'

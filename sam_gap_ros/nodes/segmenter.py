@@ -29,7 +29,7 @@ from sam_gap_ros import image_conversion
 from sam_gap_ros import instances_json
 from sam_gap_ros.engines.concept_query import parse_concepts
 from sam_gap_ros.engines.types import ConceptError, PromptError
-from sam_gap_ros.geometry import CameraIntrinsics
+from sam_gap_ros.geometry import CameraIntrinsics, check_same_view
 from sam_gap_ros.nodes.ros_utils import describe, executor_arg, init_node_process, input_qos
 from sam_gap_ros.nodes.ros_utils import INPUT_QOS
 from sam_gap_ros.nodes.ros_utils import create_node_or_exit, make_executor, spin_node
@@ -526,6 +526,9 @@ class SegmenterNode(LifecycleNode):
                 raise ValueError(f"depth encoding '{depth_msg.encoding}' is not 16UC1 or 32FC1")
             intrinsics = CameraIntrinsics.from_k(list(info.k), info.width or shape[1],
                                                  info.height or shape[0])
+            image_size = (shape[1], shape[0])
+            check_same_view('depth', (depth.shape[1], depth.shape[0]), image_size)
+            check_same_view('camera_info', (intrinsics.width, intrinsics.height), image_size)
         except (ValueError, TypeError) as exc:
             self._warn('bad_depth', f'ignoring bad depth/camera_info: {exc}')
             return None, '16UC1', None

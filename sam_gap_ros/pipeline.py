@@ -216,7 +216,7 @@ class SegmentationPipeline:
         """The latest frame's label image (sam2 mode): what a background point corrects."""
         self._image_size: Optional[Tuple[int, int]] = None
         self.device: Optional[str] = None
-        self.tensorrt_status = 'not requested'
+        self._tensorrt_at_load = 'not requested'
 
     # -- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
@@ -242,7 +242,7 @@ class SegmentationPipeline:
                     self._tracker = self._load_tracker(cfg.tracker_model_dir, device)
                     self._engine = HybridTracker(concept_engine, self._tracker,
                                                  redetect_every_n=int(cfg.redetect_every_n))
-            self.tensorrt_status = self._install_tensorrt()
+            self._tensorrt_at_load = self._install_tensorrt()
             self._frame_index = -1
 
     def _load_tracker(self, model_dir: str, device: Any) -> Any:
@@ -287,6 +287,22 @@ class SegmentationPipeline:
         backend = getattr(choice, 'backend', 'unknown')
         reason = getattr(choice, 'reason', '')
         return f'{backend}: {reason}' if reason else str(backend)
+
+    @property
+    def tensorrt_status(self) -> str:
+        """Return the vision-encoder backend in use now and why (shown in /diagnostics)."""
+        # An engine that installed fine can drop to PyTorch later (engine error, frame of
+        # another size), so the load-time choice is only valid while the runtime says so.
+        # No lock: /diagnostics must not wait for a frame, and this only reads attributes.
+        engine = self._engine
+        if engine is None or not str(self.config.engine_path).strip():
+            return self._tensorrt_at_load
+        try:
+            runtime = importlib.import_module('sam_gap_ros.tensorrt.runtime')
+            live = runtime.runtime_fallback(engine)
+        except Exception:  # noqa: BLE001 - diagnostics must never raise
+            return self._tensorrt_at_load
+        return f'pytorch: {live}' if live else self._tensorrt_at_load
 
     @property
     def loaded(self) -> bool:

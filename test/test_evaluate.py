@@ -24,7 +24,7 @@ def coco_dir(tmp_path_factory):
 
 
 def _run_from(dataset, predict, phrases):
-    """A SAM2-style run: one mask per instance, given under each of its phrases."""
+    """Build a SAM2-style run: one mask per instance, given under each of its phrases."""
     run = evaluate.FamilyRun('test', prompts=7)
     sample = dataset[0]
     run.predictions.append([

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2, save_tiny_sam2
-from sam_gap_ros.tensorrt import export_onnx, sidecar, vision_io
+from sam_gap_ros.tensorrt import build_engine, export_onnx, sidecar, vision_io
 from sam_gap_ros.tensorrt.runtime import ort_session
 
 # ONNX Runtime fp32 vs PyTorch fp32 on the same input; observed ~1e-6 on the tiny models.
@@ -62,7 +62,8 @@ def test_vision_export_matches_pytorch(family, request, tmp_path):
     assert meta['image_size'] == size
     assert meta['opset'] == 17 and meta['dtype'] == 'float32'
     encoder = vision_io.vision_owner(model).vision_encoder
-    assert meta['weights_sha256'] == sidecar.weights_hash(encoder)
+    assert meta['weights_sha256'] == sidecar.weights_hashes(encoder)
+    assert meta['weights_hash_scheme'] == sidecar.WEIGHTS_HASH_SCHEME
     assert meta['onnx_sha256'] == sidecar.file_sha256(path)
     assert meta['inputs'] == [{'name': 'pixel_values', 'shape': [1, 3, *size],
                                'dtype': 'float32'}]
@@ -112,7 +113,13 @@ def test_cli_exports_from_model_directory(tmp_path, capsys):
     assert data['verify_max_abs_diff'] < FP32_ATOL
     # The hash written by the CLI is the hash of the weights as loaded from the directory.
     loaded = export_onnx.load_model(model_dir, 'sam2')
-    assert data['weights_sha256'] == sidecar.weights_hash(loaded.vision_encoder)
+    assert data['weights_sha256'] == sidecar.weights_hashes(loaded.vision_encoder)
+    # The robot may load the same checkpoint in another dtype: transformers' own cast must
+    # produce exactly the weights the sidecar hashed for that dtype.
+    from transformers import Sam2VideoModel
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        robot = Sam2VideoModel.from_pretrained(str(model_dir), dtype=dtype)
+        assert sidecar.weights_problem(data, robot.vision_encoder) is None, dtype
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -134,10 +141,90 @@ def test_cli_reports_missing_model_dir(tmp_path, capsys):
     assert 'does not exist' in capsys.readouterr().err
 
 
-def test_weights_hash_ignores_load_dtype_but_not_values(sam2_model):
-    encoder = sam2_model.vision_encoder
-    reference = sidecar.weights_hash(encoder)
-    bf16 = build_tiny_sam2(seed=0).to(torch.bfloat16).vision_encoder
-    assert sidecar.weights_hash(bf16) == reference
-    other = build_tiny_sam2(seed=1).vision_encoder
-    assert sidecar.weights_hash(other) != reference
+def _broken_sam2_dir(tmp_path, damage):
+    model_dir = save_tiny_sam2(tmp_path / 'model', seed=0)
+    weights = model_dir / 'model.safetensors'
+    if damage == 'truncated safetensors':
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == 'garbage safetensors':
+        weights.write_bytes(b'not a safetensors file')
+    else:
+        config = json.loads((model_dir / 'config.json').read_text())
+        config['vision_config']['backbone_config']['hidden_size'] = 'x'
+        (model_dir / 'config.json').write_text(json.dumps(config))
+    return model_dir
+
+
+@pytest.mark.parametrize('damage', ['truncated safetensors', 'garbage safetensors',
+                                    'wrong-typed config field'])
+def test_cli_reports_a_broken_model_dir_in_one_line(tmp_path, capsys, damage):
+    model_dir = _broken_sam2_dir(tmp_path, damage)
+    rc = export_onnx.main(['--model-dir', str(model_dir), '--family', 'sam2',
+                           '--out', str(tmp_path / 'out')])
+    assert rc == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'cannot load a sam2 model' in errors[0], err
+    assert 'Traceback' not in err
+
+
+@pytest.mark.parametrize('family, size, message', [
+    ('sam2', (100, 100), 'multiple of 32'),
+    ('sam2', (16, 16), 'multiple of 32'),
+    ('sam3', (224, 224), 'native 112x112'),
+    ('sam3', (98, 98), 'native 112x112'),
+])
+def test_export_rejects_sizes_the_encoder_cannot_take(request, tmp_path, family, size,
+                                                      message):
+    model = request.getfixturevalue(f'{family}_model')
+    with pytest.raises(ValueError, match=message):
+        export_onnx.export_vision_onnx(model, family, tmp_path, image_size=size, verify=False)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+    native = vision_io.native_image_size(model, family)
+    assert vision_io.input_size_problem(model, family, native) is None
+
+
+def test_weights_hashes_recognise_each_load_dtype_but_not_other_values(sam2_model):
+    hashes = sidecar.weights_hashes(sam2_model.vision_encoder)
+    meta = {'weights_hash_scheme': sidecar.WEIGHTS_HASH_SCHEME, 'weights_sha256': hashes}
+    assert set(hashes) == {'float32', 'bfloat16', 'float16'}
+    assert len(set(hashes.values())) == 3
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        same = build_tiny_sam2(seed=0).to(dtype).vision_encoder
+        assert sidecar.load_dtype(same) == dtype
+        assert sidecar.weights_problem(meta, same) is None, dtype
+        other = build_tiny_sam2(seed=1).to(dtype).vision_encoder
+        assert 'weights_sha256' in sidecar.weights_problem(meta, other), dtype
+    # A dtype the sidecar has no hash for is named, not reported as other weights.
+    double = build_tiny_sam2(seed=0).double().vision_encoder
+    assert 'no hash for a float64 model' in sidecar.weights_problem(meta, double)
+
+
+def test_build_engine_refuses_out_paths_the_runtime_cannot_use(tmp_path, capsys):
+    onnx_path = tmp_path / 'vision.onnx'
+    onnx_path.write_bytes(b'onnx graph bytes')
+    sidecar.sidecar_path(onnx_path).write_text('{"format": "sam_gap_ros.export_sidecar"}')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for out, message in [(onnx_path, 'is the --onnx file'),
+                         (tmp_path / 'sub' / '..' / 'vision.onnx', 'is the --onnx file'),
+                         (tmp_path / 'vision', 'must end in one of'),
+                         (tmp_path / 'vision.bin', 'must end in one of')]:
+        assert build_engine.main(['--onnx', str(onnx_path), '--out', str(out)]) == 2
+        assert message in capsys.readouterr().err, out
+        with pytest.raises(build_engine.BuildError, match=message):
+            build_engine.build_engine(onnx_path, out)
+    # Nothing was written or overwritten.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    for name in ('v.engine', 'v.plan', 'v.TRT'):
+        build_engine.check_build_args(onnx_path, tmp_path / name, 4.0)
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '0', '-1'])
+def test_build_engine_rejects_bad_workspace_size(tmp_path, capsys, value):
+    onnx_path = tmp_path / 'vision.onnx'
+    onnx_path.write_bytes(b'onnx graph bytes')
+    rc = build_engine.main(['--onnx', str(onnx_path), '--out', str(tmp_path / 'v.engine'),
+                            '--workspace-gb', value])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: --workspace-gb must be a finite number > 0'), err

@@ -14,7 +14,7 @@ from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2, tiny_sam2_video_confi
 from sam_gap_ros.tensorrt import export_onnx, sidecar
 from sam_gap_ros.tensorrt.runtime import (BACKEND_ORT, BACKEND_PYTORCH, EngineVisionEncoder,
                                           install, install_vision_engine, installed_backend,
-                                          uninstall_vision_engine)
+                                          runtime_fallback, uninstall_vision_engine)
 
 H, W = 96, 160
 
@@ -153,6 +153,37 @@ def test_weights_hash_mismatch_falls_back(onnx_copy):
     _assert_fallback(other, onnx_copy, 'weights_sha256')
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_same_checkpoint_in_any_load_dtype_gets_the_engine(sam2_onnx, dtype):
+    """The robot may load the exported checkpoint in float32, bfloat16 or float16."""
+    model = build_tiny_sam2(seed=0).to(dtype)
+    choice = install_vision_engine(model, sam2_onnx, 'sam2')
+    assert choice.backend == BACKEND_ORT, choice.reason
+    other = build_tiny_sam2(seed=1).to(dtype)
+    _assert_fallback(other, sam2_onnx, f'weights_sha256 ({str(dtype)[6:]})')
+
+
+def _rewrite_sidecar(path, **changes):
+    meta = json.loads(sidecar.sidecar_path(path).read_text())
+    meta.update(changes)
+    sidecar.sidecar_path(path).write_text(json.dumps(meta))
+
+
+def test_old_bf16_hash_sidecar_still_works_where_it_was_right(onnx_copy):
+    """v1 sidecars (bfloat16-rounded hash): float32/bfloat16 accepted, float16 must re-export."""
+    legacy = sidecar.LEGACY_WEIGHTS_HASH_SCHEME
+    encoder = build_tiny_sam2(seed=0).vision_encoder
+    _rewrite_sidecar(onnx_copy, weights_hash_scheme=legacy,
+                     weights_sha256=sidecar.weights_hash(encoder, torch.bfloat16, legacy))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert install_vision_engine(build_tiny_sam2(seed=0).to(dtype), onnx_copy,
+                                     'sam2').backend == BACKEND_ORT
+    _assert_fallback(build_tiny_sam2(seed=1), onnx_copy, 'weights_sha256 (bfloat16-rounded)')
+    _assert_fallback(build_tiny_sam2(seed=0).half(), onnx_copy, 're-export the ONNX')
+    _rewrite_sidecar(onnx_copy, weights_hash_scheme='sha256-from-the-future-v9')
+    _assert_fallback(build_tiny_sam2(seed=0), onnx_copy, 'weights_hash_scheme')
+
+
 def test_input_size_mismatch_falls_back(onnx_copy):
     _assert_fallback(build_tiny_sam2(seed=0), onnx_copy, 'image_size', image_size=(256, 256))
 
@@ -189,6 +220,14 @@ def test_missing_or_bad_sidecar_falls_back(onnx_copy, content, text):
     else:
         side.write_text(content)
     _assert_fallback(build_tiny_sam2(seed=0), onnx_copy, text)
+
+
+def test_unresolvable_home_directory_falls_back():
+    """'~user' of an unknown user: expanduser raises, the API still must not."""
+    path = '~no_such_user_sam_gap/vision.engine'
+    _assert_fallback(build_tiny_sam2(seed=0), path, 'home directory')
+    choice = install(make_tracker(), path)
+    assert choice.backend == BACKEND_PYTORCH and 'home directory' in choice.reason
 
 
 def test_missing_file_and_unknown_suffix_fall_back(onnx_copy, tmp_path):
@@ -243,11 +282,17 @@ def test_wrong_input_size_and_runtime_error_use_pytorch(sam2_onnx):
         want = torch_encoder(x).fpn_hidden_states[0]
         torch.testing.assert_close(model.vision_encoder(x).fpn_hidden_states[0], want,
                                    atol=1e-4, rtol=0)
+        assert installed_backend(model) == BACKEND_ORT and runtime_fallback(model) is None
         # Another input size: the engine cannot take it, PyTorch answers (and it is logged).
         small = torch.randn(1, 3, 64, 64)
         torch.testing.assert_close(model.vision_encoder(small).fpn_hidden_states[0],
                                    torch_encoder(small).fpn_hidden_states[0])
         assert 'does not match the engine input' in logger.text('warning')
+        # ... and the live backend says so until a frame of the engine's size comes again.
+        assert installed_backend(model) == BACKEND_PYTORCH
+        assert 'does not match the engine input' in runtime_fallback(model)
+        model.vision_encoder(x)
+        assert installed_backend(model) == BACKEND_ORT and runtime_fallback(model) is None
 
         def broken(_):
             raise RuntimeError('CUDA error: an illegal memory access was encountered')
@@ -256,6 +301,7 @@ def test_wrong_input_size_and_runtime_error_use_pytorch(sam2_onnx):
         torch.testing.assert_close(model.vision_encoder(x).fpn_hidden_states[0], want)
     assert 'illegal memory access' in logger.text('error')
     assert installed_backend(model) == BACKEND_PYTORCH
+    assert 'illegal memory access' in runtime_fallback(model)
     assert uninstall_vision_engine(model)
     assert model.vision_encoder is torch_encoder
     assert not uninstall_vision_engine(model)
@@ -284,10 +330,50 @@ def test_reinstall_replaces_engine_and_verify_atol(sam2_onnx):
     choice = install_vision_engine(model, sam2_onnx, 'sam2', verify_atol=1e-4)
     assert choice.backend == BACKEND_ORT
     assert model.vision_encoder.pytorch_encoder is torch_encoder
-    # A tolerance nothing can meet: the engine is rejected and the old state is kept.
+    # A tolerance nothing can meet: the engine is rejected and, as reported, PyTorch runs.
     rejected = install_vision_engine(model, sam2_onnx, 'sam2', verify_atol=-1.0)
     assert rejected.backend == BACKEND_PYTORCH and 'verify_atol' in rejected.reason
-    assert model.vision_encoder.pytorch_encoder is torch_encoder
+    assert model.vision_encoder is torch_encoder
+
+
+@pytest.mark.parametrize('second', ['missing file', 'other weights', 'bad sidecar', 'no path'])
+def test_refused_reinstall_removes_the_previous_engine(onnx_copy, tmp_path, second):
+    """What a refused install reports ('pytorch') is what runs afterwards."""
+    tracker = make_tracker()
+    torch_encoder = tracker.model.vision_encoder
+    assert install(tracker, onnx_copy).backend == BACKEND_ORT
+    if second == 'missing file':
+        path = tmp_path / 'nope.onnx'
+    elif second == 'no path':
+        path = ''
+    else:
+        path = onnx_copy
+        if second == 'other weights':
+            _rewrite_sidecar(path, weights_sha256=sidecar.weights_hashes(
+                build_tiny_sam2(seed=1).vision_encoder))
+        else:
+            sidecar.sidecar_path(path).write_text('{not json')
+    logger = ListLogger()
+    choice = install(tracker, path, logger=logger)
+    assert choice.backend == BACKEND_PYTORCH, choice
+    assert tracker.model.vision_encoder is torch_encoder
+    assert installed_backend(tracker.model) == BACKEND_PYTORCH
+    if path:
+        assert 'Falling back to the PyTorch vision encoder' in logger.text('error')
+
+
+def test_refused_reinstall_names_the_engine_that_keeps_running(sam2_onnx, tmp_path):
+    """Without a kept PyTorch encoder the earlier engine cannot be removed: say so."""
+    model = build_tiny_sam2(seed=0)
+    first = install_vision_engine(model, sam2_onnx, 'sam2', keep_pytorch_fallback=False)
+    assert first.accelerated
+    logger = ListLogger()
+    choice = install_vision_engine(model, tmp_path / 'nope.onnx', 'sam2', logger=logger)
+    assert choice.backend == BACKEND_ORT == installed_backend(model)
+    assert choice.engine_path == str(sam2_onnx)
+    assert 'released' in choice.reason and 'keeps running' in choice.reason
+    assert 'keeps running' in logger.text('error')
+    assert 'Falling back to the PyTorch' not in logger.text('error')
 
 
 @pytest.mark.parametrize('seed, status', [(0, 'onnxruntime: '), (1, 'pytorch: sidecar mismatch')])
@@ -299,6 +385,29 @@ def test_pipeline_engine_path_reports_backend(sam2_onnx, tmp_path, seed, status)
                                                    device='cpu', engine_path=str(sam2_onnx)))
     pipeline.load()
     assert pipeline.tensorrt_status.startswith(status), pipeline.tensorrt_status
+
+
+def test_pipeline_status_follows_a_fallback_after_load(sam2_onnx, tmp_path):
+    """/diagnostics shows the live backend, not the one chosen at load."""
+    from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
+    from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
+    model_dir = save_tiny_sam2(tmp_path / 'model', seed=0)
+    pipeline = SegmentationPipeline(PipelineConfig(mode='sam2', model_dir=str(model_dir),
+                                                   device='cpu', engine_path=str(sam2_onnx)))
+    pipeline.load()
+    video = frames(3)
+    pipeline.add_box([10, 10, 60, 50])
+    pipeline.process(video[0])
+    assert pipeline.tensorrt_status.startswith('onnxruntime: '), pipeline.tensorrt_status
+
+    def broken(_):
+        raise RuntimeError('CUDA error: an illegal memory access was encountered')
+
+    # The engine fails at run time (reached through the pipeline's tracker: no public hook).
+    pipeline._tracker.model.vision_encoder.runner = broken
+    pipeline.process(video[1])
+    status = pipeline.tensorrt_status
+    assert status.startswith('pytorch: ') and 'illegal memory access' in status, status
 
 
 def test_hybrid_engine_gets_the_artifact_of_each_family(sam2_onnx, tmp_path):

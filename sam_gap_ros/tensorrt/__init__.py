@@ -6,7 +6,9 @@ backend, sidecar validation) on machines without a GPU or TensorRT.
 
 from sam_gap_ros.tensorrt.runtime import (BACKEND_ORT, BACKEND_PYTORCH, BACKEND_TENSORRT,
                                           BackendChoice, install, install_vision_engine,
-                                          installed_backend, uninstall_vision_engine)
+                                          installed_backend, runtime_fallback,
+                                          uninstall_vision_engine)
 
 __all__ = ['BACKEND_ORT', 'BACKEND_PYTORCH', 'BACKEND_TENSORRT', 'BackendChoice', 'install',
-           'install_vision_engine', 'installed_backend', 'uninstall_vision_engine']
+           'install_vision_engine', 'installed_backend', 'runtime_fallback',
+           'uninstall_vision_engine']

@@ -1,9 +1,10 @@
 """Build a TensorRT engine from an exported ONNX file, on the GPU that will run it.
 
-Usage::
+Usage (``ros2 run`` with ROS; ``python -m sam_gap_ros.tensorrt.build_engine`` anywhere)::
 
-    sam-gap-build-engine --onnx sam2_vision_1024x1024.onnx --out sam2_vision.engine
-        [--fp16 | --bf16] [--workspace-gb 4] [--no-fp32-norm] [--no-verify]
+    ros2 run sam_gap_ros sam-gap-build-engine --onnx sam2_vision_1024x1024.onnx
+        --out sam2_vision.engine [--fp16 | --bf16] [--workspace-gb 4] [--no-fp32-norm]
+        [--no-verify]
 
 Engines are specific to the GPU model and TensorRT version: build on the robot itself (Jetson
 Orin / RTX). The engine's sidecar copies the ONNX sidecar and adds TensorRT version, GPU name,
@@ -16,6 +17,8 @@ NVIDIA ModelOpt AutoCast when it is installed.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from pathlib import Path
 import sys
 from typing import Any, Dict, Optional, Sequence, Union
@@ -23,6 +26,8 @@ from typing import Any, Dict, Optional, Sequence, Union
 from sam_gap_ros.tensorrt import sidecar as sc
 
 PRECISIONS = ('fp32', 'fp16', 'bf16')
+# Same as sam_gap_ros.tensorrt.runtime.ENGINE_SUFFIXES: the runtime refuses anything else.
+ENGINE_SUFFIXES = ('.engine', '.plan', '.trt')
 
 
 class BuildError(RuntimeError):
@@ -46,6 +51,29 @@ def _major(trt: Any) -> int:
     return int(trt.__version__.split('.')[0])
 
 
+def check_build_args(onnx_path: Union[str, Path], engine_path: Union[str, Path],
+                     workspace_gb: float) -> None:
+    """Raise BuildError for an output path or workspace size that would break the build."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if _same_file(onnx_path, engine_path):
+        raise BuildError(f"--out '{engine_path}' is the --onnx file: the engine would overwrite "
+                         'it and its sidecar')
+    if engine_path.suffix.lower() not in ENGINE_SUFFIXES:
+        raise BuildError(f"--out '{engine_path}' must end in one of {list(ENGINE_SUFFIXES)}: the "
+                         'runtime picks the backend by suffix and refuses other files')
+    if not (math.isfinite(workspace_gb) and workspace_gb > 0):
+        raise BuildError(f'--workspace-gb must be a finite number > 0, got {workspace_gb}')
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)  # also catches hard links
+        return a.resolve() == b.resolve()  # symlinks, '..', relative vs absolute
+    except OSError:  # unreadable directory: compare the spelled-out paths
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
                  precision: str = 'fp16', workspace_gb: float = 4.0,
                  fp32_norm: bool = True, verify: bool = True) -> Path:
@@ -62,6 +90,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
 
     if precision not in PRECISIONS:
         raise BuildError(f"unknown precision '{precision}': use one of {list(PRECISIONS)}")
+    check_build_args(onnx_path, engine_path, workspace_gb)
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     try:
         meta = sc.read_sidecar(onnx_path)
@@ -118,6 +147,9 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
 
 def _autocast(onnx_path: Path, engine_path: Path, precision: str, fp32_norm: bool) -> Path:
     """Write a mixed-precision copy of the ONNX graph (TensorRT >= 11) and return its path."""
+    out = engine_path.with_name(f'{engine_path.stem}.{precision}.onnx')
+    if _same_file(out, onnx_path):
+        raise BuildError(f"the mixed-precision copy '{out}' would overwrite --onnx: rename --out")
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as exc:
@@ -129,7 +161,6 @@ def _autocast(onnx_path: Path, engine_path: Path, precision: str, fp32_norm: boo
     model = convert_to_mixed_precision(
         onnx_path=str(onnx_path), low_precision_type=precision, keep_io_types=True,
         op_types_to_exclude=['LayerNormalization'] if fp32_norm else None)
-    out = engine_path.with_name(f'{engine_path.stem}.{precision}.onnx')
     onnx.save(model, str(out))
     return out
 
@@ -185,6 +216,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``sam-gap-build-engine`` command line tool."""
     args = build_parser().parse_args(argv)
     precision = 'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'
+    try:
+        # Before the (minutes long) build, and before anything is written.
+        check_build_args(args.onnx, args.out, args.workspace_gb)
+    except BuildError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
     try:
         path = build_engine(args.onnx, args.out, precision, args.workspace_gb,
                             fp32_norm=not args.no_fp32_norm, verify=not args.no_verify)

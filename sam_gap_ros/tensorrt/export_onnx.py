@@ -1,8 +1,8 @@
 """Export the vision encoders of SAM2 / SAM3 to ONNX with a JSON sidecar.
 
-Usage::
+Usage (``ros2 run`` with ROS; ``python -m sam_gap_ros.tensorrt.export_onnx`` anywhere)::
 
-    sam-gap-export-onnx --model-dir DIR --family sam2|sam3 --parts vision
+    ros2 run sam_gap_ros sam-gap-export-onnx --model-dir DIR --family sam2|sam3 --parts vision
         [--height H --width W] --out OUT_DIR [--fp16] [--opset 17] [--no-verify]
 
 Only the vision encoder is exported: it is the per-frame cost that dominates (SAM2.1-tiny
@@ -64,6 +64,9 @@ def export_vision_onnx(model: nn.Module, family: str, out_dir: Union[str, Path],
     size = tuple(int(v) for v in (image_size or vision_io.native_image_size(model, family)))
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f'image_size must be (height, width) > 0, got {image_size}')
+    problem = vision_io.input_size_problem(model, family, size)
+    if problem:
+        raise ValueError(problem)
     native = vision_io.native_image_size(model, family)
     if size != native:
         _LOG.warning('exporting at %s but the model/processor feed %s: the runtime will only '
@@ -73,7 +76,7 @@ def export_vision_onnx(model: nn.Module, family: str, out_dir: Union[str, Path],
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / artifact_name(family, 'vision', size, fp16)
 
-    weights_sha = sc.weights_hash(encoder)
+    weights_sha = sc.weights_hashes(encoder)
     device = next(encoder.parameters()).device
     export_module = encoder
     if next(encoder.parameters()).dtype != torch.float32:
@@ -196,9 +199,20 @@ def load_model(model_dir: Union[str, Path], family: str, device: str = 'cpu') ->
     else:
         raise ValueError(f"unknown family '{family}': use one of {list(vision_io.FAMILIES)}")
     path = check_model_dir(model_dir, types)
-    model = model_cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
-                                      dtype=torch.float32)
-    return model.to(device).eval()
+    try:
+        # float32: the sidecar's per-dtype weight hashes are exact casts of these values.
+        model = model_cls.from_pretrained(str(path), local_files_only=True,
+                                          use_safetensors=True, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - truncated safetensors, bad config fields, ...
+        # Some of these messages span lines; the CLI prints one `error:` line.
+        detail = ' '.join(str(exc).split())
+        raise ModelLoadError(f"cannot load a {family} model from '{path}': "
+                             f'{type(exc).__name__}: {detail}') from exc
+    try:
+        return model.to(device).eval()
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        # torch raises AssertionError for CUDA on a build without it.
+        raise ModelLoadError(f"cannot move the model to device '{device}': {exc}") from exc
 
 
 def parse_parts(text: str) -> List[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -160,10 +160,12 @@ class EngineVisionEncoder(nn.Module):
 
     Falls back to the original PyTorch encoder (when kept) for inputs the engine cannot take
     (other size, requested hidden states/attentions) and permanently after a runtime error.
+    ``fallback_reason`` says why the latest call ran in PyTorch (None: it ran on the engine).
     """
 
     def __init__(self, runner: Any, family: str, levels: int, backend: str,
-                 fallback: Optional[nn.Module], logger: Any = None) -> None:
+                 fallback: Optional[nn.Module], logger: Any = None,
+                 engine_path: Optional[str] = None) -> None:
         super().__init__()
         self.runner = runner
         self.input_shape = list(runner.input_shape)
@@ -171,7 +173,9 @@ class EngineVisionEncoder(nn.Module):
         self.levels = levels
         self.backend = backend
         self.logger = logger
+        self.engine_path = engine_path
         self.broken = False
+        self.fallback_reason: Optional[str] = None
         self._warned: set = set()
         # A plain attribute, not a sub-module: state_dict / save_pretrained keep their keys.
         object.__setattr__(self, 'pytorch_encoder', fallback)
@@ -195,11 +199,11 @@ class EngineVisionEncoder(nn.Module):
         if self.broken:
             return self._run_fallback(pixel_values, return_dict, kwargs)
         if wants_extra:
-            self._warn_once('extra', 'hidden states/attentions requested: the engine does not '
+            self._fall_back('extra', 'hidden states/attentions requested: the engine does not '
                             'return them, using PyTorch for this call')
             return self._run_fallback(pixel_values, return_dict, kwargs)
         if pixel_values.dim() != 4 or list(pixel_values.shape[1:]) != expected:
-            self._warn_once('shape', f'input {tuple(pixel_values.shape)} does not match the '
+            self._fall_back('shape', f'input {tuple(pixel_values.shape)} does not match the '
                             f'engine input (N, {", ".join(map(str, expected))}): using PyTorch')
             return self._run_fallback(pixel_values, return_dict, kwargs)
         try:
@@ -207,9 +211,12 @@ class EngineVisionEncoder(nn.Module):
             per_item = [self.runner(pixel_values[i:i + 1]) for i in range(pixel_values.shape[0])]
         except Exception as exc:  # noqa: BLE001 - any runtime failure must fall back
             self.broken = True
+            self.fallback_reason = (f'{self.backend} vision engine failed ({exc}); PyTorch runs '
+                                    'for the rest of this run')
             _log(self.logger, 'error', f'{self.backend} vision engine failed ({exc}); switching '
                  'to the PyTorch vision encoder for the rest of this run')
             return self._run_fallback(pixel_values, return_dict, kwargs)
+        self.fallback_reason = None
         tensors = {name: torch.cat([item[name] for item in per_item]).to(
             device=pixel_values.device, dtype=pixel_values.dtype) for name in per_item[0]}
         out = vision_io.pack_outputs(self.family, tensors, self.levels)
@@ -226,7 +233,9 @@ class EngineVisionEncoder(nn.Module):
                                'PyTorch encoder was released (keep_pytorch_fallback=False)')
         return self.pytorch_encoder
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _fall_back(self, key: str, message: str) -> None:
+        """Record why this call uses PyTorch; log it the first time it happens."""
+        self.fallback_reason = message
         if key not in self._warned:
             self._warned.add(key)
             _log(self.logger, 'warning', message)
@@ -240,22 +249,22 @@ def install(engine: Any, engine_path: Union[str, Path, None], logger: Any = None
     SAM3 detector of a hybrid engine for a ``sam3`` artifact) gets the engine. Never raises for
     a bad artifact; see :func:`install_vision_engine`.
     """
+    held = _engine_models(engine)
     if not engine_path or not str(engine_path).strip():
-        return BackendChoice(BACKEND_PYTORCH, 'no engine_path set')
-    path = Path(engine_path).expanduser()
+        return _refuse(held, 'no engine_path set', None, None)
+    shown = str(engine_path)
     try:
+        # Inside the try: expanduser raises for '~nosuchuser/...'.
+        path = Path(engine_path).expanduser()
+        shown = str(path)
         family = sc.read_sidecar(path).get('family')
-    except sc.SidecarError as exc:
-        _log(logger, 'error', f"not using vision engine '{path}': {exc}. Falling back to the "
-             'PyTorch vision encoder.')
-        return BackendChoice(BACKEND_PYTORCH, str(exc), str(path))
-    models = [m for m in _engine_models(engine) if _model_family(m) == family]
+    except Exception as exc:  # noqa: BLE001 - a bad path or sidecar must never take the node down
+        return _refuse(held, _reason(exc), shown, logger)
+    models = [m for m in held if _model_family(m) == family]
     if not models:
         reason = (f"the artifact is for family '{family}' but {type(engine).__name__} holds no "
                   'such model')
-        _log(logger, 'error', f"not using vision engine '{path}': {reason}. Falling back to the "
-             'PyTorch vision encoder.')
-        return BackendChoice(BACKEND_PYTORCH, reason, str(path))
+        return _refuse(held, reason, shown, logger)
     return install_vision_engine(models[0], path, family, image_size=image_size, logger=logger)
 
 
@@ -280,11 +289,32 @@ def _engine_models(engine: Any) -> List[nn.Module]:
 
 
 def installed_backend(model: nn.Module) -> str:
-    """Return the backend currently running the model's vision encoder."""
+    """Return the backend that ran the model's latest vision-encoder call (or will run it)."""
     encoder = vision_io.vision_owner(model).vision_encoder
-    if isinstance(encoder, EngineVisionEncoder) and not encoder.broken:
+    if isinstance(encoder, EngineVisionEncoder) and encoder.fallback_reason is None:
         return encoder.backend
     return BACKEND_PYTORCH
+
+
+def runtime_fallback(engine: Any) -> Optional[str]:
+    """Return why an installed engine's latest call ran in PyTorch; None if none fell back.
+
+    ``engine`` is a model or a ROS-free engine holding models (tracker, concept, hybrid). An
+    engine that installed fine can fall back later (engine error, input of another size): this
+    is the live answer, where the ``BackendChoice`` of the install is the load-time one.
+    """
+    for model in _engine_models(engine):
+        encoder = getattr(_owner_or_none(model), 'vision_encoder', None)
+        if isinstance(encoder, EngineVisionEncoder) and encoder.fallback_reason:
+            return encoder.fallback_reason
+    return None
+
+
+def _owner_or_none(model: nn.Module) -> Optional[nn.Module]:
+    try:
+        return vision_io.vision_owner(model)
+    except ValueError:
+        return None
 
 
 def uninstall_vision_engine(model: nn.Module) -> bool:
@@ -309,22 +339,61 @@ def install_vision_engine(model: nn.Module, engine_path: Union[str, Path, None],
     artifact: the returned :class:`BackendChoice` says which backend runs and why.
     """
     if not engine_path or not str(engine_path).strip():
-        return BackendChoice(BACKEND_PYTORCH, 'no engine_path set')
-    path = Path(engine_path).expanduser()
+        return _refuse([model], 'no engine_path set', None, None)
+    shown = str(engine_path)
     try:
+        # Inside the try: expanduser raises for '~nosuchuser/...'.
+        path = Path(engine_path).expanduser()
+        shown = str(path)
         return _install(model, path, family, image_size, logger, keep_pytorch_fallback,
                         verify_atol)
-    except _Reject as exc:
-        reason = str(exc)
     except Exception as exc:  # noqa: BLE001 - a bad artifact must never take the node down
-        reason = f'{type(exc).__name__}: {exc}'
-    _log(logger, 'error', f"not using vision engine '{path}': {reason}. Falling back to the "
-         'PyTorch vision encoder.')
-    return BackendChoice(BACKEND_PYTORCH, reason, str(path))
+        return _refuse([model], _reason(exc), shown, logger)
 
 
 class _Reject(RuntimeError):
     pass
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, (_Reject, sc.SidecarError)):
+        return str(exc)
+    return f'{type(exc).__name__}: {exc}'
+
+
+def _refuse(models: Sequence[nn.Module], reason: str, path: Optional[str],
+            logger: Any) -> BackendChoice:
+    """Put the PyTorch encoder back in ``models``, log why and report the backend now running.
+
+    An engine installed earlier is removed rather than kept: the caller asked to replace it,
+    and a re-install refused for, say, a weights mismatch after the weights changed must not
+    leave that earlier engine running unvalidated. Only an engine whose PyTorch encoder was
+    released cannot be removed; the report then names it instead of claiming PyTorch.
+    """
+    kept = [encoder for encoder in map(_remove_engine, models) if encoder is not None]
+    if not kept:
+        if path is not None:
+            _log(logger, 'error', f"not using vision engine '{path}': {reason}. Falling back to "
+                 'the PyTorch vision encoder.')
+        return BackendChoice(BACKEND_PYTORCH, reason, path)
+    old = kept[0]
+    reason += (f"; the previously installed {old.backend} engine '{old.engine_path}' keeps "
+               'running (no PyTorch encoder to fall back to)')
+    if path is not None:
+        _log(logger, 'error', f"not using vision engine '{path}': {reason}.")
+    return BackendChoice(old.backend, reason, old.engine_path)
+
+
+def _remove_engine(model: nn.Module) -> Optional[EngineVisionEncoder]:
+    """Uninstall the model's engine; return it when it must stay (no PyTorch encoder kept)."""
+    owner = _owner_or_none(model)
+    encoder = getattr(owner, 'vision_encoder', None)
+    if not isinstance(encoder, EngineVisionEncoder):
+        return None
+    if encoder.pytorch_encoder is None:
+        return encoder
+    owner.vision_encoder = encoder.pytorch_encoder
+    return None
 
 
 def _install(model: nn.Module, path: Path, family: str, image_size: Optional[Tuple[int, int]],
@@ -338,7 +407,8 @@ def _install(model: nn.Module, path: Path, family: str, image_size: Optional[Tup
     wrapped = isinstance(current, EngineVisionEncoder)
     torch_encoder = current.pytorch_encoder if wrapped else current
     if torch_encoder is None:
-        raise _Reject('the PyTorch encoder was released by an earlier install: reload the model')
+        raise _Reject('the PyTorch encoder was released by an earlier install '
+                      '(keep_pytorch_fallback=False): reload the model to install another engine')
     if not path.is_file():
         raise _Reject('file does not exist')
     suffix = path.suffix.lower()
@@ -358,8 +428,7 @@ def _install(model: nn.Module, path: Path, family: str, image_size: Optional[Tup
     param = next(torch_encoder.parameters())
     device = param.device
     size = tuple(image_size) if image_size else vision_io.native_image_size(model, family)
-    expected = {'family': family, 'part': 'vision', 'image_size': list(size),
-                'weights_sha256': sc.weights_hash(torch_encoder)}
+    expected = {'family': family, 'part': 'vision', 'image_size': list(size)}
     if backend == BACKEND_TENSORRT:
         if device.type != 'cuda':
             raise _Reject(f'TensorRT engines need the model on CUDA, model is on {device}')
@@ -370,6 +439,9 @@ def _install(model: nn.Module, path: Path, family: str, image_size: Optional[Tup
         expected['tensorrt_version'] = trt.__version__
         expected['gpu_name'] = torch.cuda.get_device_name(device)
     problems = sc.check_sidecar(meta, expected)
+    weights = sc.weights_problem(meta, torch_encoder)
+    if weights:
+        problems.append(weights)
     if problems:
         raise _Reject('sidecar mismatch: ' + '; '.join(problems))
     runner_cls = TrtRunner if backend == BACKEND_TENSORRT else OrtRunner
@@ -380,7 +452,7 @@ def _install(model: nn.Module, path: Path, family: str, image_size: Optional[Tup
     levels = vision_io.num_levels(torch_encoder, family)
     _check_runner_io(runner, meta, levels, size)
     wrapper = EngineVisionEncoder(runner, family, levels, backend,
-                                  torch_encoder if keep_fallback else None, logger)
+                                  torch_encoder if keep_fallback else None, logger, str(path))
     if verify_atol is not None:
         diff = _max_abs_diff(wrapper, torch_encoder, size, device, param.dtype)
         if not diff <= verify_atol:

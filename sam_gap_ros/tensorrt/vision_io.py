@@ -17,7 +17,8 @@ processor. Outputs, ``L`` = number of FPN levels (SAM2: ``num_feature_levels`` =
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -63,6 +64,49 @@ def native_image_size(model: nn.Module, family: str) -> Tuple[int, int]:
     if isinstance(size, int):
         return size, size
     return int(size[0]), int(size[1])
+
+
+def input_size_problem(model: nn.Module, family: str, size: Sequence[int]) -> Optional[str]:
+    """Return why the vision encoder cannot encode ``(height, width)`` inputs; None if it can."""
+    height, width = (int(v) for v in size)
+    native = native_image_size(model, family)
+    if family == 'sam3':
+        # The ViT's position embeddings are built for the native patch grid; other sizes fail
+        # deep inside the encoder with a bare shape error.
+        if (height, width) != native:
+            return (f'SAM3 encodes only its native {native[0]}x{native[1]} input (its ViT '
+                    f'position embeddings are fixed to that grid), not {height}x{width}: omit '
+                    '--height/--width')
+        return None
+    multiple = _sam2_size_multiple(vision_owner(model).vision_encoder)
+    if multiple and (height % multiple[0] or width % multiple[1]):
+        return (f'the SAM2 vision encoder needs a height that is a multiple of {multiple[0]} and '
+                f'a width that is a multiple of {multiple[1]} (patch stride x query pooling and '
+                f'window position embedding), got {height}x{width}; native is '
+                f'{native[0]}x{native[1]}')
+    return None
+
+
+def _sam2_size_multiple(encoder: nn.Module) -> Optional[Tuple[int, int]]:
+    """Return the (height, width) a SAM2 Hiera input must be a multiple of; None if unknown."""
+    try:
+        config = encoder.config.backbone_config
+        patch = _pair(config.patch_stride)
+        query = _pair(config.query_stride)
+        stages = int(config.num_query_pool_stages)
+        window = tuple(int(v) for v in encoder.backbone.pos_embed_window.shape[-2:])
+    except AttributeError:
+        return None  # another transformers layout: let the export itself report the problem
+    # The pooled stages must divide evenly for the FPN's 2x upsampling, and the window
+    # position embedding is tiled over the patch grid.
+    return tuple(math.lcm(patch[i] * query[i] ** stages, patch[i] * window[i])  # type: ignore
+                 for i in range(2))
+
+
+def _pair(value: Any) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    return int(value[0]), int(value[1])
 
 
 def num_levels(encoder: nn.Module, family: str) -> int:

@@ -320,6 +320,17 @@ def test_images_without_depth_warn_in_diagnostics(ros, sam2_dir):
     assert (status.level, status.message) == (DiagnosticStatus.OK, 'processing')
 
 
+def test_engine_path_not_in_use_warns_in_diagnostics(ros, sam2_dir, tmp_path):
+    """An engine that cannot be used leaves the node running on PyTorch, visibly."""
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              engine_path=str(tmp_path / 'missing.engine'))
+    assert node._state_machine.current_state[1] == 'active'
+    status = node.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.WARN
+    assert status.message.startswith('engine_path not in use: pytorch')
+    assert 'missing.engine' in status.message
+
+
 def test_latest_frame_only_drops_a_burst_and_latency_stays_bounded(ros, sam2_dir):
     node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
                               input_qos='reliable')

@@ -790,6 +790,12 @@ class SegmenterNode(LifecycleNode):
                                           throttle_duration_sec=THROTTLE_S)
             elif stats['oom_skips'] or stats['errors']:
                 level, message = DiagnosticStatus.WARN, 'frames skipped (see counters)'
+            elif (str(pipeline.config.engine_path).strip()
+                  and pipeline.tensorrt_status.startswith('pytorch')):
+                # Running, but at PyTorch speed where an engine was asked for: the frame
+                # rate a planner was tuned for may not be reached.
+                level = DiagnosticStatus.WARN
+                message = f'engine_path not in use: {pipeline.tensorrt_status}'
         status.level, status.message = level, message
         values: Dict[str, Any] = {
             'mode': self._param('mode'),

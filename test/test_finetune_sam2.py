@@ -252,3 +252,92 @@ def test_smoke_training_resume_and_tracker_load(tmp_path):
     result = tracker.track(clip.frames[1])
     assert [obj.object_id for obj in result.objects] == ids
     assert result.objects[0].mask.shape == clip.size
+
+
+def test_shipped_configs_use_only_keys_the_trainer_reads():
+    for path in sorted(SMOKE.parent.glob('*sam2*.yaml')):
+        common.load_config(path, [], finetune_sam2.CONFIG_SCHEMA)
+
+
+def test_config_typos_stop_the_cli_before_training(tmp_path, capsys):
+    out = str(tmp_path / 'out')
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_sam2.main(['--config', str(SMOKE), '--output-dir', out, '--quiet',
+                            '--set', 'train.setps=2'])
+    assert exit_info.value.code == 2
+    assert "did you mean 'train.steps'" in capsys.readouterr().err
+    typo = tmp_path / 'typo.yaml'
+    typo.write_text(SMOKE.read_text().replace('\ntrain:', '\ntrian:'))
+    with pytest.raises(SystemExit):
+        finetune_sam2.main(['--config', str(typo), '--output-dir', out, '--quiet'])
+    assert "unknown config key 'trian' (did you mean 'train'?)" in capsys.readouterr().err
+    # The API checks the same schema.
+    cfg = _cfg(tmp_path, 'api')
+    cfg['loss']['diec'] = 1.0
+    with pytest.raises(KeyError, match="'loss.diec'"):
+        finetune_sam2.train(cfg, verbose=False)
+    assert not (tmp_path / 'api').exists()
+
+
+def test_exponent_override_is_a_number_the_prompt_sampler_accepts():
+    cfg = common.load_config(SMOKE, ['prompts.probabilities.box=5e-1'])
+    assert cfg['prompts']['probabilities']['box'] == 0.5
+    prompt = sam2_data.sample_prompt(_disk_clip().masks[0, 0], np.random.default_rng(0),
+                                     cfg['prompts'])
+    assert prompt.kind in sam2_data.PROMPT_KINDS
+
+
+def test_fresh_run_refuses_an_earlier_run_and_overwrite_replaces_it(tmp_path):
+    out = tmp_path / 'run'
+    (out / 'best').mkdir(parents=True)
+    (out / 'best' / 'trainer_state.json').write_text('{"metrics": {"j_and_f": 2.0}}')
+    (out / 'eval').mkdir()
+    (out / 'eval' / 'step_009999.png').write_bytes(b'old')
+    (out / 'tensorboard').mkdir()
+    (out / 'tensorboard' / 'events.out.tfevents.old').write_bytes(b'old')
+    cfg = _cfg(tmp_path, 'run', steps=1)
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        finetune_sam2.train(cfg, verbose=False)
+    assert (out / 'eval' / 'step_009999.png').exists()
+    summary = finetune_sam2.train(cfg, verbose=False, overwrite=True)
+    assert summary['steps'] == 1
+    assert [p.name for p in (out / 'eval').iterdir()] == ['step_000001.png']
+    assert not (out / 'tensorboard' / 'events.out.tfevents.old').exists()
+    # best/ is this run's (the old one claimed an unbeatable J&F of 2.0).
+    state = json.loads((out / 'best' / 'trainer_state.json').read_text())
+    assert state['step'] == 1
+
+
+def test_videos_are_kept_as_id_images_and_cut_into_the_same_clips(tmp_path):
+    from sam_gap_ros.synthetic import OrchardVideo, write_video_dataset
+    from sam_gap_ros.synthetic.config import scene_config_from_mapping
+    scene = {'n_apples': [5, 6], 'hfov_deg': 30.0}
+    videos = sam2_data.synthetic_videos(3, 2, 10, 64, 48, ('apple',), scene, {'pan_speed': 3.0})
+    # The same videos as full (T, K, H, W) boolean mask stacks, as they used to be kept.
+    config = scene_config_from_mapping(scene, width=64, height=48)
+    stacks = []
+    for video in videos:
+        world = OrchardVideo(int(video.name.split('_')[1]), config, n_frames=10, pan_speed=3.0)
+        stacks.append(sam2_data.clip_from_scenes([world[t] for t in range(10)],
+                                                 video.track_ids, video.name))
+    for video, stack in zip(videos, stacks, strict=True):
+        assert len(video.track_ids) == stack.num_objects >= 3
+        # Frames + 2-byte ID images, not one byte per object and pixel.
+        kept = sum(v.nbytes for v in vars(video).values() if isinstance(v, np.ndarray))
+        assert kept <= video.frames.nbytes * 5 // 3 + 8 * video.num_frames * stack.num_objects
+        np.testing.assert_array_equal(video.object_areas, stack.object_areas)
+    for options in ({}, {'max_stride': 3, 'exit_fraction': 0.5, 'max_prompt_gap': 6}):
+        lazy = sam2_data.iterate_clips(videos, np.random.default_rng(1), 4, 3, 12, **options)
+        full = sam2_data.iterate_clips(stacks, np.random.default_rng(1), 4, 3, 12, **options)
+        for _ in range(20):
+            a, b = next(lazy), next(full)
+            assert (a.name, a.track_ids) == (b.name, b.track_ids)
+            np.testing.assert_array_equal(a.frames, b.frames)
+            np.testing.assert_array_equal(a.masks, b.masks)
+    for a, b in zip(finetune_sam2.validation_clips(videos, 6, 2, 12),
+                    finetune_sam2.validation_clips(stacks, 6, 2, 12), strict=True):
+        assert a.track_ids == b.track_ids and np.array_equal(a.masks, b.masks)
+    # A video folder (uint16 ID PNGs) is kept the same way.
+    write_video_dataset(tmp_path, 1, 3, seed=1, config=config)
+    folder = sam2_data.load_video_folder(tmp_path)[0]
+    assert folder.labels.dtype == np.uint16 and folder.labels.shape == (3, 48, 64)

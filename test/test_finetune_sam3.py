@@ -16,10 +16,11 @@ from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
 from training import common
 from training.coco_data import CocoInstances
-from training.finetune_sam3 import (apply_sam3_freezing, build_targets, choose_phrases,
+from training.finetune_sam3 import (_count_matches, apply_sam3_freezing, build_targets,
+                                    choose_phrases, CONFIG_SCHEMA,
                                     enable_activation_checkpointing, estimate_peak_memory,
-                                    load_sam3, main, PromptTargets, Sam3FineTuner,
-                                    write_synthetic_dataset)
+                                    EVAL_METRICS, load_sam3, main, PromptTargets,
+                                    Sam3FineTuner, write_synthetic_dataset)
 from training.losses import sigmoid_focal_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,11 @@ def test_smoke_cli_trains_loss_drops_and_writes_loadable_checkpoint(assets, smok
                                best_weights['detr_decoder.presence_head.layer3.weight'])
     assert (out / 'eval' / 'step_000000.png').is_file()
     assert (out / 'eval' / 'step_000050.png').is_file()
+    # A second fresh run into the same directory is refused before the model loads.
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--config', str(cfg_path), '--output-dir', str(out)])
+    assert exit_info.value.code == 2
+    assert '--overwrite' in capsys.readouterr().err
 
 
 def test_resume_continues_from_the_same_step_with_the_same_losses(assets, smoke_run,
@@ -262,8 +268,21 @@ def test_starting_model_stays_best_when_training_does_not_help(assets, tmp_path,
     # best/ must hold the untouched starting weights.
     cfg = _cfg(assets, **{'train.steps': 4, 'train.eval_every': 2, 'eval.metric': 'f1',
                           'eval.score_threshold': 0.99,
-                          'eval.retention_phrases': '[unripe green apple, yellow apple]'})
-    summary = Sam3FineTuner(cfg, str(tmp_path)).train()
+                          'eval.retention_phrases': '[unripe green apple, yellow apple]',
+                          'tensorboard': 'true'})
+    trainer = Sam3FineTuner(cfg, str(tmp_path))
+    # An earlier run in the same directory, with an unbeatable best/ and its own logs.
+    (tmp_path / 'best').mkdir()
+    (tmp_path / 'best' / common.TRAINER_STATE).write_text('{"metrics": {"f1": 1.0}}')
+    for name in ('eval/step_009999.png', 'tensorboard/events.out.tfevents.old'):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_bytes(b'old')
+    with pytest.raises(FileExistsError, match='--overwrite'):
+        trainer.train()
+    summary = trainer.train(overwrite=True)
+    assert sorted(p.name for p in (tmp_path / 'eval').iterdir()) == [
+        'step_000000.png', 'step_000002.png', 'step_000004.png']
+    assert not (tmp_path / 'tensorboard' / 'events.out.tfevents.old').exists()
     assert summary['best_step'] == 0
     start = load_file(str(assets['model_dir'] / 'model.safetensors'))
     best = load_file(str(tmp_path / 'best' / 'model.safetensors'))
@@ -285,8 +304,10 @@ def test_eval_mask_threshold_reaches_post_processing(assets, tmp_path, monkeypat
         return original(*args, **kwargs)
 
     monkeypatch.setattr(tuner.processor, 'post_process_instance_segmentation', spy)
-    tuner.evaluate(tuner.val_set)
+    metrics = tuner.evaluate(tuner.val_set)
     assert seen and set(seen) == {0.35}
+    # eval.metric is validated against these names at startup: they must be what it returns.
+    assert sorted(metrics) == sorted(EVAL_METRICS)
 
 
 def test_memory_estimate_and_resolution(assets):
@@ -416,3 +437,109 @@ def test_anchor_assignment_ignores_where_the_predictions_went(assets):
     assert torch.isfinite(anchored.total_loss(terms))
     with pytest.raises(ValueError, match='matcher.assign'):
         Sam3FineTuner(_cfg(assets, **{'matcher.assign': 'nearest'}), str(assets['root'] / 'x'))
+
+
+def test_shipped_configs_use_only_keys_the_trainer_reads():
+    for path in sorted(SMOKE.parent.glob('*sam3*.yaml')):
+        common.load_config(path, [], CONFIG_SCHEMA)
+    with pytest.raises(KeyError, match="did you mean 'train.steps'"):
+        common.load_config(SMOKE, ['train.setps=2'], CONFIG_SCHEMA)
+
+
+def test_eval_metric_typo_fails_before_anything_runs(assets, tmp_path, capsys):
+    out = tmp_path / 'out'
+    with pytest.raises(ValueError, match=r"eval.metric 'f1_score'.*did you mean 'f1'"):
+        Sam3FineTuner(_cfg(assets, **{'eval.metric': 'f1_score'}), str(out))
+    with pytest.raises(ValueError, match='eval.mode'):
+        Sam3FineTuner(_cfg(assets, **{'eval.mode': 'maximum'}), str(out))
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--config', str(SMOKE), '--output-dir', str(out), '--set', 'eval.metric=F1'])
+    assert exit_info.value.code == 2
+    assert "eval.metric 'F1'" in capsys.readouterr().err
+
+
+def test_missing_image_fails_at_startup_not_mid_run(assets, tmp_path):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(assets['cfg']['data']['root'], root)
+    train = json.loads((root / 'annotations_train.json').read_text())
+    missing = train['images'][-1]['file_name']
+    CocoInstances(root, 'annotations_train.json').image_path(train['images'][-1]).unlink()
+    with pytest.raises(ValueError) as info:
+        Sam3FineTuner(_cfg(assets, **{'data.root': str(root)}), str(tmp_path / 'out'))
+    message = str(info.value)
+    assert 'missing_image: 1' in message and Path(missing).name in message
+    assert 'annotations_train.json' in message and '--drop-invalid' in message
+    assert not (tmp_path / 'out').exists()
+
+
+def _crowd_dataset(root):
+    """Four 40 px images; B has a crowd of apples, D only crowds (of both categories)."""
+    import cv2
+    (root / 'images').mkdir(parents=True)
+    square = lambda x, y: [[x, y, x + 8, y, x + 8, y + 8, x, y + 8]]  # noqa: E731
+    images, anns = [], []
+    for image_id, name in enumerate('ABCD', start=1):
+        cv2.imwrite(str(root / 'images' / f'{name}.png'), np.full((40, 40, 3), 90, np.uint8))
+        images.append({'id': image_id, 'file_name': f'{name}.png', 'width': 40, 'height': 40})
+    crowd = {'size': [40, 40], 'counts': [40 * 20, 40 * 20]}  # right half
+    anns += [
+        {'id': 1, 'image_id': 1, 'category_id': 1, 'segmentation': square(2, 2),
+         'noun_phrase': 'ripe red apple'},
+        {'id': 2, 'image_id': 1, 'category_id': 1, 'segmentation': square(20, 2),
+         'noun_phrase': 'unripe green apple'},
+        {'id': 3, 'image_id': 2, 'category_id': 2, 'segmentation': square(2, 20)},
+        {'id': 4, 'image_id': 2, 'category_id': 1, 'segmentation': crowd, 'iscrowd': 1,
+         'noun_phrase': 'ripe red apple'},
+        {'id': 5, 'image_id': 3, 'category_id': 2, 'segmentation': square(2, 2)},
+        {'id': 6, 'image_id': 4, 'category_id': 1, 'segmentation': crowd, 'iscrowd': 1},
+        {'id': 7, 'image_id': 4, 'category_id': 2, 'segmentation': crowd, 'iscrowd': 1}]
+    data = {'images': images, 'annotations': anns,
+            'categories': [{'id': 1, 'name': 'apple'}, {'id': 2, 'name': 'leaf'}]}
+    (root / 'annotations_train.json').write_text(json.dumps(data))
+    val = dict(data, images=images[1:2], annotations=[a for a in anns if a['image_id'] == 2])
+    (root / 'annotations_val.json').write_text(json.dumps(val))
+
+
+def test_crowd_regions_are_ignored_not_negatives_or_targets(assets, tmp_path):
+    _crowd_dataset(tmp_path / 'data')
+    trainer = Sam3FineTuner(_cfg(assets, **{'data.root': str(tmp_path / 'data'),
+                                            'data.negatives_per_image': 3}),
+                            str(tmp_path / 'out'))
+    assert trainer.all_phrases == ['leaf', 'ripe red apple', 'unripe green apple']
+    dataset = trainer.train_set
+    seen = set()
+    for step in range(12):
+        index, phrases = trainer.train_item(step, 0)
+        seen.add(index)
+        # Image D (crowds only, covering every phrase) has no safe prompt: it is left out.
+        assert index != 3 and phrases
+        if index == 1:
+            # A crowd of apples may hold any apple phrase: neither is drawn as "absent".
+            assert phrases == ['leaf']
+        targets = build_targets(dataset[index], phrases, 16)
+        assert sum(int(m.shape[0]) for m in targets.masks) == len(dataset[index])
+    assert seen == {0, 1, 2}
+    assert dataset.crowd_phrases(1) == ['ripe red apple', 'unripe green apple']
+    sample = dataset[1]
+    assert len(sample) == 1 and sample.noun_phrases == ['leaf']  # the crowd is no instance
+    assert sample.crowd_masks.shape == (1, 40, 40) and sample.crowd_masks[0, :, 20:].all()
+    metrics = trainer.evaluate(trainer.val_set)
+    assert sorted(metrics) == sorted(EVAL_METRICS)
+
+
+def test_predictions_inside_a_crowd_region_are_not_false_positives():
+    truth = np.zeros((1, 20, 20), bool)
+    truth[0, :5, :5] = True
+    crowd = np.zeros((20, 20), bool)
+    crowd[:, 10:] = True
+    pred = np.zeros((3, 20, 20), bool)
+    pred[0] = truth[0]          # a match
+    pred[1, 2:8, 12:18] = True  # inside the crowd: ignored
+    pred[2, 12:18, 2:8] = True  # elsewhere: a false positive
+    scores = np.array([0.9, 0.8, 0.7])
+    matched, ignored = _count_matches(pred, scores, truth, crowd)
+    assert matched == [1.0] and ignored == 1
+    assert _count_matches(pred, scores, truth) == ([1.0], 0)
+    assert _count_matches(pred[1:], scores[1:], truth[:0], crowd) == ([], 1)

@@ -9,7 +9,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 import pytest
 
-from training.coco_data import CocoInstances, decode_segmentation, noun_phrase_of
+from training.coco_data import (CocoInstances, compressed_rle_counts, decode_segmentation,
+                                noun_phrase_of)
 from training.prepare_data import ISSUE_KINDS, main, split_dataset, validate_dataset
 
 SIZE = 32
@@ -272,3 +273,82 @@ def _uncompressed_counts(mask):
         run += 1
     counts.append(run)
     return counts
+
+
+def _compressed(counts, height=SIZE, width=SIZE):
+    """Return a compressed RLE string of arbitrary run lengths (pycocotools checks none)."""
+    rle = mask_utils.frPyObjects({'size': [height, width], 'counts': counts}, height, width)
+    return rle['counts'].decode('ascii')
+
+
+@pytest.mark.parametrize('counts, why', [
+    (_compressed([0, 10]), 'sum to 10,'),                       # short: uninitialised memory
+    (_compressed([0, 4 * SIZE * SIZE], 2 * SIZE, 2 * SIZE), 'sum to 4096,'),  # long: overflow
+    ('0;!', 'invalid character'),
+    ('0;P', 'middle of a number'),
+    ([SIZE * SIZE + 5, -5], 'non-negative'),
+])
+def test_rle_counts_must_cover_the_image_exactly(tmp_path, capsys, counts, why):
+    segmentation = {'size': [SIZE, SIZE], 'counts': counts}
+    with pytest.raises(ValueError, match=why):
+        decode_segmentation(segmentation, SIZE, SIZE)
+    data = _good_dataset()
+    data['annotations'][1]['segmentation'] = segmentation
+    _write(tmp_path, data)
+    report, _ = validate_dataset(str(tmp_path))
+    assert report.counts() == {'bad_rle': 1}
+    assert report.issues['bad_rle'][0].startswith('annotation 2 (image 1)')
+    assert report.bad_annotation_ids == {2}
+    assert main([str(tmp_path), '--check-only']) == 1
+    assert 'bad_rle: 1' in capsys.readouterr().out
+    with pytest.raises(ValueError, match='annotation 2 of image 1'):
+        CocoInstances(tmp_path)[0]
+
+
+def test_compressed_rle_counts_round_trip_with_pycocotools():
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        height, width = (int(v) for v in rng.integers(1, 40, 2))
+        mask = rng.random((height, width)) < (0.0 if trial % 7 == 0 else rng.random())
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert compressed_rle_counts(rle['counts']) == _uncompressed_counts(mask)
+        assert (decode_segmentation(dict(rle, counts=rle['counts'].decode('ascii')), height,
+                                    width) == mask).all()
+
+
+def test_crowd_regions_are_validated_but_may_be_empty_and_phraseless(tmp_path):
+    data = _good_dataset()
+    data['categories'].append({'id': 3, 'name': ''})
+    data['annotations'] += [
+        {'id': 900, 'image_id': 1, 'category_id': 3, 'iscrowd': 1,
+         'segmentation': _rle(np.zeros((SIZE, SIZE), bool))},
+        {'id': 901, 'image_id': 2, 'category_id': 1, 'iscrowd': 1,
+         'segmentation': {'size': [SIZE, SIZE], 'counts': _compressed([0, 10])}}]
+    _write(tmp_path, data)
+    report, _ = validate_dataset(str(tmp_path))
+    assert report.counts() == {'bad_rle': 1}, report.summary()
+    assert report.issues['bad_rle'][0].startswith('crowd annotation 901 (image 2)')
+
+
+def test_exif_orientation_is_ignored_when_reading_and_reported(tmp_path):
+    # A phone photo: 40x24 pixels stored, EXIF says "rotate 90 degrees to display".
+    from PIL import Image
+    data = _good_dataset()
+    data['images'][0].update(file_name='phone.jpg', width=40, height=24)
+    data['annotations'][1]['segmentation'] = _square(2, 2, 12, 12)
+    _write(tmp_path, data)
+    pixels = np.zeros((24, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # left half red in stored-pixel coordinates
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / 'images' / 'phone.jpg', exif=exif.tobytes(),
+                                 quality=95)
+    report, _ = validate_dataset(str(tmp_path))
+    assert report.ok, report.summary()
+    assert list(report.warnings) == ['exif_orientation']
+    assert "image 1: '" in report.warnings['exif_orientation'][0]
+    assert 'warning exif_orientation: 1' in report.summary()
+    # The reader sees the same stored pixels the annotations and the validator refer to.
+    sample = CocoInstances(tmp_path)[0]
+    assert sample.image.shape == (24, 40, 3)
+    assert sample.image[12, 5, 0] > 200 and sample.image[12, 35, 0] < 50

@@ -229,3 +229,71 @@ def test_documented_environment_selects_avx2_kernels():
                           'print(torch.backends.cpu.get_cpu_capability())'],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() in ('AVX2', 'DEFAULT')  # DEFAULT: a CPU without AVX2
+
+
+def _schema():
+    return {'seed': 0, 'train': {'steps': 10, 'lr': 0.1},
+            'prompts': {'probabilities': {'points': 0.5, 'box': 0.5}},
+            'model': {'tiny': common.OPEN}}
+
+
+def test_config_keys_are_checked_against_the_schema_at_every_depth(tmp_path):
+    schema = _schema()
+    path = _write_yaml(tmp_path, 'seed: 1\ntrain:\n  steps: 5\nmodel:\n  tiny: {anything: 1}\n')
+    cfg = common.load_config(path, ['train.steps=7', 'model.tiny.width=3'], schema)
+    assert cfg['train']['steps'] == 7 and cfg['model']['tiny'] == {'anything': 1, 'width': 3}
+    with pytest.raises(KeyError, match=r"unknown config key 'train\.setps' \(did you mean "
+                                       r"'train\.steps'\?\)"):
+        common.load_config(path, ['train.setps=2'], schema)
+    with pytest.raises(KeyError, match=r"'train\.steps' is a value"):
+        common.load_config(path, ['train.steps.max=2'], schema)
+    with pytest.raises(KeyError, match="--set 'prompts.probabilities.bx=1'"):
+        common.load_config(path, ['prompts.probabilities.bx=1'], schema)
+    for text, wrong in [('trian:\n  steps: 2\n', "'trian' (did you mean 'train'?)"),
+                        ('train:\n  setps: 2\n', "'train.setps' (did you mean 'train.steps'?)"),
+                        ('prompts:\n  probabilities: {pionts: 1}\n',
+                         "'prompts.probabilities.pionts'")]:
+        typo = tmp_path / 'typo.yaml'
+        typo.write_text(text)
+        with pytest.raises(KeyError) as info:
+            common.load_config(typo, [], schema)
+        assert wrong in str(info.value) and str(typo) in str(info.value)
+    with pytest.raises(ValueError, match="'train' must be a mapping"):
+        common.load_config(path, ['train=3'], schema)
+
+
+def test_exponent_floats_are_numbers_in_files_and_overrides(tmp_path):
+    schema = _schema()
+    path = _write_yaml(tmp_path, 'train:\n  lr: 1e-4\n  steps: 10\n')
+    cfg = common.load_config(path, ['prompts.probabilities.box=5e-1', 'seed=1E3'], schema)
+    assert cfg['train']['lr'] == pytest.approx(1e-4)
+    assert cfg['prompts']['probabilities']['box'] == 0.5
+    assert cfg['seed'] == 1000.0
+    # Words stay words.
+    assert common.load_config(path, ['train.lr=e5'])['train']['lr'] == 'e5'
+
+
+def test_fresh_run_refuses_an_output_dir_with_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert common.claim_output_dir(out) == out and out.is_dir()  # new: created
+    (out / 'cfg.yaml').write_text('seed: 0\n')  # not a run artefact: no reason to refuse
+    common.claim_output_dir(out)
+    for name in ('best', 'eval', 'tensorboard'):
+        (out / name).mkdir()
+        (out / name / 'old').write_text('x')
+    (out / 'summary.json').write_text('{}')
+    (out / 'synthetic_data').mkdir()
+    with pytest.raises(FileExistsError, match=r'best, eval, tensorboard, summary\.json.*'
+                                              r'--resume .*--overwrite'):
+        common.claim_output_dir(out)
+    common.claim_output_dir(out, resume=str(out / 'last'))  # resuming continues that run
+    assert (out / 'best' / 'old').exists()
+    with pytest.raises(ValueError, match='exclude each other'):
+        common.claim_output_dir(out, resume=str(out / 'last'), overwrite=True)
+    common.claim_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ['cfg.yaml', 'synthetic_data']
+    assert 'deleted best, eval, tensorboard, summary.json' in capsys.readouterr().out
+    args = common.build_arg_parser('x').parse_args(['--config', 'c.yaml', '--overwrite'])
+    assert args.overwrite and args.resume is None
+    with pytest.raises(SystemExit):
+        common.build_arg_parser('x').parse_args(['--config', 'c', '--overwrite', '--resume', 'd'])

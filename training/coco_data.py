@@ -10,6 +10,10 @@ An annotation may also list ``phrases``: every phrase it is a positive for (a da
 apple answers "apple", "ripe red apple" and "damaged apple"); the primary noun phrase is
 always one of them. An image may list ``absent_noun_phrases``: phrases with no instance at
 all, the only safe negatives when tiny instances were left unannotated.
+
+Crowd annotations (``iscrowd: 1``) are COCO *ignore* regions: a group of objects annotated as
+one region. They are never instance targets, and neither their phrases nor the other phrases
+of their category are negatives for that image (the region may well contain them).
 """
 
 from __future__ import annotations
@@ -78,11 +82,47 @@ def noun_phrase_of(annotation: Mapping[str, Any],
     return None
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO polygon list or RLE (compressed or not) into a boolean ``(H, W)`` mask.
+def compressed_rle_counts(counts: Union[str, bytes]) -> List[int]:
+    """Return the run lengths of a COCO compressed RLE string (pycocotools' encoding).
+
+    Each run is a little-endian base-32 number, 5 bits per character (offset 48, bit 5 =
+    more characters follow, bit 4 of the last one = negative); runs from the fourth on are
+    stored as the difference to the run two before. Raises ValueError for a character
+    outside that alphabet, a number cut off at the end or a negative run.
+    """
+    text = counts.decode('ascii') if isinstance(counts, bytes) else counts
+    runs: List[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text):
+                raise ValueError('compressed RLE counts end in the middle of a number')
+            code = ord(text[pos]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f'compressed RLE counts contain the invalid character '
+                                 f'{text[pos]!r}')
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            pos += 1
+            shift += 5
+            if not more and code & 0x10:
+                value -= 1 << shift  # sign-extend
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f'compressed RLE run {len(runs)} is negative ({value})')
+        runs.append(value)
+    return runs
+
+
+def segmentation_to_rle(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
+    """Validate a COCO polygon list or RLE (compressed or not); return a compressed RLE.
 
     Raises ValueError for a malformed segmentation (odd coordinate count, fewer than three
-    points, non-finite numbers, RLE of another size).
+    points, non-finite numbers, RLE of another size, RLE runs that are negative or do not
+    sum to ``height * width``). pycocotools checks none of the RLE cases: it decodes a short
+    RLE from uninitialised memory and writes a long one past the end of its buffer.
     """
     if isinstance(segmentation, list):
         if not segmentation:
@@ -101,23 +141,47 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
             if not np.all(np.isfinite(coords)):
                 raise ValueError('polygon has non-finite coordinates')
             polygons.append(coords.tolist())
-        rles = mask_utils.frPyObjects(polygons, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict) and 'counts' in segmentation:
-        size = segmentation.get('size')
-        if not isinstance(size, (list, tuple)) or [int(v) for v in size] != [height, width]:
-            raise ValueError(f'RLE size {size} does not match the image size '
-                             f'[{height}, {width}]')
-        if isinstance(segmentation['counts'], list):
-            if sum(int(c) for c in segmentation['counts']) != height * width:
-                raise ValueError('uncompressed RLE counts do not sum to height * width')
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            counts = segmentation['counts']
-            rle = {'size': [height, width],
-                   'counts': counts.encode('ascii') if isinstance(counts, str) else counts}
-    else:
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    if not (isinstance(segmentation, dict) and 'counts' in segmentation):
         raise ValueError('segmentation is neither a polygon list nor an RLE dict')
+    size = segmentation.get('size')
+    try:
+        size_ok = [int(v) for v in size] == [height, width]
+    except (TypeError, ValueError):
+        size_ok = False
+    if not size_ok:
+        raise ValueError(f'RLE size {size} does not match the image size [{height}, {width}]')
+    counts = segmentation['counts']
+    if isinstance(counts, list):
+        if not all(isinstance(c, (int, float, np.integer)) and not isinstance(c, bool)
+                   and c >= 0 and float(c).is_integer() for c in counts):
+            raise ValueError('uncompressed RLE counts must be non-negative integers')
+        runs = [int(c) for c in counts]
+        kind = 'uncompressed'
+    elif isinstance(counts, (str, bytes)):
+        try:
+            runs = compressed_rle_counts(counts)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f'compressed RLE counts are not ASCII: {exc}') from exc
+        kind = 'compressed'
+    else:
+        raise ValueError(f'RLE counts must be a list or a string, got {type(counts).__name__}')
+    if sum(runs) != height * width:
+        raise ValueError(f'{kind} RLE counts sum to {sum(runs)}, not height * width = '
+                         f'{height * width}')
+    if kind == 'uncompressed':
+        return mask_utils.frPyObjects({'size': [height, width], 'counts': runs},
+                                      height, width)
+    return {'size': [height, width],
+            'counts': counts.encode('ascii') if isinstance(counts, str) else counts}
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO polygon list or RLE (compressed or not) into a boolean ``(H, W)`` mask.
+
+    Raises ValueError for a malformed segmentation (see :func:`segmentation_to_rle`).
+    """
+    rle = segmentation_to_rle(segmentation, height, width)
     with warnings.catch_warnings():
         # pycocotools 2.0.x trips a numpy-2 copy-keyword DeprecationWarning on every decode.
         warnings.simplefilter('ignore', DeprecationWarning)
@@ -126,7 +190,9 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
 
 def read_rgb(path: PathLike) -> np.ndarray:
     """Read an image file as an RGB ``uint8`` array ``(H, W, 3)``."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # Pixels as stored, EXIF orientation ignored: COCO annotations (and the validator's
+    # width/height) are in stored-pixel coordinates.
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise FileNotFoundError(f"image '{path}' is missing or unreadable")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -154,6 +220,10 @@ class CocoSample:
     file_name: str
     absent_phrases: Optional[List[str]] = None
     """Phrases known to have no instance in the image (None: not recorded)."""
+    crowd_masks: Optional[np.ndarray] = None
+    """Boolean ``(M, H, W)`` crowd (ignore) regions; None or M = 0 when there are none."""
+    crowd_phrases: Optional[List[Tuple[str, ...]]] = None
+    """Per crowd region, every phrase it may contain (its own and its category's)."""
 
     def __len__(self) -> int:
         """Return the number of instances."""
@@ -172,14 +242,29 @@ class CocoSample:
         """Return every phrase at least one instance is a positive for, sorted."""
         return sorted({p for names in self.phrases for p in names})
 
+    @property
+    def ignored_phrases(self) -> List[str]:
+        """Return every phrase a crowd region may contain (never a negative here), sorted."""
+        return sorted({p for names in self.crowd_phrases or [] for p in names})
+
+    def crowd_mask_for(self, phrase: str) -> np.ndarray:
+        """Return the boolean ``(H, W)`` union of the crowd regions that may hold ``phrase``."""
+        out = np.zeros(self.image.shape[:2], dtype=bool)
+        for mask, names in zip(self.crowd_masks if self.crowd_masks is not None else [],
+                               self.crowd_phrases or [], strict=True):
+            if phrase in names:
+                out |= mask
+        return out
+
 
 class CocoInstances:
     """Random-access reader of a COCO instance-segmentation dataset.
 
     ``CocoInstances(root, ann_file)`` with ``ann_file`` relative to ``root`` (default
     ``annotations.json``) and images under ``root/images`` (or wherever ``file_name``
-    points relative to ``root``). Crowd annotations are skipped (they mark regions, not
-    instances). Malformed data raises ValueError naming the annotation: run
+    points relative to ``root``). Crowd annotations are ignore regions, not instances: they
+    are kept apart (``crowd_phrases``, ``CocoSample.crowd_masks``) so that their phrases are
+    never drawn as negatives. Malformed data raises ValueError naming the annotation: run
     ``python -m training.prepare_data`` first to get the full list of problems.
     """
 
@@ -193,18 +278,32 @@ class CocoInstances:
             int(c['id']): c for c in data['categories']}
         self.images: List[Dict[str, Any]] = sorted(data['images'], key=lambda im: im['id'])
         self._anns: Dict[int, List[Dict[str, Any]]] = {im['id']: [] for im in self.images}
+        self._crowd: Dict[int, List[Dict[str, Any]]] = {im['id']: [] for im in self.images}
         for ann in data['annotations']:
-            if ann.get('iscrowd', 0):
-                continue
             if ann.get('image_id') not in self._anns:
                 raise ValueError(f"annotation {ann.get('id')} refers to unknown image_id "
                                  f"{ann.get('image_id')} in '{self.ann_path}'")
             phrase = noun_phrase_of(ann, self.categories, fallback_to_category)
+            if ann.get('iscrowd', 0):
+                own = _phrase_set(ann, phrase) if phrase is not None else ()
+                self._crowd[ann['image_id']].append(dict(ann, phrases=own))
+                continue
             if phrase is None:
                 raise ValueError(f"annotation {ann.get('id')} in '{self.ann_path}' has no "
                                  'noun_phrase and no category name to fall back on')
             self._anns[ann['image_id']].append(
                 dict(ann, noun_phrase=phrase, phrases=_phrase_set(ann, phrase)))
+        by_category: Dict[Any, set] = {}
+        for anns in self._anns.values():
+            for ann in anns:
+                by_category.setdefault(ann.get('category_id'), set()).update(ann['phrases'])
+        for crowds in self._crowd.values():
+            for ann in crowds:
+                # A crowd of 'apple' may hold ripe and unripe apples alike: every phrase of
+                # its category is possibly present there.
+                extra = sorted(by_category.get(ann.get('category_id'), set())
+                               - set(ann['phrases']))
+                ann['phrases'] = tuple(ann['phrases']) + tuple(extra)
         self.fallback_to_category = fallback_to_category
         listed = data.get('noun_phrases')
         self._listed_phrases = sorted(' '.join(str(p).split()) for p in listed) \
@@ -233,6 +332,10 @@ class CocoInstances:
     def present_phrases(self, index: int) -> List[str]:
         """Return the phrases image ``index`` has at least one instance for (no decoding)."""
         return sorted({p for a in self._anns[self.images[index]['id']] for p in a['phrases']})
+
+    def crowd_phrases(self, index: int) -> List[str]:
+        """Return the phrases image ``index``'s crowd regions may contain (no decoding)."""
+        return sorted({p for a in self._crowd[self.images[index]['id']] for p in a['phrases']})
 
     def absent_phrases(self, index: int) -> Optional[List[str]]:
         """Return the image's recorded ``absent_noun_phrases`` (None when not recorded)."""
@@ -285,6 +388,14 @@ class CocoInstances:
                 raise ValueError(f"annotation {ann.get('id')} of image {info['id']} has an "
                                  'empty mask')
             boxes[i] = box
+        crowds = self._crowd[info['id']]
+        crowd_masks = np.zeros((len(crowds), height, width), dtype=bool)
+        for i, ann in enumerate(crowds):
+            try:
+                crowd_masks[i] = decode_segmentation(ann.get('segmentation'), height, width)
+            except ValueError as exc:
+                raise ValueError(f"crowd annotation {ann.get('id')} of image {info['id']}: "
+                                 f'{exc}') from exc
         return CocoSample(
             image=image, masks=masks, boxes=boxes,
             noun_phrases=[a['noun_phrase'] for a in anns],
@@ -292,7 +403,8 @@ class CocoInstances:
             category_ids=np.asarray([a['category_id'] for a in anns], dtype=np.int64),
             annotation_ids=np.asarray([a.get('id', -1) for a in anns], dtype=np.int64),
             image_id=int(info['id']), file_name=str(info['file_name']),
-            absent_phrases=self.absent_phrases(index))
+            absent_phrases=self.absent_phrases(index), crowd_masks=crowd_masks,
+            crowd_phrases=[a['phrases'] for a in crowds])
 
 
 def _phrase_set(annotation: Mapping[str, Any], primary: str) -> Tuple[str, ...]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import fnmatch
 import json
 import math
@@ -45,16 +46,101 @@ TRAINER_STATE = 'trainer_state.json'
 # ----------------------------------------------------------------------------- config
 
 
+class ConfigKeyError(KeyError):
+    """A config key that the trainer does not know (a typo would otherwise do nothing)."""
+
+    def __str__(self) -> str:
+        """Return the message without the quotes KeyError adds."""
+        return str(self.args[0]) if self.args else ''
+
+
+OPEN = object()
+"""Schema marker: a mapping whose keys are not checked here (e.g. model constructor kwargs)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` / ``5e-1`` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-4``), so ``lr: 1e-4`` or
+    ``--set prompts.probabilities.box=5e-1`` would otherwise arrive as strings.
+    """
+
+
+_ConfigLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$'),
+    list('-+0123456789.'))
+
+
 def _parse_override_value(text: str) -> Any:
-    # YAML parsing gives '3' -> 3, 'true' -> True, '[1, 2]' -> list, 'null' -> None.
-    return yaml.safe_load(text) if text.strip() else ''
+    # YAML parsing gives '3' -> 3, 'true' -> True, '[1, 2]' -> list, 'null' -> None,
+    # '5e-1' -> 0.5.
+    return yaml.load(text, Loader=_ConfigLoader) if text.strip() else ''
 
 
-def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+def did_you_mean(name: str, known: Iterable[str], prefix: str = '') -> str:
+    """Return `` (did you mean 'x'?)`` for the closest known name, or '' when none is close.
+
+    Close means similar spelling (case ignored) or one name starting with the other
+    (``f1_score`` -> ``f1``).
+    """
+    by_lower = {str(k).lower(): str(k) for k in known}
+    wanted = name.lower()
+    close = difflib.get_close_matches(wanted, list(by_lower), n=1, cutoff=0.6) or sorted(
+        (k for k in by_lower if k and (wanted.startswith(k) or k.startswith(wanted))),
+        key=len, reverse=True)[:1]
+    return f" (did you mean '{prefix}{by_lower[close[0]]}'?)" if close else ''
+
+
+def check_key_path(parts: Sequence[str], schema: Mapping[str, Any], where: str) -> Any:
+    """Raise ConfigKeyError unless the dotted key ``parts`` exists in ``schema``.
+
+    ``schema`` is a nested mapping of the known keys; a non-mapping value is a leaf, and
+    :data:`OPEN` accepts any keys below it. Returns the schema node at ``parts``.
+    """
+    node: Any = schema
+    for depth, part in enumerate(parts):
+        if node is OPEN:
+            return OPEN
+        parent = '.'.join(parts[:depth])
+        path = f'{parent}.{part}' if parent else part
+        if not isinstance(node, Mapping):
+            raise ConfigKeyError(f"{where}: '{parent}' is a value, not a section, so "
+                                 f"'{path}' does not exist")
+        if part not in node:
+            raise ConfigKeyError(
+                f"{where}: unknown config key '{path}'"
+                f"{did_you_mean(part, node, f'{parent}.' if parent else '')}; known keys "
+                f"{f'in {parent!r}' if parent else 'at the top level'}: {sorted(node)}")
+        node = node[part]
+    return node
+
+
+def check_config(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str = 'config',
+                 _prefix: Tuple[str, ...] = ()) -> None:
+    """Raise ConfigKeyError for the first key of ``cfg`` (at any depth) not in ``schema``.
+
+    A section given as something other than a mapping raises ValueError; ``null`` is
+    accepted anywhere (it means "use the default").
+    """
+    for key, value in cfg.items():
+        parts = _prefix + (str(key),)
+        sub = check_key_path(parts, schema, where)
+        if sub is OPEN or not isinstance(sub, Mapping) or value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: '{'.'.join(parts)}' must be a mapping of "
+                             f'{sorted(sub)}, got {value!r}')
+        check_config(value, schema, where, parts)
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str],
+                    schema: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a config in place.
 
-    Unknown top-level keys are rejected so that a typo does not silently do nothing;
-    new nested keys below an existing mapping are allowed.
+    With ``schema`` (the trainer's known keys) every key path must exist in it; without,
+    only the top-level key is checked and new nested keys below a mapping are allowed.
+    Either way a typo raises ConfigKeyError instead of silently doing nothing.
     """
     for item in overrides:
         if '=' not in item:
@@ -63,9 +149,11 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
         parts = [p for p in key.strip().split('.') if p]
         if not parts:
             raise ValueError(f"override '{item}' has an empty key")
-        if parts[0] not in cfg:
-            raise KeyError(f"override '{item}': unknown config key '{parts[0]}' "
-                           f'(known: {sorted(cfg)})')
+        if schema is not None:
+            check_key_path(parts, schema, f"--set '{item}'")
+        elif parts[0] not in cfg:
+            raise ConfigKeyError(f"override '{item}': unknown config key '{parts[0]}'"
+                                 f'{did_you_mean(parts[0], cfg)} (known: {sorted(cfg)})')
         node = cfg
         for part in parts[:-1]:
             child = node.get(part)
@@ -78,16 +166,33 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
     return cfg
 
 
-def load_config(path: PathLike, overrides: Optional[Iterable[str]] = None) -> Dict[str, Any]:
-    """Load a YAML training config (a mapping) and apply ``key=value`` overrides."""
+def load_config(path: PathLike, overrides: Optional[Iterable[str]] = None,
+                schema: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Load a YAML training config (a mapping) and apply ``key=value`` overrides.
+
+    With ``schema`` every key of the file and of the overrides is checked against it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file '{path}' does not exist")
     with path.open() as handle:
-        cfg = yaml.safe_load(handle)
+        cfg = yaml.load(handle, Loader=_ConfigLoader)
     if not isinstance(cfg, dict):
         raise ValueError(f"config '{path}' must be a YAML mapping, got {type(cfg).__name__}")
-    return apply_overrides(cfg, overrides or [])
+    if schema is not None:
+        check_config(cfg, schema, f"config '{path}'")
+    apply_overrides(cfg, overrides or [], schema)
+    if schema is not None:
+        check_config(cfg, schema, f"config '{path}' with --set overrides")
+    return cfg
+
+
+OPTIM_SCHEMA: Dict[str, Any] = {'lr': None, 'weight_decay': 0.01, 'betas': [0.9, 0.999],
+                                'eps': 1e-8, 'param_groups': []}
+"""Keys :func:`build_optimizer` reads (schema for both trainers' ``optim:`` section)."""
+
+SCHEDULE_SCHEMA: Dict[str, Any] = {'warmup_steps': 0, 'schedule': 'cosine', 'min_lr_ratio': 0.0}
+"""Keys :func:`build_scheduler` reads besides ``total_steps``."""
 
 
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
@@ -96,10 +201,51 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument('--config', required=True, help='YAML training config')
     parser.add_argument('--set', dest='overrides', action='append', default=[],
                         metavar='KEY=VALUE', help='override a config value (repeatable)')
-    parser.add_argument('--resume', default=None, metavar='DIR',
-                        help='checkpoint directory (e.g. OUTPUT/last) to resume exactly from')
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument('--resume', default=None, metavar='DIR',
+                       help='checkpoint directory (e.g. OUTPUT/last) to resume exactly from')
+    start.add_argument('--overwrite', action='store_true',
+                       help="delete an earlier run's checkpoints, eval PNGs and TensorBoard "
+                            'logs in the output directory and start afresh')
     parser.add_argument('--output-dir', default=None, help='override output_dir of the config')
     return parser
+
+
+RUN_ARTEFACTS = ('last', 'best', 'last.tmp', 'last.old', 'best.tmp', 'eval', 'tensorboard',
+                 'summary.json', 'config.json')
+"""What a training run writes into its output directory (and ``--overwrite`` deletes)."""
+
+
+def claim_output_dir(output_dir: PathLike, resume: Optional[PathLike] = None,
+                     overwrite: bool = False,
+                     artefacts: Sequence[str] = RUN_ARTEFACTS) -> Path:
+    """Make ``output_dir`` ready for a run; refuse to mix a fresh run with an earlier one.
+
+    A fresh run (no ``resume``) into a directory holding an earlier run's ``artefacts``
+    raises FileExistsError, unless ``overwrite``, which deletes exactly those artefacts
+    (other files, e.g. a cached synthetic dataset, stay). Returns the directory.
+    """
+    if resume and overwrite:
+        raise ValueError('resume and overwrite exclude each other: resuming continues the '
+                         'run that overwrite would delete')
+    output_dir = Path(output_dir)
+    found = [name for name in artefacts if (output_dir / name).exists()]
+    if found and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"output directory '{output_dir}' already holds a training run "
+                f"({', '.join(found)}): pass --resume {output_dir / 'last'} to continue it, "
+                '--overwrite to delete it and start afresh, or choose another --output-dir')
+        for name in found:
+            target = output_dir / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        print(f"--overwrite: deleted {', '.join(found)} of the earlier run in '{output_dir}'",
+              flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 def training_device(cfg: Mapping[str, Any]) -> torch.device:

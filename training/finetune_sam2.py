@@ -5,7 +5,8 @@ Usage::
     python -m training.finetune_sam2 --config training/configs/smoke_sam2.yaml
     python -m training.finetune_sam2 --config training/configs/sam2.1_tiny.yaml
 
-Add ``--resume runs/sam2.1_tiny/last`` to continue an interrupted run exactly, and
+Add ``--resume runs/sam2.1_tiny/last`` to continue an interrupted run exactly,
+``--overwrite`` to replace an earlier run in the same output directory, and
 ``--set key=value`` to override any config value.
 
 Each training example is a clip of ``T`` frames with up to ``K`` objects. The first frame
@@ -27,10 +28,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 import json
-from pathlib import Path
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,9 +41,41 @@ from sam_gap_ros.engines.scene_motion import SceneMotion, shift_memory
 from training import common, losses
 from training.metrics import video_j_and_f
 from training.sam2_data import (add_prompts_to_session, human_prompt, iterate_clips,
-                                sample_prompt, VideoClip, videos_from_config)
+                                LabelledVideo, sample_prompt, VideoClip, videos_from_config)
 
 SAM2_MODEL_TYPES = ('sam2_video',)
+
+BEST_METRIC = 'j_and_f'
+"""The :func:`validate` metric that picks ``best/`` (fixed, so it cannot be misspelt)."""
+
+CONFIG_SCHEMA: Dict[str, Any] = {
+    'seed': 0, 'device': 'auto', 'precision': 'fp32', 'num_threads': None, 'cpu_kernels': None,
+    'output_dir': 'runs/sam2', 'tensorboard': True,
+    'model': {'pretrained_dir': None, 'tiny': common.OPEN},
+    'freeze': [],
+    'data': {'source': 'synthetic', 'categories': ['apple'], 'clip_frames': 3,
+             'val_clip_frames': None, 'max_objects': 3, 'min_area': 16, 'clip_stride': 1,
+             'exit_fraction': 0.0, 'max_prompt_gap': 0, 'train_dir': None, 'val_dir': None,
+             'synthetic': {'seed': 0, 'num_train_videos': 4, 'num_val_videos': 1,
+                           'num_frames': 8, 'width': 128, 'height': 96,
+                           'scene': common.OPEN, 'video': common.OPEN}},
+    'prompts': {'probabilities': {'points': 0.5, 'box': 0.5, 'mask': 0.0},
+                'num_positive': 1, 'max_negative': 1, 'box_noise': 0.1,
+                'box_noise_max_px': 20.0},
+    'val_prompt': 'box',
+    'loss': {'focal': 20.0, 'dice': 1.0, 'iou': 1.0, 'object_score': 1.0, 'iou_kind': 'l1',
+             'supervise_all_iou': True, 'focal_alpha': 0.25, 'focal_gamma': 2.0},
+    'optim': common.OPTIM_SCHEMA,
+    'schedule': common.SCHEDULE_SCHEMA,
+    'train': {'steps': None, 'stop_at_step': 0, 'grad_accumulation': 1, 'clip_grad_norm': 1.0,
+              'eval_every': 0, 'checkpoint_every': 0, 'eval_at_start': False,
+              'loss_window': 5, 'motion_compensation': False},
+}
+"""Every config key the SAM2 trainer reads, with its default (None: none or required).
+
+Keys outside it are rejected (a misspelt key would otherwise silently do nothing);
+:data:`training.common.OPEN` sections take any keys (checked where they are used).
+"""
 
 
 # ----------------------------------------------------------------------------- model
@@ -336,18 +368,16 @@ def validate(model: torch.nn.Module, processor: Any, clips: Sequence[VideoClip],
         model.train(was_training)
 
 
-def validation_clips(videos: Sequence[VideoClip], num_frames: int, max_objects: int,
-                     min_area: int) -> List[VideoClip]:
+def validation_clips(videos: Sequence[Union[VideoClip, LabelledVideo]], num_frames: int,
+                     max_objects: int, min_area: int) -> List[VideoClip]:
     """Return fixed validation clips: each video's first frames and objects visible there."""
     clips = []
     for video in videos:
-        areas = video.masks[0].reshape(video.num_objects, -1).sum(1)
-        keep = np.flatnonzero(areas >= min_area)[:max_objects]
+        keep = np.flatnonzero(video.object_areas[0] >= min_area)[:max_objects]
         if keep.size == 0:
             continue
         t = min(num_frames, video.num_frames)
-        clips.append(VideoClip(video.frames[:t], video.masks[:t][:, keep],
-                               [video.track_ids[i] for i in keep], video.name))
+        clips.append(video.subclip(np.arange(t), keep, video.name))
     if not clips:
         raise ValueError('no validation video has a visible object on its first frame')
     return clips
@@ -361,8 +391,13 @@ def _data_rng_state(rng: np.random.Generator) -> Dict[str, Any]:
 
 
 def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
-          verbose: bool = True) -> Dict[str, Any]:
-    """Run fine-tuning as configured; return a summary (losses, metrics, checkpoint paths)."""
+          verbose: bool = True, overwrite: bool = False) -> Dict[str, Any]:
+    """Run fine-tuning as configured; return a summary (losses, metrics, checkpoint paths).
+
+    A fresh run (no ``resume``) refuses an ``output_dir`` holding an earlier run unless
+    ``overwrite``, which deletes that run's checkpoints, eval PNGs and TensorBoard logs.
+    """
+    common.check_config(cfg, CONFIG_SCHEMA)
     cfg = common.deep_copy_config(cfg)
     train_cfg = cfg.get('train', {})
     seed = int(cfg.get('seed', 0))
@@ -372,8 +407,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     if warning:
         print(f'warning: {warning}', file=sys.stderr)
     precision = str(cfg.get('precision', 'fp32'))
-    output_dir = Path(cfg.get('output_dir', 'runs/sam2'))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything is written: a fresh run must neither replace an earlier run's best/
+    # and last/ unasked nor mix its PNGs and TensorBoard events with it.
+    output_dir = common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), resume, overwrite)
     (output_dir / 'config.json').write_text(json.dumps(cfg, indent=1, default=str))
 
     model, processor = build_model(cfg['model'])
@@ -396,14 +432,11 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
                                  int(data_cfg.get('val_clip_frames', num_frames)),
                                  max_objects, min_area)
     data_rng = np.random.default_rng(seed)
-    manager = common.CheckpointManager(output_dir, metric='j_and_f', mode='max')
+    manager = common.CheckpointManager(output_dir, metric=BEST_METRIC, mode='max')
     logger = common.ScalarLogger(output_dir / 'tensorboard' if cfg.get('tensorboard', True)
                                  else None)
 
     step, step_losses = 0, []
-    if not resume:
-        # A fresh run into a reused output folder must not compare against an old run's best.
-        manager.best_value = None
     if resume:
         info = common.load_checkpoint(resume, model, optimizer, scheduler, stepper)
         step = info['step']
@@ -507,11 +540,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = common.build_arg_parser('Fine-tune SAM2 (transformers Sam2VideoModel).')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or step logs')
     args = parser.parse_args(argv)
-    cfg = common.load_config(args.config, args.overrides)
-    if args.output_dir:
-        cfg['output_dir'] = args.output_dir
-    torch.set_num_threads(int(cfg.get('num_threads', torch.get_num_threads())))
-    summary = train(cfg, resume=args.resume, verbose=not args.quiet)
+    try:
+        cfg = common.load_config(args.config, args.overrides, CONFIG_SCHEMA)
+        if args.output_dir:
+            cfg['output_dir'] = args.output_dir
+        common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), args.resume,
+                                args.overwrite)
+    except (OSError, KeyError, ValueError) as exc:
+        parser.exit(2, f'error: {exc}\n')
+    torch.set_num_threads(int(cfg.get('num_threads') or torch.get_num_threads()))
+    summary = train(cfg, resume=args.resume, verbose=not args.quiet, overwrite=args.overwrite)
     print(f"loss_drop_pct={summary['loss_drop_pct']:.2f} checkpoint={summary['checkpoint']}")
     return 0
 

@@ -3,7 +3,7 @@
 Usage::
 
     python -m training.finetune_sam3 --config training/configs/sam3.yaml [--set k=v ...]
-        [--resume OUTPUT/last] [--output-dir DIR]
+        [--resume OUTPUT/last | --overwrite] [--output-dir DIR]
 
 Per image, the prompts are the noun phrases of its annotations (each annotation's own
 ``noun_phrase``, the category name only as fallback) plus negative phrases sampled from the
@@ -37,7 +37,6 @@ import functools
 import json
 import math
 from pathlib import Path
-import shutil
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -70,6 +69,42 @@ LOSS_WEIGHTS = {'loss_ce': 20.0, 'loss_presence': 20.0, 'loss_bbox': 5.0, 'loss_
 the ``aux_*`` terms (earlier decoder layers, summed) get the weights of their main terms."""
 
 FREEZE_PRESETS = ('heads_only', 'decoder', 'detector', 'detector+last_n_backbone_blocks', 'all')
+
+EVAL_METRICS = ('val_loss', 'precision', 'recall', 'f1', 'mean_iou', 'presence_acc')
+"""What :meth:`Sam3FineTuner.evaluate` returns: the choices of ``eval.metric``."""
+
+CONFIG_SCHEMA: Dict[str, Any] = {
+    'seed': 0, 'device': 'auto', 'precision': 'bf16', 'num_threads': None,
+    'output_dir': 'runs/sam3', 'tensorboard': True,
+    'model': {'pretrained_dir': None, 'tiny': common.OPEN, 'image_size': None},
+    'freeze': {'preset': 'detector', 'last_n_backbone_blocks': 0, 'train_text_encoder': False,
+               'extra_patterns': []},
+    'data': {'root': None, 'train_ann': 'annotations_train.json',
+             'val_ann': 'annotations_val.json',
+             'synthetic': {'n_images': 16, 'seed': 0, 'val_fraction': 0.25, 'min_area': 1,
+                           'scene': common.OPEN},
+             'negatives_per_image': 2, 'max_positive_phrases': None,
+             'secondary_phrases_as_prompts': True},
+    'loss': {'weights': dict(LOSS_WEIGHTS, loss_semantic=0.0), 'focal_alpha': 0.25,
+             'focal_gamma': 2.0, 'mask_loss_size': None, 'aux_layers': False,
+             'class_loss': 'focal', 'pos_weight': 10.0, 'iabce_alpha': 0.25},
+    'matcher': dict({'assign': 'predictions'},
+                    **{f.name: f.default for f in dataclasses.fields(MatchWeights)}),
+    'optim': common.OPTIM_SCHEMA,
+    'schedule': dict(common.SCHEDULE_SCHEMA, total_steps=None),
+    'train': {'steps': 100, 'stop_at_step': 0, 'grad_accumulation': 1, 'clip_grad_norm': None,
+              'activation_checkpointing': False, 'cache_frozen_features': True,
+              'cache_max_images': 256, 'cache_device': 'cpu', 'eval_every': 0,
+              'checkpoint_every': 0, 'log_every': 10, 'loss_window': None},
+    'eval': {'metric': 'f1', 'mode': None, 'score_threshold': 0.5, 'mask_threshold': 0.5,
+             'negatives_per_image': 2, 'max_images': None, 'retention_phrases': [],
+             'retention_tolerance': 0.05},
+}
+"""Every config key the SAM3 trainer reads, with its default (None: none or derived).
+
+Keys outside it are rejected (a misspelt key would otherwise silently do nothing);
+:data:`training.common.OPEN` sections take any keys (checked where they are used).
+"""
 
 _TRAINABLE_BY_PRESET = {
     'heads_only': ['dot_product_scoring', 'detr_decoder.box_head', 'detr_decoder.presence_head',
@@ -272,7 +307,8 @@ class PromptTargets:
 def choose_phrases(primary: Sequence[str], present: Sequence[str], vocabulary: Sequence[str],
                    num_negatives: int, max_positives: Optional[int], rng: np.random.Generator,
                    absent: Optional[Sequence[str]] = None,
-                   secondary_prompts: bool = True) -> List[str]:
+                   secondary_prompts: bool = True,
+                   ignored: Optional[Sequence[str]] = None) -> List[str]:
     """Return an image's positive phrases plus sampled negatives (deterministic per rng).
 
     ``primary`` are the instances' own noun phrases and ``present`` every phrase some
@@ -280,12 +316,13 @@ def choose_phrases(primary: Sequence[str], present: Sequence[str], vocabulary: S
     (or only ``primary`` without ``secondary_prompts``). Negatives are vocabulary phrases
     no instance answers to, restricted to the image's recorded ``absent`` phrases when
     given, so "unripe green apple" is a hard negative on an image with only ripe apples.
+    ``ignored`` phrases (those a crowd region may contain) are never negatives.
     """
     positives = sorted(set(present) if secondary_prompts else set(primary))
     if max_positives is not None and len(positives) > int(max_positives):
         keep = rng.choice(len(positives), size=int(max_positives), replace=False)
         positives = [positives[i] for i in sorted(keep)]
-    unrestricted = set(vocabulary) - set(present) - set(primary)
+    unrestricted = set(vocabulary) - set(present) - set(primary) - set(ignored or ())
     candidates = unrestricted & set(absent) if absent is not None else unrestricted
     if not positives and not candidates:
         # An image without instances needs at least one prompt; an empty absent list
@@ -359,7 +396,18 @@ class Sam3FineTuner:
     """Everything one SAM3 fine-tuning run needs: model, data, losses, evaluation, loop."""
 
     def __init__(self, cfg: Mapping[str, Any], output_dir: Optional[str] = None) -> None:
+        common.check_config(cfg, CONFIG_SCHEMA)
         self.cfg = common.deep_copy_config(cfg)
+        self.ecfg = self.cfg.get('eval') or {}
+        # Checked before anything slow: a typo here used to surface only after training,
+        # when best/ had never been written.
+        self.metric, self.mode = _metric_and_mode(self.ecfg)
+        dcfg = self.cfg.get('data') or {}
+        if dcfg.get('root') is not None:
+            # Every image and annotation is checked now, not at the step that first reads it
+            # (a missing image used to stop the run there, and again on --resume).
+            for ann in _ann_files(dcfg):
+                check_dataset(dcfg['root'], ann)
         self.output_dir = Path(output_dir or self.cfg.get('output_dir', 'runs/sam3'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.seed = int(self.cfg.get('seed', 0))
@@ -389,7 +437,6 @@ class Sam3FineTuner:
         self.cache_device = torch.device(str(tcfg.get('cache_device', 'cpu')))
         self._vision_cache: OrderedDict[Tuple[str, int], Tuple] = OrderedDict()
         self._text_cache: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        dcfg = self.cfg.get('data', {})
         self.dcfg = dcfg
         self.train_set, self.val_set = self._datasets(dcfg)
         self.secondary_prompts = bool(dcfg.get('secondary_phrases_as_prompts', True))
@@ -431,7 +478,6 @@ class Sam3FineTuner:
             self._hooks = [
                 self.model.dot_product_scoring.register_forward_hook(self._capture('logits')),
                 self.model.detr_decoder.box_head.register_forward_hook(self._capture('offsets'))]
-        self.ecfg = self.cfg.get('eval', {})
 
     # -------------------------------------------------------------- setup helpers
 
@@ -462,10 +508,14 @@ class Sam3FineTuner:
         if root is None and synthetic is not None:
             root = str(self.output_dir / 'synthetic_data')
             write_synthetic_dataset(root, synthetic)
+            # A cached dataset is reused as is: check it like a configured one.
+            for ann in _ann_files(dcfg):
+                check_dataset(root, ann)
         if root is None:
             raise ValueError("config 'data' needs 'root' (a COCO dataset folder) or 'synthetic'")
-        train = CocoInstances(root, dcfg.get('train_ann', 'annotations_train.json'))
-        val = CocoInstances(root, dcfg.get('val_ann', 'annotations_val.json'))
+        train_ann, val_ann = _ann_files(dcfg)
+        train = CocoInstances(root, train_ann)
+        val = CocoInstances(root, val_ann)
         if len(train) == 0 or len(val) == 0:
             raise ValueError(f'need at least one train and one val image, got {len(train)} / '
                              f'{len(val)} (run python -m training.prepare_data --split ...)')
@@ -699,16 +749,36 @@ class Sam3FineTuner:
         """
         accumulation = int(self.tcfg.get('grad_accumulation', 1))
         position = step * accumulation + micro
-        epoch, offset = divmod(position, len(self.train_set))
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_set))
-        index = int(order[offset])
+        usable = self.train_indices
+        epoch, offset = divmod(position, len(usable))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(usable))
+        index = usable[int(order[offset])]
         rng = np.random.default_rng([self.seed, position, 1])
         primary = [a['noun_phrase'] for a in self.train_set.annotations(index)]
         phrases = choose_phrases(
             primary, self.train_set.present_phrases(index), self.all_phrases,
             int(self.dcfg.get('negatives_per_image', 2)), self.dcfg.get('max_positive_phrases'),
-            rng, self.train_set.absent_phrases(index), self.secondary_prompts)
+            rng, self.train_set.absent_phrases(index), self.secondary_prompts,
+            self.train_set.crowd_phrases(index))
         return index, phrases
+
+    @functools.cached_property
+    def train_indices(self) -> List[int]:
+        """Return the training images that get at least one prompt, in dataset order.
+
+        Every image, unless it has no instance and every phrase of the vocabulary may be
+        in its crowd regions: it has neither a positive nor a safe negative.
+        """
+        usable = []
+        for index in range(len(self.train_set)):
+            present = self.train_set.present_phrases(index)
+            ignored = set(self.train_set.crowd_phrases(index))
+            if present or set(self.all_phrases) - ignored:
+                usable.append(index)
+        if not usable:
+            raise ValueError('no training image has an instance or a phrase that is safe to '
+                             'use as a negative (all are covered by crowd regions)')
+        return usable
 
     # -------------------------------------------------------------- evaluation
 
@@ -737,7 +807,8 @@ class Sam3FineTuner:
                 rng = np.random.default_rng([self.seed, index, 2])
                 phrases = choose_phrases(sample.noun_phrases, sample.present_phrases,
                                          self.all_phrases, num_negatives, None, rng,
-                                         sample.absent_phrases, self.secondary_prompts)
+                                         sample.absent_phrases, self.secondary_prompts,
+                                         sample.ignored_phrases)
             if not phrases:
                 continue
             targets = build_targets(sample, phrases, self.mask_loss_size)
@@ -754,9 +825,11 @@ class Sam3FineTuner:
                 pred = results[row]['masks'].bool().cpu().numpy()
                 prompts += 1
                 presence_hits += int((presence[row] > 0.5) == (len(truth) > 0))
-                matched = _count_matches(pred, results[row]['scores'].cpu().numpy(), truth)
+                crowd = sample.crowd_mask_for(phrase) if sample.ignored_phrases else None
+                matched, ignored = _count_matches(pred, results[row]['scores'].cpu().numpy(),
+                                                  truth, crowd)
                 tp += len(matched)
-                fp += len(pred) - len(matched)
+                fp += len(pred) - len(matched) - ignored
                 fn += len(truth) - len(matched)
                 ious.extend(matched)
                 if png_path is not None and len(truth) and len(png_rows[0]) < 4:
@@ -791,8 +864,15 @@ class Sam3FineTuner:
             self.processor.save_pretrained(path)
         return saved
 
-    def train(self, resume: Optional[str] = None) -> Dict[str, Any]:
-        """Run the training loop; return a summary (losses, metrics, checkpoint paths)."""
+    def train(self, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
+        """Run the training loop; return a summary (losses, metrics, checkpoint paths).
+
+        A fresh run (no ``resume``) refuses an ``output_dir`` holding an earlier run unless
+        ``overwrite``, which deletes that run's checkpoints, eval PNGs and TensorBoard logs.
+        """
+        # Before anything is written: a fresh run must neither compete with an earlier
+        # run's best/ nor mix its PNGs and TensorBoard events with it.
+        common.claim_output_dir(self.output_dir, resume, overwrite)
         steps = int(self.tcfg.get('steps', 100))
         stop_at = int(self.tcfg.get('stop_at_step', 0)) or steps
         accumulation = int(self.tcfg.get('grad_accumulation', 1))
@@ -804,16 +884,7 @@ class Sam3FineTuner:
         stepper = common.GradientStepper(self.model, optimizer, scheduler, accumulation,
                                          self.tcfg.get('clip_grad_norm'), self.device,
                                          self.precision)
-        metric = str(self.ecfg.get('metric', 'f1'))
-        mode = str(self.ecfg.get('mode', 'min' if metric == 'val_loss' else 'max'))
-        if not resume:
-            # A fresh run must not compete with (or inherit best/ from) an earlier run.
-            for name in ('last', 'best'):
-                stale = self.output_dir / name
-                if stale.exists():
-                    print(f'fresh run: removing the previous checkpoint {stale}', flush=True)
-                    shutil.rmtree(stale)
-        manager = common.CheckpointManager(self.output_dir, metric, mode)
+        manager = common.CheckpointManager(self.output_dir, self.metric, self.mode)
         logger = common.ScalarLogger(self.output_dir / 'tensorboard'
                                      if self.cfg.get('tensorboard', True) else None)
         retention = self.ecfg.get('retention_phrases') or []
@@ -933,22 +1004,70 @@ class Sam3FineTuner:
               f"{memory['total']:.1f} GiB ({detail})", flush=True)
 
 
-def _count_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> List[float]:
-    """Greedily match predictions (by score) to truths at IoU >= 0.5; return matched IoUs."""
-    if len(pred) == 0 or len(truth) == 0:
-        return []
-    iou = mask_iou_matrix(list(pred), list(truth))
-    used: Set[int] = set()
+def _count_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
+                   crowd: Optional[np.ndarray] = None) -> Tuple[List[float], int]:
+    """Greedily match predictions (by score) to truths at IoU >= 0.5.
+
+    Returns the matched IoUs and how many unmatched predictions lie (at least half of
+    their pixels) inside the ``crowd`` region: COCO ignores those instead of counting
+    them as false positives.
+    """
+    unmatched = list(range(len(pred)))
     matched = []
-    for p in np.argsort(-scores, kind='stable'):
-        candidates = [(iou[p, t], t) for t in range(len(truth)) if t not in used]
-        if not candidates:
-            break
-        best, t = max(candidates)
-        if best >= 0.5:
-            used.add(t)
-            matched.append(float(best))
-    return matched
+    if len(pred) and len(truth):
+        iou = mask_iou_matrix(list(pred), list(truth))
+        used: Set[int] = set()
+        for p in np.argsort(-scores, kind='stable'):
+            candidates = [(iou[p, t], t) for t in range(len(truth)) if t not in used]
+            if not candidates:
+                break
+            best, t = max(candidates)
+            if best >= 0.5:
+                used.add(t)
+                matched.append(float(best))
+                unmatched.remove(int(p))
+    ignored = 0
+    if crowd is not None and crowd.any():
+        for p in unmatched:
+            area = int(pred[p].sum())
+            ignored += int(area > 0 and np.logical_and(pred[p], crowd).sum() >= 0.5 * area)
+    return matched, ignored
+
+
+def _metric_and_mode(ecfg: Mapping[str, Any]) -> Tuple[str, str]:
+    """Return the validated ``eval.metric`` and ``eval.mode`` (min for val_loss, else max)."""
+    metric = str(ecfg.get('metric') or 'f1')
+    if metric not in EVAL_METRICS:
+        raise ValueError(f"eval.metric '{metric}' is not a validation metric"
+                         f'{common.did_you_mean(metric, EVAL_METRICS)}: use one of '
+                         f'{list(EVAL_METRICS)}')
+    mode = str(ecfg.get('mode') or ('min' if metric == 'val_loss' else 'max'))
+    if mode not in ('min', 'max'):
+        raise ValueError(f"eval.mode must be 'min' or 'max', got '{mode}'")
+    return metric, mode
+
+
+def _ann_files(dcfg: Mapping[str, Any]) -> Tuple[str, str]:
+    """Return the configured train and val annotation files."""
+    return (str(dcfg.get('train_ann') or 'annotations_train.json'),
+            str(dcfg.get('val_ann') or 'annotations_val.json'))
+
+
+def check_dataset(root: str, ann_file: str) -> None:
+    """Validate a COCO annotation file and its images once, before training starts.
+
+    The same checks as ``python -m training.prepare_data`` (image files and sizes,
+    segmentations, phrases), without decoding images or masks; raises ValueError with
+    the report, so a bad file fails now instead of at the step that first reads it.
+    """
+    report, _ = validate_dataset(str(root), ann_file)
+    for kind, messages in report.warnings.items():
+        print(f"warning: {len(messages)} {kind} in '{ann_file}': {messages[0]}", flush=True)
+    if not report.ok:
+        raise ValueError(
+            f"dataset '{root}' ({ann_file}) failed validation:\n{report.summary()}\n"
+            f'fix it, or drop the listed items with: python -m training.prepare_data {root} '
+            f'--ann {ann_file} --drop-invalid')
 
 
 def _format_metrics(metrics: Mapping[str, float]) -> str:
@@ -1014,9 +1133,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run fine-tuning from the command line; return the exit status."""
     parser = common.build_arg_parser('Fine-tune SAM3 on a COCO dataset with noun phrases.')
     args = parser.parse_args(argv)
-    cfg = common.load_config(args.config, args.overrides)
+    try:
+        cfg = common.load_config(args.config, args.overrides, CONFIG_SCHEMA)
+        _metric_and_mode(cfg.get('eval') or {})
+        # Checked before the model loads (minutes for the full SAM3); train() checks again.
+        common.claim_output_dir(args.output_dir or cfg.get('output_dir', 'runs/sam3'),
+                                args.resume, args.overwrite)
+    except (OSError, KeyError, ValueError) as exc:
+        parser.exit(2, f'error: {exc}\n')
     trainer = Sam3FineTuner(cfg, args.output_dir)
-    summary = trainer.train(resume=args.resume)
+    summary = trainer.train(resume=args.resume, overwrite=args.overwrite)
     drop = summary['loss_drop_pct']
     print(f"loss_drop_pct={drop:.2f} checkpoint={summary['best_dir']}", flush=True)
     return 0 if math.isfinite(drop) else 1

@@ -30,10 +30,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 import yaml
 
-from training.coco_data import (decode_segmentation, load_coco_json, noun_phrase_of,
-                                resolve_ann_file)
+from training.coco_data import (load_coco_json, noun_phrase_of, resolve_ann_file,
+                                segmentation_to_rle)
 
 ISSUE_KINDS = (
     'duplicate_image_id', 'duplicate_category_id', 'missing_image', 'unreadable_image',
@@ -41,6 +42,11 @@ ISSUE_KINDS = (
     'empty_mask', 'missing_noun_phrase',
 )
 """Every defect class the validator reports, in report order."""
+
+WARNING_KINDS = ('exif_orientation',)
+"""Things worth knowing that do not make the dataset invalid (listed, exit status 0)."""
+
+EXIF_ORIENTATION_TAG = 0x0112
 
 
 @dataclass
@@ -52,6 +58,7 @@ class ValidationReport:
     issues: Dict[str, List[str]] = field(default_factory=dict)
     bad_image_ids: Set[Any] = field(default_factory=set)
     bad_annotation_ids: Set[Any] = field(default_factory=set)
+    warnings: Dict[str, List[str]] = field(default_factory=dict)
 
     def add(self, kind: str, message: str, image_id: Any = None,
             annotation_id: Any = None) -> None:
@@ -63,6 +70,12 @@ class ValidationReport:
             self.bad_annotation_ids.add(annotation_id)
         elif image_id is not None:
             self.bad_image_ids.add(image_id)
+
+    def warn(self, kind: str, message: str) -> None:
+        """Record one warning of ``kind`` (one of WARNING_KINDS); it does not affect ``ok``."""
+        if kind not in WARNING_KINDS:
+            raise ValueError(f"unknown warning kind '{kind}'")
+        self.warnings.setdefault(kind, []).append(message)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +97,13 @@ class ValidationReport:
                 lines.append(f'      - {message}')
             if count > max_examples:
                 lines.append(f'      ... and {count - max_examples} more')
+        for kind in WARNING_KINDS:
+            messages = self.warnings.get(kind, [])
+            if messages:
+                lines.append(f'  warning {kind}: {len(messages)}')
+                lines.extend(f'      - {m}' for m in messages[:max_examples])
+                if len(messages) > max_examples:
+                    lines.append(f'      ... and {len(messages) - max_examples} more')
         return '\n'.join(lines)
 
 
@@ -189,8 +209,11 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
                        image_id=info.get('id'))
             continue
         try:
+            # The header only: PIL's size is the stored pixel grid (EXIF orientation not
+            # applied), which is what the reader decodes and what annotations refer to.
             with Image.open(path) as handle:
                 width, height = handle.size
+                orientation = handle.getexif().get(EXIF_ORIENTATION_TAG, 1)
         except OSError as exc:
             report.add('unreadable_image', f"image {info.get('id')}: '{path}': {exc}",
                        image_id=info.get('id'))
@@ -199,6 +222,11 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
             report.add('image_size_mismatch',
                        f"image {info.get('id')}: file is {width}x{height}, annotations say "
                        f"{info.get('width')}x{info.get('height')}", image_id=info.get('id'))
+        if orientation not in (None, 1):
+            report.warn('exif_orientation',
+                        f"image {info.get('id')}: '{path}' has EXIF orientation {orientation}; "
+                        'training and evaluation use the stored pixels, unrotated (COCO '
+                        'convention), so the annotations must be in those coordinates too')
     category_ids: Set[Any] = set()
     for category in data['categories']:
         if category.get('id') in category_ids:
@@ -215,16 +243,20 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
         if ann.get('category_id') not in category_ids:
             report.add('unknown_category', f"{where}: category_id {ann.get('category_id')} "
                        'is not in categories', annotation_id=ann.get('id'))
-        if ann.get('iscrowd', 0):
-            continue
+        crowd = bool(ann.get('iscrowd', 0))
+        if crowd:
+            where = f"crowd {where}"
         segmentation = ann.get('segmentation')
         kind = 'bad_polygon' if isinstance(segmentation, list) else 'bad_rle'
         try:
             height, width = int(info['height']), int(info['width'])
-            mask = decode_segmentation(segmentation, height, width)
+            # Validated as RLE, not decoded: cheap enough to run at every training start.
+            rle = segmentation_to_rle(segmentation, height, width)
         except (KeyError, TypeError, ValueError) as exc:
             report.add(kind, f'{where}: {exc}', annotation_id=ann.get('id'))
             continue
+        if crowd:
+            continue  # an ignore region: may be empty, needs no phrase of its own
         if kind == 'bad_polygon':
             coords = np.concatenate([np.asarray(p, dtype=np.float64) for p in segmentation])
             xs, ys = coords[0::2], coords[1::2]
@@ -233,7 +265,7 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
                 report.add('bad_polygon', f'{where}: polygon lies outside the {width}x{height} '
                            'image', annotation_id=ann.get('id'))
                 continue
-        if not mask.any():
+        if not int(mask_utils.area(rle)):
             report.add('empty_mask', f'{where}: mask has no pixels',
                        annotation_id=ann.get('id'))
     filled = fill_noun_phrases(data, attribute_map or {}, report, strict=strict_noun_phrases,

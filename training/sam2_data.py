@@ -1,8 +1,11 @@
 """Video clips and ground-truth-derived prompts for SAM2 fine-tuning.
 
 A :class:`VideoClip` is ``T`` RGB frames with ``K`` per-frame boolean instance masks that
-keep their track identity across frames. Clips come from the synthetic orchard generator
-(``data: synthetic``) or from a video dataset folder written by
+keep their track identity across frames. Whole videos are kept as a :class:`LabelledVideo`
+(frames plus one ``uint16`` track-ID image per frame, 5 bytes a pixel) and training clips are
+cut from them with their masks built on demand: a boolean mask per object and frame would
+cost ``K`` bytes a pixel for the whole video. Videos come from the synthetic orchard
+generator (``data: synthetic``) or from a video dataset folder written by
 ``python -m sam_gap_ros.synthetic.cli video``.
 
 Prompts imitate a human annotator on the first frame of a clip: positive/negative clicks,
@@ -14,6 +17,7 @@ the :class:`~sam_gap_ros.engines.sam2_tracker.Sam2Tracker` see identical prompt 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import json
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -64,6 +68,89 @@ class VideoClip:
     def size(self) -> Tuple[int, int]:
         """Return ``(H, W)``."""
         return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+    @functools.cached_property
+    def object_areas(self) -> np.ndarray:
+        """Return the ``(T, K)`` pixel count of every object on every frame."""
+        return self.masks.reshape(self.num_frames, self.num_objects, -1).sum(2)
+
+    def subclip(self, frame_index: Sequence[int], objects: Sequence[int],
+                name: str = '') -> VideoClip:
+        """Return the clip of the given frames (in order) and objects (by position)."""
+        index = np.asarray(frame_index, dtype=int)
+        objects = np.asarray(objects, dtype=int)
+        return VideoClip(self.frames[index], self.masks[index][:, objects],
+                         [self.track_ids[i] for i in objects], name)
+
+
+class LabelledVideo:
+    """A whole video: RGB frames and a track-ID image per frame (masks made per clip).
+
+    ``labels`` is ``(T, H, W)`` with each pixel's track ID (0 = background; IDs of tracks
+    not in ``track_ids`` are ignored). Clips cut with :meth:`subclip` are the same
+    :class:`VideoClip` a full ``(T, K, H, W)`` boolean mask stack would give.
+    """
+
+    def __init__(self, frames: np.ndarray, labels: np.ndarray, track_ids: Sequence[int],
+                 name: str = '') -> None:
+        frames = np.asarray(frames)
+        labels = np.asarray(labels)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f'{name}: frames must be uint8 (T, H, W, 3), got {frames.dtype} '
+                             f'{frames.shape}')
+        if labels.shape != frames.shape[:3] or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f'{name}: labels must be integer (T, H, W) = {frames.shape[:3]}, '
+                             f'got {labels.dtype} {labels.shape}')
+        ids = np.asarray([int(t) for t in track_ids], dtype=np.int64)
+        if ids.size and (ids.min() < 1 or ids.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f'{name}: track IDs must be in 1..65535, got {ids.tolist()}')
+        if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f'{name}: labels must be in 0..65535')
+        self.frames = frames
+        self.labels = labels.astype(np.uint16, copy=False)
+        self.track_ids = [int(t) for t in ids]
+        self.name = name
+        # Per frame and object pixel counts, all the clip sampler needs besides the masks.
+        counts = [np.bincount(frame.ravel(), minlength=int(ids.max(initial=0)) + 1)
+                  for frame in self.labels]
+        self.object_areas = np.stack([c[ids] for c in counts]).astype(np.int64) \
+            if len(counts) else np.zeros((0, ids.size), dtype=np.int64)
+
+    @property
+    def num_frames(self) -> int:
+        """Return ``T``."""
+        return int(self.frames.shape[0])
+
+    @property
+    def num_objects(self) -> int:
+        """Return ``K``."""
+        return len(self.track_ids)
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        """Return ``(H, W)``."""
+        return int(self.frames.shape[1]), int(self.frames.shape[2])
+
+    @property
+    def masks(self) -> np.ndarray:
+        """Return the full boolean ``(T, K, H, W)`` mask stack (built now: K bytes/pixel)."""
+        return self._masks(np.arange(self.num_frames), np.arange(self.num_objects))
+
+    def _masks(self, index: np.ndarray, objects: np.ndarray) -> np.ndarray:
+        ids = np.asarray(self.track_ids, dtype=np.uint16)[objects]
+        return self.labels[index][:, None] == ids[None, :, None, None]
+
+    def subclip(self, frame_index: Sequence[int], objects: Sequence[int],
+                name: str = '') -> VideoClip:
+        """Return the clip of the given frames (in order) and objects (by position)."""
+        index = np.asarray(frame_index, dtype=int)
+        objects = np.asarray(objects, dtype=int)
+        return VideoClip(self.frames[index], self._masks(index, objects),
+                         [self.track_ids[i] for i in objects], name)
+
+
+Video = Union[VideoClip, LabelledVideo]
+"""Anything clips can be cut from."""
 
 
 @dataclass
@@ -250,7 +337,7 @@ def clip_from_id_masks(frames: Sequence[np.ndarray], id_masks: Sequence[np.ndarr
     return VideoClip(np.stack(frames).astype(np.uint8), masks, [int(t) for t in ids], name)
 
 
-def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
+def sample_subclip(video: Video, rng: np.random.Generator, num_frames: int,
                    max_objects: int, min_area: int = 16, max_stride: int = 1,
                    exit_fraction: float = 0.0, max_prompt_gap: int = 0) -> Optional[VideoClip]:
     """Return a random sub-clip, or None when no start frame shows an object.
@@ -294,24 +381,20 @@ def sample_subclip(video: VideoClip, rng: np.random.Generator, num_frames: int,
                  for start in starts}
         starts = sorted(starts, key=lambda start: not exits[int(start)].size)
     for start in starts:
-        areas = video.masks[start].reshape(video.num_objects, -1).sum(1)
-        visible = np.flatnonzero(areas >= min_area)
+        visible = np.flatnonzero(video.object_areas[start] >= min_area)
         if visible.size == 0:
             continue
         chosen = np.sort(rng.permutation(visible)[:max_objects])
         exiting = exits.get(int(start), np.zeros(0, dtype=int))
         if exiting.size and not np.isin(chosen, exiting).any():
             chosen = np.sort(np.append(chosen[1:], rng.choice(exiting)))
-        index = int(start) + offsets
-        return VideoClip(video.frames[index], video.masks[index][:, chosen],
-                         [video.track_ids[i] for i in chosen], f'{video.name}@{int(start)}')
+        return video.subclip(int(start) + offsets, chosen, f'{video.name}@{int(start)}')
     return None
 
 
-def _exiting_objects(video: VideoClip, index: np.ndarray, min_area: int) -> np.ndarray:
+def _exiting_objects(video: Video, index: np.ndarray, min_area: int) -> np.ndarray:
     """Return the objects visible on frame ``index[0]`` with no pixel on a later one."""
-    frames = video.masks[index]
-    areas = frames.reshape(frames.shape[0], video.num_objects, -1).sum(2)
+    areas = video.object_areas[index]
     return np.flatnonzero((areas[0] >= min_area) & (areas[1:] == 0).any(0))
 
 
@@ -331,7 +414,7 @@ def clip_from_scenes(scenes: Sequence[Any], track_ids: Sequence[int], name: str)
 def synthetic_videos(seed: int, num_videos: int, num_frames: int, width: int, height: int,
                      categories: Sequence[str] = ('apple',),
                      scene: Optional[Mapping[str, Any]] = None,
-                     video: Optional[Mapping[str, Any]] = None) -> List[VideoClip]:
+                     video: Optional[Mapping[str, Any]] = None) -> List[LabelledVideo]:
     """Generate ``num_videos`` seeded synthetic orchard videos in memory.
 
     ``scene`` holds ``OrchardSceneConfig`` overrides (lists become tuples), ``video`` the
@@ -349,11 +432,15 @@ def synthetic_videos(seed: int, num_videos: int, num_frames: int, width: int, he
         scenes = [world[t] for t in range(int(num_frames))]
         seen = sorted({inst.track_id for sc in scenes for inst in sc.instances
                        if inst.category in categories})
-        clips.append(clip_from_scenes(scenes, seen, f'synthetic_{int(seed) + index}'))
+        # Scene.labels is the track-ID image the visible instance masks are cut from.
+        clips.append(LabelledVideo(np.stack([sc.image for sc in scenes]),
+                                   np.stack([sc.labels for sc in scenes]), seen,
+                                   f'synthetic_{int(seed) + index}'))
     return clips
 
 
-def load_video_folder(root: PathLike, categories: Sequence[str] = ('apple',)) -> List[VideoClip]:
+def load_video_folder(root: PathLike,
+                      categories: Sequence[str] = ('apple',)) -> List[LabelledVideo]:
     """Read every video of a dataset folder written by ``sam_gap_ros.synthetic.cli video``.
 
     Layout: ``index.json`` (videos, tracks with categories, frames) plus per video
@@ -378,11 +465,12 @@ def load_video_folder(root: PathLike, categories: Sequence[str] = ('apple',)) ->
             rgb, labels, _depth = read_video_frame(root, video, frame_index)
             frames.append(rgb)
             id_masks.append(labels)
-        clips.append(clip_from_id_masks(frames, id_masks, wanted, str(video['name'])))
+        clips.append(LabelledVideo(np.stack(frames), np.stack(id_masks), wanted,
+                                   str(video['name'])))
     return clips
 
 
-def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[VideoClip]:
+def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[LabelledVideo]:
     """Return the videos of ``split`` ('train' or 'val') described by the ``data`` config."""
     source = data_cfg.get('source', 'synthetic')
     categories = tuple(data_cfg.get('categories', ['apple']))
@@ -403,7 +491,7 @@ def videos_from_config(data_cfg: Mapping[str, Any], split: str) -> List[VideoCli
     raise ValueError(f"unknown data.source '{source}': use 'synthetic' or 'folder'")
 
 
-def iterate_clips(videos: Sequence[VideoClip], rng: np.random.Generator, num_frames: int,
+def iterate_clips(videos: Sequence[Video], rng: np.random.Generator, num_frames: int,
                   max_objects: int, min_area: int = 16, max_stride: int = 1,
                   exit_fraction: float = 0.0, max_prompt_gap: int = 0) -> Iterator[VideoClip]:
     """Yield random training clips forever (raises if no video has a visible object).
@@ -431,10 +519,10 @@ def write_clip_index(path: PathLike, clips: Sequence[VideoClip]) -> None:
         for c in clips], indent=1))
 
 
-def area_stats(videos: Sequence[VideoClip]) -> Dict[str, float]:
+def area_stats(videos: Sequence[Video]) -> Dict[str, float]:
     """Return simple statistics of object areas (for logging what the data looks like)."""
-    areas = np.concatenate([v.masks.reshape(v.num_frames, v.num_objects, -1).sum(-1).ravel()
-                            for v in videos]) if videos else np.zeros(0)
+    areas = np.concatenate([v.object_areas.ravel() for v in videos]) if videos \
+        else np.zeros(0)
     visible = areas[areas > 0]
     if visible.size == 0:
         return {'objects': 0.0, 'mean_area': 0.0}

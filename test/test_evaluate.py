@@ -1,6 +1,7 @@
 """SAM2-vs-SAM3 evaluation: scoring checks and an end-to-end run on tiny real models."""
 
 import json
+import shutil
 
 import cv2
 import numpy as np
@@ -135,3 +136,28 @@ def test_evaluate_rejects_bad_requests(coco_dir, tmp_path):
     with pytest.raises(Exception) as error:
         evaluate.evaluate(coco_dir, tmp_path, phrases=['apple'], sam2_dir=tmp_path)
     assert 'do not occur' not in str(error.value)
+
+
+def test_predictions_on_a_crowd_region_are_neither_true_nor_false(coco_dir, tmp_path):
+    """Treat crowd regions as COCO does: finding the apples of a group costs nothing."""
+    crowd_dir = tmp_path / 'crowd'
+    shutil.copytree(coco_dir, crowd_dir)
+    annotations = json.loads((crowd_dir / 'annotations.json').read_text())
+    first_apple = next(a for a in annotations['annotations'] if 'apple' in a['phrases'])
+    first_apple['iscrowd'] = 1
+    (crowd_dir / 'annotations.json').write_text(json.dumps(annotations))
+    dataset = CocoInstances(crowd_dir)
+    sample = dataset[0]
+    phrases = dataset.vocabulary
+    (crowd,) = sample.crowd_masks
+    # A perfect detector also returns the crowd region under each phrase it may hold.
+    oracle = evaluate.FamilyRun('oracle', prompts=len(phrases))
+    oracle.predictions.append(
+        [evaluate.Prediction(p, mask, 0.9) for p in phrases for mask in sample.masks_for(p)]
+        + [evaluate.Prediction(p, crowd, 0.9) for p in phrases if sample.crowd_mask_for(p).any()])
+
+    table = evaluate.score_run(dataset, oracle, phrases, 0.5)
+
+    assert table['apple']['instances'] == sum('apple' in n for n in sample.phrases) >= 1
+    assert table['overall']['precision'] == 1.0 and table['overall']['recall'] == 1.0
+    assert table['overall']['ap'] == pytest.approx(1.0)

@@ -22,7 +22,8 @@ phrase-instance pairs) with
   (one-to-one Hungarian matching on mask IoU among predictions of the same phrase above
   the operating score threshold; unmatched instances count 0);
 * ``recall``: fraction of instances matched with IoU >= 0.5;
-* ``precision``: fraction of kept predictions matched with IoU >= 0.5;
+* ``precision``: fraction of kept predictions matched with IoU >= 0.5; a prediction lying
+  mostly inside a crowd region (``iscrowd: 1``) of its phrase is neither (COCO's rule);
 * ``ap`` / ``ap50``: COCO mask AP (pycocotools) with the phrase as the category, over all
   predictions above ``--ap-score-threshold``;
 * annotation effort: prompts per object (distinct instances). SAM2 needs >= 1 per
@@ -41,7 +42,7 @@ import json
 from pathlib import Path
 import sys
 import time
-from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -157,18 +158,34 @@ def _count(dataset: CocoInstances, max_images: Optional[int]) -> int:
 # ----------------------------------------------------------------------------- scoring
 
 
-def _match(gt_masks: List[np.ndarray], preds: List[Prediction]) -> Tuple[List[float], int]:
-    """Return each GT's matched IoU (0 if unmatched) and the number of true positives."""
+def _match(gt_masks: List[np.ndarray], preds: List[Prediction]) -> Tuple[List[float], Set[int]]:
+    """Return each GT's matched IoU (0 if unmatched) and the true-positive predictions."""
     if not gt_masks:
-        return [], 0
+        return [], set()
     if not preds:
-        return [0.0] * len(gt_masks), 0
+        return [0.0] * len(gt_masks), set()
     iou = mask_iou_matrix([p.mask for p in preds], gt_masks)
     pred_idx, gt_idx = hungarian_match(torch.from_numpy(-iou))
     best = [0.0] * len(gt_masks)
+    hits: Set[int] = set()
     for p, g in zip(pred_idx.tolist(), gt_idx.tolist(), strict=True):
         best[g] = float(iou[p, g])
-    return best, sum(1 for v in best if v >= MATCH_IOU)
+        if best[g] >= MATCH_IOU:
+            hits.add(p)
+    return best, hits
+
+
+def _inside_crowd(preds: List[Prediction], crowd: np.ndarray) -> Set[int]:
+    """Return the predictions with at least half their pixels in the crowd region.
+
+    COCO's rule for ignore regions (a detection matched to a crowd at IoU 0.5, where the
+    IoU with a crowd is measured over the detection's own area): such a detection is
+    neither a true nor a false positive.
+    """
+    if not crowd.any():
+        return set()
+    return {i for i, pred in enumerate(preds)
+            if pred.mask.any() and np.logical_and(pred.mask, crowd).sum() >= 0.5 * pred.mask.sum()}
 
 
 def _coco_ap(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
@@ -180,13 +197,19 @@ def _coco_ap(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
         sample = dataset[index]
         height, width = sample.image.shape[:2]
         images.append({'id': index + 1, 'height': height, 'width': width})
-        for phrase, cat in cat_ids.items():
-            for mask in sample.masks[sample.instances_for(phrase)]:
-                rle = _rle(mask)
-                anns.append({'id': len(anns) + 1, 'image_id': index + 1,
-                             'category_id': cat, 'segmentation': rle,
-                             'area': float(mask.sum()), 'iscrowd': 0,
-                             'bbox': list(mask_utils.toBbox(rle))})
+        crowds = zip(sample.crowd_masks if sample.crowd_masks is not None else [],
+                     sample.crowd_phrases or [], strict=True)
+        regions = [(mask, 1, names) for mask, names in crowds]  # COCO ignore regions
+        instances = zip(sample.masks, sample.phrases, strict=True)
+        regions += [(mask, 0, names) for mask, names in instances]
+        for mask, crowd, names in regions:
+            rle = _rle(mask)
+            for phrase in names:
+                if phrase in cat_ids:
+                    anns.append({'id': len(anns) + 1, 'image_id': index + 1,
+                                 'category_id': cat_ids[phrase], 'segmentation': rle,
+                                 'area': float(mask.sum()), 'iscrowd': crowd,
+                                 'bbox': list(mask_utils.toBbox(rle))})
         for pred in run.predictions[index]:
             dets.append({'image_id': index + 1, 'category_id': cat_ids[pred.phrase],
                          'segmentation': _rle(pred.mask), 'score': pred.score})
@@ -231,10 +254,11 @@ def score_run(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],
             gts = list(sample.masks[sample.instances_for(phrase)])
             preds = [q for q in run.predictions[index]
                      if q.phrase == phrase and q.score >= score_threshold]
-            matched, tp = _match(gts, preds)
+            matched, hits = _match(gts, preds)
+            ignored = _inside_crowd(preds, sample.crowd_mask_for(phrase)) - hits
             ious[phrase] += matched
-            true_pos[phrase] += tp
-            kept[phrase] += len(preds)
+            true_pos[phrase] += len(hits)
+            kept[phrase] += len(preds) - len(ignored)
     ap = _coco_ap(dataset, run, phrases, num_images)
     table: Dict[str, Dict[str, float]] = {}
     for phrase in list(phrases) + ['overall']:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import warnings
 
 import cv2
@@ -375,27 +375,16 @@ class CocoInstances:
             raise ValueError(f"image {info['id']} ('{info['file_name']}') is {width}x{height} "
                              f"but the annotations say {info.get('width')}x{info.get('height')}")
         anns = self._anns[info['id']]
-        masks = np.zeros((len(anns), height, width), dtype=bool)
+        masks = _decode_all(anns, height, width, f"of image {info['id']}")
         boxes = np.zeros((len(anns), 4), dtype=np.float32)
         for i, ann in enumerate(anns):
-            try:
-                masks[i] = decode_segmentation(ann.get('segmentation'), height, width)
-            except ValueError as exc:
-                raise ValueError(f"annotation {ann.get('id')} of image {info['id']}: "
-                                 f'{exc}') from exc
             box = mask_to_box(masks[i])
             if box is None:
                 raise ValueError(f"annotation {ann.get('id')} of image {info['id']} has an "
                                  'empty mask')
             boxes[i] = box
         crowds = self._crowd[info['id']]
-        crowd_masks = np.zeros((len(crowds), height, width), dtype=bool)
-        for i, ann in enumerate(crowds):
-            try:
-                crowd_masks[i] = decode_segmentation(ann.get('segmentation'), height, width)
-            except ValueError as exc:
-                raise ValueError(f"crowd annotation {ann.get('id')} of image {info['id']}: "
-                                 f'{exc}') from exc
+        crowd_masks = _decode_all(crowds, height, width, f"of image {info['id']} (crowd)")
         return CocoSample(
             image=image, masks=masks, boxes=boxes,
             noun_phrases=[a['noun_phrase'] for a in anns],
@@ -405,6 +394,18 @@ class CocoInstances:
             image_id=int(info['id']), file_name=str(info['file_name']),
             absent_phrases=self.absent_phrases(index), crowd_masks=crowd_masks,
             crowd_phrases=[a['phrases'] for a in crowds])
+
+
+def _decode_all(anns: Sequence[Mapping[str, Any]], height: int, width: int,
+                where: str) -> np.ndarray:
+    """Return the ``(N, H, W)`` boolean masks of ``anns``; errors name the annotation."""
+    masks = np.zeros((len(anns), height, width), dtype=bool)
+    for i, ann in enumerate(anns):
+        try:
+            masks[i] = decode_segmentation(ann.get('segmentation'), height, width)
+        except ValueError as exc:
+            raise ValueError(f"annotation {ann.get('id')} {where}: {exc}") from exc
+    return masks
 
 
 def _phrase_set(annotation: Mapping[str, Any], primary: str) -> Tuple[str, ...]:

@@ -154,7 +154,7 @@ def measure(step: Callable[[np.ndarray], Any], frames: Sequence[np.ndarray],
 
 def synthetic_frames(count: int, tiny_scene: bool) -> List[np.ndarray]:
     """Return 640x480 orchard frames (the close-range scene the tiny models know if asked)."""
-    from sam_gap_ros.demo import TINY_MODEL_SCENE
+    from sam_gap_ros.tiny_models import TINY_MODEL_SCENE
     from sam_gap_ros.synthetic.config import scene_config_from_text
     from sam_gap_ros.synthetic.video import OrchardVideo
 
@@ -179,7 +179,8 @@ def build_engines(quick: bool, device: str = 'cpu') -> Dict[str, Any]:
     from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 
     if quick:
-        from sam_gap_ros.demo import find_trained_model, TINY_SAM3_THRESHOLDS, TRAINED
+        from sam_gap_ros.demo import find_trained_model
+        from sam_gap_ros.tiny_models import TINY_SAM3_THRESHOLDS, TRAINED
 
         def sam2() -> Any:
             return Sam2Tracker.load(find_trained_model(TRAINED['sam2']), device=device)

@@ -79,7 +79,8 @@ def _prepare_models(args, workdir):
     """Return (model_dir, tracker_model_dir, scene overrides for the camera)."""
     if args.model_dir:
         return args.model_dir, args.tracker_model_dir, ''
-    from sam_gap_ros.demo import prepare_models, TINY_MODEL_SCENES
+    from sam_gap_ros.demo import prepare_models
+    from sam_gap_ros.tiny_models import TINY_MODEL_SCENES
     model_dir, tracker_dir, text = prepare_models(args.mode, workdir)
     print(f'models: {text}', file=sys.stderr)
     # The tiny models only know the close-range apples they were trained on: show them

@@ -380,7 +380,8 @@ def main(argv=None):
     from rclpy.context import Context
 
     from sam_gap_ros.allocator import keep_freed_buffers
-    from sam_gap_ros.demo import prepare_models, TINY_MODEL_SCENES, TINY_SAM3_THRESHOLDS
+    from sam_gap_ros.demo import prepare_models
+    from sam_gap_ros.tiny_models import TINY_MODEL_SCENES, TINY_SAM3_THRESHOLDS
     from sam_gap_ros.nodes.ros_utils import make_executor
 
     keep_freed_buffers()

@@ -11,7 +11,9 @@ Examples::
         depth_topic:=aligned_depth_to_color/image_raw use_depth:=true
 
 Parameter precedence (lowest first): shipped tiny-model defaults, ``params_file``, launch
-arguments that are set (non-empty). The segmenter configures and activates itself
+arguments that are set (non-empty). Without a ``model_dir`` (argument or params file) the
+shipped tiny models run, at the tiny SAM3's thresholds, and a synthetic camera shows them
+the close-range scene they were trained on. The segmenter configures and activates itself
 (``autostart``), so no lifecycle manager is needed, on Humble as on newer distributions.
 """
 
@@ -24,6 +26,7 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
+from sam_gap_ros.tiny_models import TINY_MODEL_SCENE, TINY_SAM3_THRESHOLDS, TRAINED
 import yaml
 
 PACKAGE = 'sam_gap_ros'
@@ -70,18 +73,28 @@ def _shipped_model(name):
     return path if os.path.isdir(path) else ''
 
 
-def _file_mode(params_file):
-    """Return the segmenter mode a params file sets (the node's default is hybrid)."""
+def _file_params(params_file):
+    """Return the segmenter parameters a params file sets, as far as the launch needs them.
+
+    Read from ``/**`` and from every key naming a node ``segmenter`` (``/**/segmenter``,
+    ``/segmenter`` as ``ros2 param dump`` writes it, ``/front/segmenter``), the more
+    specific ones last, so that their values win as they do in rcl.
+    """
     try:
         with open(params_file) as stream:
             content = yaml.safe_load(stream) or {}
     except (OSError, yaml.YAMLError):
-        return 'hybrid'
-    for key in ('/**/segmenter', '/**'):
-        mode = (content.get(key) or {}).get('ros__parameters', {}).get('mode')
-        if mode:
-            return str(mode)
-    return 'hybrid'
+        return {}
+    if not isinstance(content, dict):
+        return {}
+    keys = [key for key in content
+            if key == '/**' or str(key).rstrip('/').split('/')[-1] == 'segmenter']
+    merged = {}
+    for key in sorted(keys, key=lambda k: k != '/**'):
+        params = (content.get(key) or {}).get('ros__parameters') or {}
+        if isinstance(params, dict):
+            merged.update(params)
+    return merged
 
 
 def _defaults_file(defaults):
@@ -142,18 +155,26 @@ def _setup(context, *args, **kwargs):
     value = {name: LaunchConfiguration(name).perform(context).strip()
              for name, _, _ in ARGUMENTS}
     params_file = LaunchConfiguration('params_file').perform(context)
-    mode = value['mode'] or _file_mode(params_file)
+    from_file = _file_params(params_file)
+    mode = value['mode'] or str(from_file.get('mode') or 'hybrid')
 
-    # Defaults below the params file: the tiny orchard models installed with the package.
+    # Defaults below the params file: the tiny orchard models installed with the package,
+    # with the operating point the tiny SAM3 was tuned for when it is the detector.
     defaults = {}
-    sam3, sam2 = _shipped_model('tiny-orchard-sam3'), _shipped_model('tiny-orchard-sam2')
-    if mode == 'sam2' and sam2:
+    sam3, sam2 = _shipped_model(TRAINED['sam3']), _shipped_model(TRAINED['sam2'])
+    shipped = not (value['model_dir'] or from_file.get('model_dir'))
+    if shipped and mode == 'sam2' and sam2:
         defaults['model_dir'] = sam2
-    elif sam3:
+    elif shipped and mode != 'sam2' and sam3:
         defaults['model_dir'] = sam3
+        defaults.update(TINY_SAM3_THRESHOLDS)
     if sam2:
         defaults['tracker_model_dir'] = sam2
     defaults_file = _defaults_file(defaults) if defaults else None
+    # The synthetic camera shows the shipped models the close-range scene they were trained
+    # on (its default 69 deg view makes apples too small for them); a params file may differ.
+    camera_defaults = _defaults_file({'scene': TINY_MODEL_SCENE}) \
+        if shipped and _truthy(value['synthetic']) else None
 
     overrides = {'autostart': True}
     for name in ('mode', 'model_dir', 'tracker_model_dir', 'engine_path', 'device',
@@ -188,7 +209,8 @@ def _setup(context, *args, **kwargs):
         if _truthy(value['synthetic']):
             actions.append(Node(
                 package=PACKAGE, executable='synthetic_camera', name='synthetic_camera',
-                namespace=namespace, output='screen', parameters=[params_file],
+                namespace=namespace, output='screen',
+                parameters=[p for p in (camera_defaults, params_file) if p],
                 additional_env=dds_env,
                 remappings=remappings))
     return actions

@@ -16,6 +16,7 @@ import rclpy
 import rclpy.executors
 from rclpy.context import Context
 from rclpy.parameter import parameter_dict_from_yaml_file
+import yaml
 
 from node_harness import probe_segmenter
 
@@ -126,6 +127,57 @@ def _remappings(node, context):
     return dict(node.expanded_remapping_rules)
 
 
+def _parameter_files(node, context):
+    """Return the values in each params file handed to ``node`` (all its keys merged)."""
+    node._perform_substitutions(context)
+    merged = []
+    for path, is_file in node._Node__expanded_parameter_arguments:
+        if is_file:
+            content = yaml.safe_load(Path(path).read_text())
+            values = {}
+            for section in content.values():
+                values.update(section['ros__parameters'])
+            merged.append(values)
+    return merged
+
+
+@NEEDS_LAUNCH_ROS
+def test_shipped_models_run_at_their_operating_point_on_their_scene():
+    from launch_ros.actions import LifecycleNode
+    from sam_gap_ros.tiny_models import TINY_MODEL_SCENE, TINY_SAM3_THRESHOLDS
+
+    actions, context = _launch_actions({'synthetic': 'true'})
+    segmenter, camera = actions
+    assert isinstance(segmenter, LifecycleNode)
+    shipped = _parameter_files(segmenter, context)[0]  # lowest rank: below params_file
+    assert shipped['model_dir'].endswith('tiny-orchard-sam3')
+    assert {k: shipped[k] for k in TINY_SAM3_THRESHOLDS} == TINY_SAM3_THRESHOLDS
+    assert _parameter_files(camera, context)[0] == {'scene': TINY_MODEL_SCENE}
+    # The shipped orchard.yaml leaves thresholds to the model, so these apply.
+    yaml_values = _parameter_files(segmenter, context)[1]
+    assert 'score_threshold' not in yaml_values and 'mask_threshold' not in yaml_values
+
+    # Your own model: no tiny-model thresholds, and the camera keeps its own scene.
+    actions, context = _launch_actions({'synthetic': 'true', 'model_dir': '/opt/models/sam3'})
+    segmenter, camera = actions
+    assert 'score_threshold' not in _parameter_files(segmenter, context)[0]
+    assert all('scene' not in values for values in _parameter_files(camera, context))
+
+
+@NEEDS_LAUNCH_ROS
+def test_mode_and_model_dir_are_read_from_any_segmenter_key_of_the_params_file(tmp_path):
+    module = _load_launch_file()
+    params_file = tmp_path / 'dumped.yaml'
+    # What `ros2 param dump /segmenter` writes, next to a wildcard section.
+    params_file.write_text('/**:\n  ros__parameters:\n    mode: sam3\n'
+                           '/segmenter:\n  ros__parameters:\n    mode: sam2\n'
+                           '    model_dir: /opt/models/sam2\n'
+                           '/other_node:\n  ros__parameters:\n    mode: hybrid\n')
+    assert module._file_params(str(params_file)) == {'mode': 'sam2',
+                                                     'model_dir': '/opt/models/sam2'}
+    assert module._file_params(str(tmp_path / 'missing.yaml')) == {}
+
+
 @NEEDS_LAUNCH_ROS
 def test_camera_topic_arguments_remap_the_inputs():
     from launch_ros.actions import LifecycleNode
@@ -180,7 +232,8 @@ def test_launch_service_runs_the_installed_launch_file():
     def probe():
         try:
             result['state'], result['params'] = probe_segmenter(
-                '/launch_test/segmenter', ('mode', 'device', 'concepts', 'model_dir'))
+                '/launch_test/segmenter', ('mode', 'device', 'concepts', 'model_dir',
+                                           'score_threshold', 'mask_threshold'))
         finally:
             service.shutdown()
 
@@ -193,6 +246,8 @@ def test_launch_service_runs_the_installed_launch_file():
     assert params['mode'] == 'sam3' and params['device'] == 'cpu'
     assert params['concepts'] == ['apple', 'damaged apple']
     assert params['model_dir'].endswith('tiny-orchard-sam3')
+    # The shipped tiny SAM3 at its operating point (orchard.yaml leaves thresholds unset).
+    assert (params['score_threshold'], params['mask_threshold']) == (0.3, 0.35)
 
 
 def test_rcl_loads_orchard_yaml_into_the_segmenter():

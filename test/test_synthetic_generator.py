@@ -293,7 +293,7 @@ def test_scene_overrides_parse_yaml_and_reject_unknown_fields():
 
 def test_demo_scene_is_the_tiny_models_training_scene():
     """The demo camera shows each tiny model the fruit size it was trained on."""
-    from sam_gap_ros.demo import TINY_MODEL_SCENES
+    from sam_gap_ros.tiny_models import TINY_MODEL_SCENES
     from sam_gap_ros.synthetic.config import scene_config_from_text
     from training.tiny_quality import sam2_scene_config, sam3_scene_config
     for family, trained in (('sam2', sam2_scene_config()), ('sam3', sam3_scene_config())):

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sam_gap_ros.demo import TINY_SAM3_THRESHOLDS
+from sam_gap_ros.tiny_models import TINY_SAM3_THRESHOLDS
 from sam_gap_ros.engines.hybrid import associate
 from sam_gap_ros.mask_ops import mask_iou, mask_to_box
 from sam_gap_ros.synthetic import (generate_scene, OrchardSceneConfig, OrchardVideo,

@@ -62,11 +62,15 @@ class StampPairer:
         self.time_jumps = 0
 
     def add_primary(self, stamp: float, item: Any, now: float) -> List[Paired]:
-        """Offer a colour item received at ``now``; return the pairs that became ready."""
+        """Offer a colour item received at ``now``; return the pairs that became ready.
+
+        Like every method here, returns them in stamp order: a consumer that keeps only the
+        newest (``LatestSlot``) then keeps the newest frame.
+        """
         self._forget_secondaries_after_jump(stamp)
         match = self._best_secondary(stamp)
         if match is not None:
-            return self._expire(now) + [Paired(stamp, item, match)]
+            return _in_stamp_order(self._expire(now) + [Paired(stamp, item, match)])
         self._pending.append((stamp, now, item))
         while len(self._pending) > self._max_pending:
             self._pending.popleft()
@@ -86,7 +90,9 @@ class StampPairer:
             else:
                 still.append((p_stamp, received, p_item))
         self._pending = still
-        return ready + self._expire(now)
+        # Sorted: the depth that completes a newer frame also expires the older frames
+        # still waiting, and those must not come last and take its place in the slot.
+        return _in_stamp_order(ready + self._expire(now))
 
     def poll(self, now: float) -> List[Paired]:
         """Release primaries whose wait for depth has run out."""
@@ -134,6 +140,10 @@ class StampPairer:
                 still.append((p_stamp, received, p_item))
         self._pending = still
         return ready
+
+
+def _in_stamp_order(pairs: List[Paired]) -> List[Paired]:
+    return sorted(pairs, key=lambda pair: pair.stamp)  # stable: equal stamps keep their order
 
 
 class LatestSlot(Generic[T]):

@@ -36,6 +36,21 @@ def test_out_of_tolerance_is_released_unpaired_when_newer_depth_arrives():
     assert pairer.unpaired == 1
 
 
+def test_frames_are_released_in_stamp_order_so_the_slot_keeps_the_newest():
+    """Depth for the newer frame also gives up on the older one: newer one last."""
+    pairer = StampPairer(tolerance=0.03, max_wait=10.0)
+    assert pairer.add_primary(1.00, 'older', now=0.0) == []
+    assert pairer.add_primary(1.10, 'newer', now=0.1) == []
+
+    ready = pairer.add_secondary(1.10, 'depth', now=0.11)
+
+    assert [(p.primary, p.secondary) for p in ready] == [('older', None), ('newer', 'depth')]
+    slot = LatestSlot()
+    for pair in ready:
+        slot.put(pair)
+    assert slot.take(timeout=0.1).primary == 'newer' and slot.dropped == 1
+
+
 def test_stalled_depth_times_out():
     pairer = StampPairer(tolerance=0.01, max_wait=0.2)
     assert pairer.add_primary(1.0, 'c', now=5.0) == []

@@ -119,6 +119,8 @@ class FrameResult:
     masks: List[np.ndarray] = field(default_factory=list)
     """Boolean masks in the same order as ``records``."""
     inference_s: float = 0.0
+    refused_prompts: List[str] = field(default_factory=list)
+    """Why prompts queued for this frame (sent before the first frame) were refused."""
 
     @property
     def positions(self) -> List[Optional[Tuple[float, float, float]]]:
@@ -419,7 +421,7 @@ class SegmentationPipeline:
         cannot seed an object, so one on no object is refused.
         """
         x, y = float(x), float(y)
-        _check_in_image([(x, y)], image_size)
+        _check_in_image([(x, y)], image_size, pixel=True)
         prompt = {'points': [[[x, y]]], 'labels': [[1 if positive else 0]]}
         if positive:
             return self._add_prompt(prompt, frame_index)
@@ -517,7 +519,8 @@ class SegmentationPipeline:
                 self.reset()
             self._image_size = (height, width)
             start = time.perf_counter()
-            found = self._run(rgb)
+            refused: List[str] = []
+            found = self._run(rgb, refused)
             inference_s = time.perf_counter() - start
             self._frame_index += 1
             frame_index = self._frame_index
@@ -529,7 +532,7 @@ class SegmentationPipeline:
                              boxes=[item.box for item in found])
         if self.config.mode == 'sam2':
             self._last_labels = labels  # never written after this: kept without a copy
-        return FrameResult(frame_index, labels, records, masks, inference_s)
+        return FrameResult(frame_index, labels, records, masks, inference_s, refused)
 
     def _record(self, item: _Found, depth_m: Optional[np.ndarray],
                 intrinsics: Optional[CameraIntrinsics]) -> InstanceRecord:
@@ -544,11 +547,11 @@ class SegmentationPipeline:
         return InstanceRecord(item.object_id, item.label, item.score, item.box, item.area,
                               (cx + x0, cy + y0), position)
 
-    def _run(self, rgb: np.ndarray) -> List[_Found]:
+    def _run(self, rgb: np.ndarray, refused: List[str]) -> List[_Found]:
         """Run the engine; return its non-empty instances with their label-image IDs."""
         mode = self.config.mode
         if mode == 'sam2':
-            result = self._track_sam2(rgb)
+            result = self._track_sam2(rgb, refused)
             return [_Found(o.object_id, 'object', _sigmoid(o.score), o.mask, o.box, o.area)
                     for o in result.objects if o.present and o.area > 0]
         if mode == 'sam3':
@@ -560,14 +563,19 @@ class SegmentationPipeline:
         return [_Found(object_id, i.concept, float(i.score), i.mask, i.box, i.area)
                 for object_id, i in zip(ids, instances, strict=True)]
 
-    def _track_sam2(self, rgb: np.ndarray) -> Any:
+    def _track_sam2(self, rgb: np.ndarray, refused: List[str]) -> Any:
         result = self._tracker.track(rgb)
         if self._pending_prompts:
             # Prompts that arrived before the first frame attach to this one; the tracker
-            # applies them on the cached features and updates its last result.
+            # applies them on the cached features and updates its last result. Their
+            # coordinates could not be checked against an image then: one that does not
+            # fit this frame is refused alone, and the frame still goes out.
             pending, self._pending_prompts = self._pending_prompts, []
             for prompt in pending:
-                self._tracker.add_objects(None, **prompt)
+                try:
+                    self._tracker.add_objects(None, **prompt)
+                except PromptError as exc:
+                    refused.append(f"object {prompt['object_ids'][0]}: {exc}")
             result = self._tracker.last_result
         return result
 
@@ -602,13 +610,20 @@ def _sigmoid(logit: float) -> float:
 
 
 def _check_in_image(points: Sequence[Tuple[float, float]],
-                    image_size: Optional[Tuple[int, int]]) -> None:
+                    image_size: Optional[Tuple[int, int]], pixel: bool = False) -> None:
+    """Refuse non-finite or out-of-image prompt coordinates.
+
+    Box corners may lie on the far edge (x = width); a ``pixel`` (a point prompt) must be
+    inside the image, x < width, as the tracker requires.
+    """
     for x, y in points:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise PromptError(f'prompt coordinate ({x}, {y}) is not finite')
         if image_size is not None:
             width, height = image_size
-            if not (0 <= x <= width and 0 <= y <= height):
+            inside = (0 <= x < width and 0 <= y < height) if pixel else \
+                (0 <= x <= width and 0 <= y <= height)
+            if not inside:
                 raise PromptError(f'prompt point ({x:.1f}, {y:.1f}) lies outside the '
                                   f'{width}x{height} image')
 

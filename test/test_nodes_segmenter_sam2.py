@@ -19,6 +19,7 @@ import torch
 from node_harness import H, make_depth, save_present_sam2, W
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_image_msg
+from sam_gap_ros.nodes import segmenter as segmenter_module
 
 
 # The random decoder's tracked masks wander off their boxes, which the tracker's motion
@@ -400,3 +401,24 @@ def test_compressed_transport_and_out_of_memory_skip(ros, sam2_dir, monkeypatch)
     assert ros.spin_until(lambda: len(docs) >= 2)  # still alive, next frame processed
     assert instances_json.loads(docs[-1].data)['header']['stamp']['sec'] == 3
     assert node.stats()['errors'] == 0
+    # The WARN is about recent skips (the counter keeps the history): it clears once the
+    # skip is RECENT_S old.
+    monkeypatch.setattr(segmenter_module, 'RECENT_S', 0.3)
+    assert ros.spin_until(
+        lambda: node.diagnostics().status[0].level == DiagnosticStatus.OK, timeout=1.5)
+    assert node.stats()['oom_skips'] == 1
+
+
+def test_diagnostics_warn_while_every_image_is_refused(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    pub = ros.publisher(Image, f'{ros.ns}/image')
+    for _ in range(3):  # e.g. the depth topic remapped to image by mistake
+        pub.publish(numpy_to_image_msg(np.full((H, W), 900, np.uint16), '16UC1'))
+    assert ros.spin_until(lambda: node.stats()['bad_input'] == 3)
+    status = node.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.WARN and 'refused (bad_input)' in status.message
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    assert node.diagnostics().status[0].level == DiagnosticStatus.OK

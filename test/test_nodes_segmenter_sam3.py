@@ -1,5 +1,7 @@
 """Segmenter node in sam3 mode: concepts through the parameter service, outputs, markers."""
 
+import math
+
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseArray
 import numpy as np
@@ -7,12 +9,12 @@ import pytest
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 import torch  # noqa: F401 - imported first, so conftest runs every test on 1 thread
 from visualization_msgs.msg import Marker, MarkerArray
 
-from node_harness import make_depth
+from node_harness import H, K, make_depth, W
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy
 
@@ -59,6 +61,16 @@ def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
     spheres = [m for m in markers[-1].markers if m.type == Marker.SPHERE]
     assert markers[-1].markers[0].action == Marker.DELETEALL
     assert sorted(m.id for m in spheres) == sorted(i['id'] for i in doc['instances'])
+    # Sphere = the mask's equivalent circle at the fruit's depth, with fx at the image's
+    # resolution, also when camera_info comes at another one of the same view.
+    areas = {i['id']: i['area'] for i in doc['instances']}
+    expected = {m.id: 2 * math.sqrt(areas[m.id] / math.pi) * 2.0 / K[0] for m in spheres}
+    for sphere in spheres:
+        assert sphere.scale.x == pytest.approx(max(0.01, expected[sphere.id]), rel=1e-3)
+    double = CameraInfo(width=2 * W, height=2 * H)
+    double.k = [2 * K[0], 0.0, 2 * K[2] + 0.5, 0.0, 2 * K[4], 2 * K[5] + 0.5, 0.0, 0.0, 1.0]
+    node._camera_info = double
+    assert node._focal_length_px((H, W)) == pytest.approx(K[0])
 
     compositional = ['apple but not green apple', 'damaged apple near trunk']
     result = _set_concepts(ros, client, compositional)

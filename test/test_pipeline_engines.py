@@ -84,6 +84,27 @@ def test_sam2_prompt_before_first_frame_and_depth_positions(models):
     assert pipeline.object_ids == [] and pipeline.frame_index == -1
 
 
+def test_a_bad_prompt_waiting_for_the_first_frame_is_refused_alone(models):
+    """Before any frame no size is known; a prompt that does not fit costs no frame."""
+    pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
+    assert pipeline.add_box((20, 30, 50, 60)) == 1
+    assert pipeline.add_point(500, 500) == 2  # cannot be checked yet
+    assert pipeline.add_box((60, 20, 90, 50)) == 3
+
+    result = pipeline.process(make_frame(0))  # 128 x 96
+
+    assert len(result.refused_prompts) == 1
+    assert 'object 2' in result.refused_prompts[0] and 'outside' in result.refused_prompts[0]
+    assert pipeline.object_ids == [1, 3]  # the others were applied to this frame
+    assert [r.instance_id for r in result.records] == [1, 3]
+    assert pipeline.process(make_frame(1)).refused_prompts == []
+    # A point is a pixel: x = width is outside, as the tracker sees it (a box corner there
+    # is fine).
+    with pytest.raises(PromptError, match='outside'):
+        pipeline.add_point(128, 40, image_size=(128, 96))
+    assert pipeline.add_box((100, 40, 128, 96), image_size=(128, 96)) == 4
+
+
 def test_sam2_background_point_corrects_the_object_under_it(models):
     pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
     with pytest.raises(PromptError, match='no frame'):

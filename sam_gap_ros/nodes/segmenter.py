@@ -41,6 +41,8 @@ from sam_gap_ros.pipeline import PipelineConfig, release_cached_memory, Segmenta
 from sam_gap_ros.streaming import LatencyWindow, LatestSlot, Paired, RateMeter, StampPairer
 
 THROTTLE_S = 2.0
+RECENT_S = 10.0
+"""How long skipped or refused frames keep /diagnostics at WARN after the last one."""
 DEVICES_HELP = 'auto, cpu, cuda or cuda:N'
 
 
@@ -64,12 +66,14 @@ def _declare_all(node: LifecycleNode) -> None:
         ('concepts', ['apple'], dict(description='concept prompts (sam3/hybrid); compositional '
                                      'queries such as "apple but not green apple" allowed; '
                                      'settable at runtime')),
-        ('score_threshold', 0.5, dict(description='minimum detection probability in [0, 1)',
-                                      float_range=(0.0, 0.999))),
+        ('score_threshold', 0.5, dict(description='minimum detection probability in [0, 1) '
+                                      '(sam3/hybrid detections; sam2 reports every prompted '
+                                      'object it sees)', float_range=(0.0, 0.999))),
         ('mask_threshold', 0.5, dict(description='mask probability a pixel needs to belong to '
                                      'an instance, in (0, 1) (sam3/hybrid)',
                                      float_range=(0.01, 0.99))),
-        ('max_instances', 50, dict(description='maximum instances per frame',
+        ('max_instances', 50, dict(description='maximum instances per frame (sam3/hybrid; '
+                                   'sam2 tracks every prompted object)',
                                    int_range=(1, 1000))),
         ('redetect_every_n', 10, dict(description='hybrid: run concept detection every N frames',
                                       int_range=(1, 10000))),
@@ -182,11 +186,17 @@ class SegmenterNode(LifecycleNode):
         self.inference = LatencyWindow()
         self._last_image_time: Optional[float] = None
         self._last_depth_time: Optional[float] = None
+        self._last_counted: Dict[str, float] = {}
         self._active_since = time.monotonic()
 
     def _count(self, key: str, amount: int = 1) -> None:
         with self._stats_lock:
             self.counters[key] = self.counters.get(key, 0) + amount
+            self._last_counted[key] = time.monotonic()
+
+    def _counted_lately(self, key: str, now: float) -> bool:
+        """Whether counter ``key`` grew within the last ``RECENT_S`` seconds."""
+        return now - self._last_counted.get(key, -math.inf) < RECENT_S
 
     def stats(self) -> Dict[str, Any]:
         """Return a snapshot of counters, rates and latency percentiles."""
@@ -497,6 +507,8 @@ class SegmenterNode(LifecycleNode):
             self._count('frames_aborted')
             return
         result = pipeline.process(rgb, depth, encoding, intrinsics)
+        for reason in result.refused_prompts:
+            self._warn('bad_prompts', f'prompt sent before the first frame refused: {reason}')
         if not self._active:
             # Deactivated or shutting down during inference: publish nothing, but account
             # for the frame so frames_in == processed + dropped still holds.
@@ -580,8 +592,7 @@ class SegmenterNode(LifecycleNode):
         markers = MarkerArray()
         clear = Marker(header=header, action=Marker.DELETEALL)
         markers.markers.append(clear)
-        info = self._camera_info
-        fx = float(info.k[0]) if info is not None and info.k[0] > 0 else None
+        fx = self._focal_length_px(result.labels.shape)
         for record in result.records:
             if record.position is None:
                 continue
@@ -606,6 +617,19 @@ class SegmenterNode(LifecycleNode):
             text.color.r = text.color.g = text.color.b = text.color.a = 1.0
             markers.markers.extend([sphere, text])
         return markers
+
+    def _focal_length_px(self, shape: Tuple[int, int]) -> Optional[float]:
+        """Return fx at the colour image's resolution (camera_info may have another)."""
+        info = self._camera_info
+        if info is None:
+            return None
+        height, width = shape
+        try:
+            intrinsics = CameraIntrinsics.from_k(list(info.k), info.width or width,
+                                                 info.height or height)
+        except ValueError:
+            return None
+        return intrinsics.scaled_to(width, height).fx
 
     # -- prompts and services --------------------------------------------------------------
     def _prompt_image_size(self, stamp: Any) -> Optional[Tuple[int, int]]:
@@ -788,8 +812,17 @@ class SegmenterNode(LifecycleNode):
                 self.get_logger().warning(f'{message}; remap depth to the depth image '
                                           'aligned to the colour camera',
                                           throttle_duration_sec=THROTTLE_S)
-            elif stats['oom_skips'] or stats['errors']:
-                level, message = DiagnosticStatus.WARN, 'frames skipped (see counters)'
+            elif self._counted_lately('oom_skips', now) or self._counted_lately('errors', now):
+                # Recent, not cumulative: the counters keep the history, the level the now.
+                level = DiagnosticStatus.WARN
+                message = f'frames skipped in the last {RECENT_S:g} s (see counters)'
+            elif (self._counted_lately('bad_input', now)
+                  and not self._counted_lately('frames_processed', now)):
+                # Images arrive (so not stale) but every one is refused: wrong encoding or
+                # size; the log says which.
+                level = DiagnosticStatus.WARN
+                message = (f'every image of the last {RECENT_S:g} s was refused (bad_input): '
+                           'see the log for why')
             elif (str(pipeline.config.engine_path).strip()
                   and pipeline.tensorrt_status.startswith('pytorch')):
                 # Running, but at PyTorch speed where an engine was asked for: the frame

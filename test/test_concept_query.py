@@ -1,6 +1,7 @@
 """Concept-query grammar, validation and set logic on hand-made masks (no model)."""
 
 import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -123,6 +124,26 @@ def test_parse_concepts_validates_and_deduplicates():
     with pytest.raises(ConceptError, match="#1: concept 'pear or apple'"):
         parse_concepts(['apple', 'pear or apple'])
     assert len(parse_concepts([f'apple {i}' for i in range(MAX_CONCEPTS)])) == MAX_CONCEPTS
+
+
+def test_text_is_unicode_normalised_before_validation():
+    # A decomposed umlaut ('a' + combining diaeresis, as macOS sends it) is the letter.
+    decomposed = unicodedata.normalize('NFD', 'Äpfel')
+    assert len(decomposed) == 6
+    assert parse_query(decomposed).text == 'äpfel' == parse_query('äpfel').text
+    # Full-width letters and the ideographic space (CJK input methods) spell the operator.
+    query = parse_query('apple\u3000ＢＵＴ ＮＯＴ\u3000green apple')
+    assert query == parse_query('apple but not green apple')
+    assert [q.text for q in parse_concepts(['ＡＰＰＬＥ', 'apple', decomposed, 'äpfel'])] \
+        == ['apple', 'äpfel']
+
+
+def test_concept_limit_counts_distinct_concepts():
+    assert [q.text for q in parse_concepts(['apple'] * (MAX_CONCEPTS + 1))] == ['apple']
+    spellings = [f'apple {i}' for i in range(MAX_CONCEPTS)] + ['APPLE 0', ' apple  1']
+    assert len(parse_concepts(spellings)) == MAX_CONCEPTS
+    with pytest.raises(ConceptError, match=f'{MAX_CONCEPTS + 1} distinct concepts given'):
+        parse_concepts(spellings + ['pear'])
 
 
 def test_parse_concepts_limits_distinct_phrases():

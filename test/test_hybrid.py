@@ -192,6 +192,39 @@ def test_two_tracks_on_one_object_keep_one_id():
     assert hybrid.tracker.object_ids == hybrid.track_ids
 
 
+def test_reported_instances_respect_max_instances():
+    # SAM2 keeps seeing every track; each re-detection finds one new object. Old tracks
+    # live on beside the new ones, but a frame reports at most max_instances: the
+    # highest-scoring (score of the last matching detection), listed by ID.
+    script = {0: [det(A, 0.6)], 1: [det(C, 0.9)], 2: [det(B, 0.8)]}
+
+    def run(cap_on_engine=None, cap=None):
+        concepts = ScriptedConcepts(script)
+        if cap_on_engine is not None:
+            concepts.max_instances = cap_on_engine
+        explicit = {} if cap is None else {'max_instances': cap}
+        hybrid = HybridTracker(concepts, make_tracker(3.0), redetect_every_n=1,
+                               duplicate_iou=1.0, max_missed_redetections=5, **explicit)
+        frames = [[(i.instance_id, i.score) for i in hybrid.step(FRAME)] for _ in range(4)]
+        return hybrid, frames
+
+    hybrid, uncapped = run()
+    assert uncapped == [[(1, 0.6)], [(1, 0.6), (2, 0.9)], [(1, 0.6), (2, 0.9), (3, 0.8)],
+                        [(1, 0.6), (2, 0.9), (3, 0.8)]]
+    # The concept engine's max_instances (what the node sets) caps the frame's output.
+    hybrid, one = run(cap_on_engine=1)
+    assert one == [[(1, 0.6)], [(2, 0.9)], [(2, 0.9)], [(2, 0.9)]]
+    assert hybrid.track_ids == [1, 2, 3]            # the others are still tracked
+    assert hybrid.max_instances == 1
+    hybrid.concept_engine.max_instances = 2         # changed at run time: applies at once
+    assert [(i.instance_id, i.score) for i in hybrid.step(FRAME)] == [(2, 0.9), (3, 0.8)]
+    # An explicit cap wins over the engine's; under the cap nothing changes.
+    assert run(cap_on_engine=1, cap=3)[1] == uncapped
+    assert run(cap=2)[1][2:] == [[(2, 0.9), (3, 0.8)]] * 2
+    with pytest.raises(ValueError, match='max_instances'):
+        HybridTracker(ScriptedConcepts({}), make_tracker(0.0), max_instances=0)
+
+
 def test_concept_change_reset_and_bad_frames():
     concepts = ScriptedConcepts({0: [det(A)], 1: [det(B, concept='leaf')], 2: [det(C)]})
     hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10)

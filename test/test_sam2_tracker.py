@@ -2,10 +2,12 @@
 
 import copy
 import json
+import shutil
 
 import cv2
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 import torch.nn.functional as F
 from transformers import Sam2VideoModel
@@ -22,6 +24,7 @@ from sam_gap_ros.engines.tiny_sam2 import (
     save_tiny_sam2,
     tiny_sam2_video_config,
 )
+from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
 from sam_gap_ros.engines.types import ModelLoadError, PromptError
 
 H, W = 96, 160
@@ -149,6 +152,25 @@ def test_load_errors(tmp_path):
     (corrupt / 'model.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(ModelLoadError):
         Sam2Tracker.load(corrupt)
+
+
+def test_load_refuses_incomplete_or_foreign_weights(tmp_path):
+    """Weights transformers would leave at random init fail to load (it only logs them)."""
+    partial = save_tiny_sam2(tmp_path / 'partial')
+    weights = load_file(str(partial / 'model.safetensors'))
+    save_file({k: weights[k] for k in sorted(weights)[::2]}, str(partial / 'model.safetensors'))
+    with pytest.raises(ModelLoadError,
+                       match=r'complete SAM2 video weights: \d+ tensor\(s\) missing'):
+        Sam2Tracker.load(partial, device='cpu')
+    foreign = save_tiny_sam2(tmp_path / 'sam3_weights')
+    save_tiny_sam3(tmp_path / 'sam3')
+    shutil.copy(tmp_path / 'sam3' / 'model.safetensors', foreign)
+    with pytest.raises(ModelLoadError, match='unknown tensor.*another model'):
+        Sam2Tracker.load(foreign, device='cpu')
+    listed = save_tiny_sam2(tmp_path / 'listed')
+    (listed / 'config.json').write_text(json.dumps([{'model_type': 'sam2_video'}]))
+    with pytest.raises(ModelLoadError, match='JSON list, not an object'):
+        Sam2Tracker.load(listed, device='cpu')
 
 
 def test_processor_size_must_match_model():
@@ -400,6 +422,45 @@ def test_object_ids_remove_and_reset():
     assert tracker.image_size == (64, 64)
 
 
+def test_object_ids_must_be_mono16_integers():
+    tracker = make_tracker()
+    tracker.track(frames(1)[0])
+    # numpy integers are integers (IDs read from a label image); stored as int.
+    assert tracker.add_objects(boxes=[BOX_A], object_ids=[np.uint16(65535)]) == [65535]
+    assert type(tracker.object_ids[0]) is int
+    for bad, message in (('65535', 'must be integers'), (65535.0, 'must be integers'),
+                         (True, 'must be integers'), (70000, 'up to 65535')):
+        with pytest.raises(PromptError, match=message):
+            tracker.remove_object(bad)
+    tracker.remove_object(np.int64(65535))
+    assert tracker.object_ids == []
+
+
+def test_later_prompt_supersedes_one_waiting_for_the_next_frame():
+    video = frames(3)
+    tracker = make_tracker(motion_gate_margin=None)
+    tracker.track(video[0])
+    assert tracker.add_objects(1, boxes=[BOX_A]) == [1]
+    session = tracker.session
+    assert list(session.point_inputs_per_obj[0]) == [1]
+    # Re-prompted on the current frame before the waiting prompt was applied: the new
+    # prompt is applied now and the waiting one is dropped with its inputs.
+    tracker.add_objects(0, boxes=[BOX_B], object_ids=[1])
+    assert not session.point_inputs_per_obj[0] and not session.mask_inputs_per_obj[0]
+    cond = session.output_dict_per_obj[0]['cond_frame_outputs']
+    assert list(cond) == [0]
+    tracker.track(video[1])
+    assert list(cond) == [0]
+    # A mask waiting for the next frame is superseded the same way...
+    tracker.add_objects(2, masks=[video[0][..., 0] > 128], object_ids=[1])
+    tracker.add_objects(1, points=[[[30, 40]]], object_ids=[1])
+    assert not session.mask_inputs_per_obj[0] and list(cond) == [0, 1]
+    # ...while a prompt made after one applied on the current frame waits as usual.
+    tracker.add_objects(2, boxes=[BOX_A], object_ids=[1])
+    tracker.track(video[2])
+    assert list(cond) == [0, 1, 2]
+
+
 def test_reprompt_existing_object_adds_conditioning_frame():
     tracker = make_tracker(max_conditioning_frames=2)
     video = frames(8)
@@ -582,6 +643,11 @@ def test_prompt_validation():
         (dict(boxes=[BOX_A], object_ids=[1, 2]), 'object ids'),
         (dict(boxes=[BOX_A, BOX_B], object_ids=[3, 3]), 'duplicate'),
         (dict(boxes=[BOX_A], object_ids=[0]), 'positive'),
+        (dict(boxes=[BOX_A], object_ids=[70000]), 'up to 65535'),
+        (dict(boxes=[BOX_A], object_ids=[1.7]), 'must be integers'),
+        (dict(boxes=[BOX_A], object_ids=[True]), 'must be integers'),
+        (dict(boxes=[BOX_A], object_ids=['1']), 'must be integers'),
+        (dict(boxes=[BOX_A], object_ids='1'), 'list of ints'),
     ]
     for kwargs, message in bad:
         with pytest.raises(PromptError, match=message):
@@ -801,6 +867,63 @@ def test_mask_refinement_only_moves_mask_borders():
     assert not torch.equal(memories[None], memories[1.0])
     with pytest.raises(ValueError, match='mask_refine_radius'):
         make_tracker(mask_refine_radius=11.0)
+
+
+def test_mask_refinement_never_erases_a_present_mask():
+    """Where the guided filter would empty a mask, SAM2's own mask is kept (output, memory).
+
+    The shipped tiny model on a held-out synthetic frame: a box over an apple at the image
+    border decodes to a thin mask that refinement would pull entirely below 0.5, leaving
+    an object reported present with no pixel and memorised from an empty mask.
+    """
+    from training.sam2_data import synthetic_videos
+    scene = {'n_apples': [2, 4], 'cluster_size': [1, 2], 'apple_distance_m': [0.8, 1.0],
+             'apple_radius_m': [0.035, 0.055], 'hfov_deg': 15.0, 'n_front_leaves': [0, 1],
+             'leaf_occlusion_prob': 0.15}
+    frame = synthetic_videos(1234, 1, 41, 128, 128, scene=scene,
+                             video={'pan_speed': 2.0})[0].frames[40]
+    objects, memories = {}, {}
+    for radius in (None, 1.0):
+        tracker = Sam2Tracker.load('models/tiny-orchard-sam2', device='cpu',
+                                   mask_refine_radius=radius)
+        tracker.track(frame)
+        tracker.add_objects(boxes=[[108, 7, 128, 128]])
+        objects[radius] = tracker.last_result.objects[0]
+        memories[radius] = tracker.session.output_dict_per_obj[0]['cond_frame_outputs'][0][
+            'maskmem_features']
+    plain, refined = objects[None], objects[1.0]
+    assert plain.present and plain.area > 0
+    assert refined.present and refined.area > 0 and refined.box is not None
+    assert np.array_equal(refined.mask, plain.mask)
+    assert torch.equal(memories[1.0], memories[None])
+
+
+def test_negative_stride_and_thin_frames():
+    """A BGR->RGB view tracks like its copy; frames 1 or 3 px high are read channels-last."""
+    video = frames(3)
+    results = []
+    for flip in (np.ascontiguousarray, lambda f: f):
+        # No gate: the random decoder's masks would be gated away and compared empty.
+        tracker = make_tracker(motion_gate_margin=None)
+        views = [frame[..., ::-1] for frame in video]
+        assert views[0].strides[-1] < 0
+        results.append(run(tracker, [flip(v) for v in views],
+                           {0: lambda t: t.add_objects(boxes=[BOX_A])}))
+    for copied, viewed in zip(*results, strict=True):
+        assert copied.objects[0].area > 0
+        assert all(np.array_equal(a.mask, b.mask) and a.score == b.score
+                   for a, b in zip(copied.objects, viewed.objects, strict=True))
+    colour = np.array([200, 30, 60], np.uint8)
+    model_inputs = []
+    for rows in (1, 3, 20):
+        tracker = make_tracker()
+        tracker.track(np.broadcast_to(colour, (rows, 40, 3)).copy())
+        model_inputs.append(tracker.session.get_frame(0))
+    for thin in model_inputs[:2]:
+        torch.testing.assert_close(thin, model_inputs[2])
+    # ImageNet normalisation of the red value (channels-first would mix the colours).
+    assert float(model_inputs[0][0].mean()) == pytest.approx((200 / 255 - 0.485) / 0.229,
+                                                             abs=1e-4)
 
 
 # ---------------------------------------------------------------- mirrored first prompt

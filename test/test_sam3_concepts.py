@@ -213,3 +213,36 @@ def test_bad_frames_and_missing_concepts_raise():
         fresh.segment(frame(), score_threshold=1.0)
     with pytest.raises(ValueError, match='max_instances'):
         fresh.segment(frame(), max_instances=0)
+
+
+def test_negative_stride_frames_are_accepted(engine):
+    """A BGR->RGB view (``[..., ::-1]``, negative strides) gives the copy's detections."""
+    engine.set_concepts(['apple', 'leaf'])
+    bgr = frame(4)
+    view = bgr[..., ::-1]
+    assert view.strides[-1] < 0
+    expected = engine.segment(np.ascontiguousarray(view), score_threshold=0.0)
+    found = engine.segment(view, score_threshold=0.0)
+    assert [(i.concept, i.score) for i in found] == [(i.concept, i.score) for i in expected]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(found, expected, strict=True))
+    assert engine.detect(view[::-1], score_threshold=0.0).keys() == {'apple', 'leaf'}
+
+
+@pytest.mark.parametrize('height', [1, 3])
+def test_frames_one_or_three_pixels_high_are_read_channels_last(engine, height):
+    """A flat colour reaches the model as in a taller frame (not read as channels-first)."""
+    engine.set_concepts(['apple'])
+    colour = np.array([200, 30, 60], np.uint8)
+    seen = []
+    handle = engine.model.vision_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(args[0] if args else kwargs['pixel_values']),
+        with_kwargs=True)
+    try:
+        for rows in (height, 20):
+            engine.detect(np.broadcast_to(colour, (rows, 40, 3)).copy(), score_threshold=0.0)
+    finally:
+        handle.remove()
+    thin, tall = seen
+    torch.testing.assert_close(thin, tall)
+    # The first channel holds the red value (normalised with mean/std 0.5: 200 -> 0.57).
+    assert float(thin[0, 0].mean()) == pytest.approx(200 / 127.5 - 1, abs=1e-4)

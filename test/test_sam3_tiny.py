@@ -6,16 +6,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer, Sam3Processor, Sam3VideoConfig
 
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
 from sam_gap_ros.engines.tiny_sam3 import (
     build_tiny_sam3,
     build_tiny_tokenizer,
     grid_reference_boxes,
     save_tiny_sam3,
     TEXT_LENGTH,
+    TINY_VOCABULARY,
     tiny_sam3_config,
     tiny_vocab_size,
 )
@@ -106,6 +108,62 @@ def test_load_errors_are_clear(tiny_dir, tmp_path):
         Sam3ConceptEngine.load(no_tokenizer, device='cpu')
     with pytest.raises(ValueError, match='unknown device'):
         Sam3ConceptEngine.load(tiny_dir, device='tpu')
+
+
+def _copy_dir(source, target, skip=()):
+    target.mkdir()
+    for item in source.iterdir():
+        if item.name not in skip:
+            shutil.copy(item, target)
+    return target
+
+
+def test_load_refuses_incomplete_or_foreign_weights(tiny_dir, tmp_path):
+    """Weights transformers would leave at random init fail to load (it only logs them)."""
+    weights = load_file(str(tiny_dir / 'model.safetensors'))
+    partial = _copy_dir(tiny_dir, tmp_path / 'partial')
+    kept = sorted(weights)[::2]
+    save_file({k: weights[k] for k in kept}, str(partial / 'model.safetensors'))
+    with pytest.raises(ModelLoadError, match=r'complete SAM3 weights: \d+ tensor\(s\) missing'):
+        Sam3ConceptEngine.load(partial, device='cpu')
+    foreign = _copy_dir(tiny_dir, tmp_path / 'sam2_weights')
+    save_tiny_sam2(tmp_path / 'sam2')
+    shutil.copy(tmp_path / 'sam2' / 'model.safetensors', foreign)
+    with pytest.raises(ModelLoadError, match='unknown tensor.*another model'):
+        Sam3ConceptEngine.load(foreign, device='cpu')
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated'])
+def test_unreadable_weights_raise_model_load_error(tiny_dir, tmp_path, damage):
+    broken = _copy_dir(tiny_dir, tmp_path / damage)
+    weights = broken / 'model.safetensors'
+    data = weights.read_bytes()
+    weights.write_bytes(b'not safetensors' if damage == 'garbage' else data[:len(data) // 2])
+    with pytest.raises(ModelLoadError, match='could not load a SAM3 model'):
+        Sam3ConceptEngine.load(broken, device='cpu')
+
+
+def test_load_refuses_missing_or_foreign_tokenizer(tiny_dir, tmp_path):
+    # Without tokenizer.json transformers builds a 2-token CLIPTokenizer: every word
+    # would be the unknown token.
+    no_tokenizer = _copy_dir(tiny_dir, tmp_path / 'no_tokenizer', skip={'tokenizer.json'})
+    with pytest.raises(ModelLoadError, match='tokenizer.json'):
+        Sam3ConceptEngine.load(no_tokenizer, device='cpu')
+    # Another model's tokenizer, with more tokens than this text encoder has rows.
+    other = _copy_dir(tiny_dir, tmp_path / 'other_tokenizer', skip={'tokenizer.json'})
+    words = [*TINY_VOCABULARY, *(f'extra{chr(97 + i)}' for i in range(26))]
+    build_tiny_tokenizer(words).save_pretrained(tmp_path / 'big')
+    shutil.copy(tmp_path / 'big' / 'tokenizer.json', other)
+    with pytest.raises(ModelLoadError, match=f'has {tiny_vocab_size(words)} '
+                                             f'tokens.*embeds {tiny_vocab_size()}'):
+        Sam3ConceptEngine.load(other, device='cpu')
+
+
+def test_config_that_is_not_a_json_object_is_a_load_error(tiny_dir, tmp_path):
+    listed = _copy_dir(tiny_dir, tmp_path / 'listed')
+    (listed / 'config.json').write_text(json.dumps([{'model_type': 'sam3'}]))
+    with pytest.raises(ModelLoadError, match='JSON list, not an object'):
+        Sam3ConceptEngine.load(listed, device='cpu')
 
 
 def test_loads_sam3_video_layout(tiny_dir, tmp_path):

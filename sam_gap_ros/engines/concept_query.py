@@ -21,18 +21,19 @@ that detection's mask, box and score; its ``concept`` is the query's canonical t
 * ``near`` binds tighter than ``but not``: ``A near B but not C`` = (A near B) - C and
   ``A but not B near C`` = A - (B near C).
 
-Text is case- and space-insensitive (lower-cased, runs of whitespace collapsed); that
+Text is Unicode-, case- and space-insensitive (NFKC-normalised, so decomposed accents and
+full-width letters read as the usual ones; lower-cased; runs of whitespace collapsed); that
 canonical text is what de-duplicates concepts and what ``Instance.concept`` reports, with
 ``and not`` written as ``but not``. The base phrases of all queries are what the text
 encoder sees: ``apple but not green apple`` costs two phrase embeddings, shared with any
 other query that uses the same phrases.
 
 Rejected with ``ConceptError`` (message says what and where): empty text, more than 128
-characters (canonical text) or 16 concepts, a non-string, characters other than words
-(``( ) , & | !`` ...), an operator with a missing side (``near trunk``, ``apple but not``),
-two operators in a row, double negation (``but not not``), ``not`` without ``but``/``and``,
-``and``/``but`` without ``not``, and the unsupported operators ``or``, ``nor``, ``except``,
-``unless``, ``xor``.
+characters (canonical text) or 16 distinct concepts (counted after de-duplication), a
+non-string, characters other than words (``( ) , & | !`` ...), an operator with a missing
+side (``near trunk``, ``apple but not``), two operators in a row, double negation
+(``but not not``), ``not`` without ``but``/``and``, ``and``/``but`` without ``not``, and
+the unsupported operators ``or``, ``nor``, ``except``, ``unless``, ``xor``.
 
 Duplicates across all concepts of a frame are resolved by :func:`resolve_duplicates`: of
 two instances whose masks overlap with IoU > ``duplicate_iou`` (default 0.7) only the
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 import re
+import unicodedata
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import cv2
@@ -104,8 +106,13 @@ class ConceptQuery:
 
 
 def normalize_text(text: str) -> str:
-    """Return ``text`` lower-cased, trimmed and with whitespace runs collapsed to one space."""
-    return ' '.join(text.lower().split())
+    """Return ``text`` NFKC-normalised, lower-cased, with whitespace runs collapsed.
+
+    NFKC first: a decomposed 'a' + combining diaeresis (as macOS and some keyboards send
+    it) becomes the letter 'ä', and full-width letters and spaces (CJK input methods)
+    become ASCII, so they pass the word check and spell the operators.
+    """
+    return ' '.join(unicodedata.normalize('NFKC', text).lower().split())
 
 
 def _tokens(text: str, where: str) -> List[str]:
@@ -206,8 +213,6 @@ def parse_concepts(concepts: Sequence[str], max_concepts: int = MAX_CONCEPTS,
         raise ConceptError(f'concepts must be a list of strings, got {type(concepts).__name__}')
     if len(concepts) == 0:
         raise ConceptError('the concept set is empty: give at least one concept')
-    if len(concepts) > max_concepts:
-        raise ConceptError(f'{len(concepts)} concepts given; at most {max_concepts} are allowed')
     queries: Dict[str, ConceptQuery] = {}
     for number, concept in enumerate(concepts):
         if not isinstance(concept, str):
@@ -217,6 +222,10 @@ def parse_concepts(concepts: Sequence[str], max_concepts: int = MAX_CONCEPTS,
         except ConceptError as exc:
             raise ConceptError(f'concept #{number}: {exc}') from None
         queries.setdefault(query.text, query)
+    # Counted after de-duplication: 'apple' sent 17 times is one concept.
+    if len(queries) > max_concepts:
+        raise ConceptError(f'{len(queries)} distinct concepts given; at most {max_concepts} '
+                           'are allowed')
     parsed = list(queries.values())
     phrases = base_phrases(parsed)
     if len(phrases) > max_phrases:

@@ -36,6 +36,12 @@ across frames; the rules, per frame:
 * On other frames every track SAM2 judges present is reported with its SAM2 mask and the
   concept and score of its last matching detection; absent tracks are not reported but are
   kept until the re-detection rule drops them.
+* A frame reports at most ``max_instances`` instances (by default the concept engine's
+  ``max_instances``, which caps its detections per frame). Tracks live on beside new
+  detections, so more may be visible; the highest-scoring ones are reported (the score of
+  each track's last matching detection, ties to the lower ID), the same rule by which SAM3
+  keeps its best detections. The others stay tracked and are reported when they rank high
+  enough again.
 
 Detections and tracks are associated regardless of concept: the ID names the physical
 object, whose concept may change (e.g. ``unripe apple`` to ``ripe apple``).
@@ -135,10 +141,14 @@ class HybridTracker:
     def __init__(self, concept_engine: Any, tracker: Any, redetect_every_n: int = 10,
                  max_missed_redetections: int = 2, match_iou: float = 0.1,
                  reprompt_matched: bool = True, duplicate_iou: float = 0.5,
-                 detection_nms_iou: float = 0.1, reanchor: bool = True) -> None:
+                 detection_nms_iou: float = 0.1, reanchor: bool = True,
+                 max_instances: Optional[int] = None) -> None:
         """Combine a concept engine and a ``Sam2Tracker`` (which this object then owns).
 
         See the module docstring for the rules; ``detection_nms_iou=1.0`` turns the NMS off.
+        ``max_instances`` caps the instances reported per frame; None follows the concept
+        engine's ``max_instances`` (read every frame, so changing it there applies at once;
+        an engine without one means no cap).
         """
         if redetect_every_n < 1:
             raise ValueError(f'redetect_every_n must be >= 1, got {redetect_every_n}')
@@ -160,6 +170,9 @@ class HybridTracker:
         self.duplicate_iou = float(duplicate_iou)
         self.detection_nms_iou = float(detection_nms_iou)
         self.reanchor = bool(reanchor)
+        if max_instances is not None and max_instances < 1:
+            raise ValueError(f'max_instances must be >= 1 or None, got {max_instances}')
+        self._max_instances = None if max_instances is None else int(max_instances)
         self._next_id = 1
         self._tracks: Dict[int, _Track] = {}
         self._frame_index = -1
@@ -176,6 +189,14 @@ class HybridTracker:
     def frame_index(self) -> int:
         """Return the index of the last processed frame (-1 before the first)."""
         return self._frame_index
+
+    @property
+    def max_instances(self) -> Optional[int]:
+        """Return the most instances a frame reports (None: no cap)."""
+        if self._max_instances is not None:
+            return self._max_instances
+        limit = getattr(self.concept_engine, 'max_instances', None)
+        return None if limit is None else int(limit)
 
     @property
     def track_ids(self) -> List[int]:
@@ -227,10 +248,19 @@ class HybridTracker:
         detect = (self._last_detection is None
                   or self._frame_index - self._last_detection >= self.redetect_every_n)
         if not detect:
-            return [self._instance(track_id, tracked[track_id].mask)
-                    for track_id in sorted(self._tracks)
-                    if track_id in tracked and tracked[track_id].present]
-        return self._redetect(frame, tracked)
+            shown = {track_id: tracked[track_id].mask for track_id in self._tracks
+                     if track_id in tracked and tracked[track_id].present}
+        else:
+            shown = self._redetect(frame, tracked)
+        return [self._instance(track_id, shown[track_id]) for track_id in self._capped(shown)]
+
+    def _capped(self, shown: Mapping[int, np.ndarray]) -> List[int]:
+        """Return the IDs of ``shown`` to report, by ID: the best ``max_instances`` by score."""
+        limit = self.max_instances
+        if limit is not None and len(shown) > limit:
+            best = sorted(shown, key=lambda t: (-self._tracks[t].score, t))[:limit]
+            return sorted(best)
+        return sorted(shown)
 
     def _drop_duplicates(self, tracked: Dict[int, Any]) -> None:
         """Drop the tracks ``duplicate_tracks`` finds (from SAM2 too, and from ``tracked``)."""
@@ -243,7 +273,8 @@ class HybridTracker:
             del tracked[track_id]
             self.tracker.remove_object(track_id)
 
-    def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> List[Instance]:
+    def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> Dict[int, np.ndarray]:
+        """Run the re-detection rules; return the mask of every track to show, by ID."""
         detections = resolve_duplicates(self.concept_engine.segment(frame),
                                         self.detection_nms_iou)
         # Only a detection that ran counts: after an error the next frame tries again.
@@ -294,7 +325,7 @@ class HybridTracker:
             obj = tracked.get(track_id)
             if track_id not in shown and obj is not None and obj.present:
                 shown[track_id] = obj.mask
-        return [self._instance(track_id, shown[track_id]) for track_id in sorted(shown)]
+        return shown
 
     def _instance(self, track_id: int, mask: np.ndarray) -> Instance:
         track = self._tracks[track_id]

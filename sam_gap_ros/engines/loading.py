@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Any, Iterable, Mapping, Union
 
 import torch
 
@@ -77,9 +77,15 @@ def check_model_dir(model_dir: Union[str, Path], model_types: Iterable[str]) -> 
     if not config_file.is_file():
         raise ModelLoadError(f"'{path}' has no config.json: not a transformers model directory")
     try:
-        model_type = json.loads(config_file.read_text()).get('model_type')
+        config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"'{config_file}' is not readable JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"'{config_file}' holds a JSON {type(config).__name__}, not an "
+                             'object: not a transformers model config')
+    model_type = config.get('model_type')
+    if model_type is None:
+        raise ModelLoadError(f"'{config_file}' has no model_type; expected one of {allowed}")
     if model_type not in allowed:
         raise ModelLoadError(f"'{path}' holds a '{model_type}' model; expected one of {allowed}")
     weights = list(path.glob('*.safetensors')) + list(path.glob('*.safetensors.index.json'))
@@ -87,3 +93,31 @@ def check_model_dir(model_dir: Union[str, Path], model_types: Iterable[str]) -> 
         raise ModelLoadError(
             f"'{path}' has no *.safetensors weights (only safetensors are loaded)")
     return path
+
+
+# How many key names a weights error lists; a model of the wrong kind misses hundreds.
+_KEYS_SHOWN = 5
+
+
+def check_loading_info(path: Path, info: Mapping[str, Any], what: str) -> None:
+    """Raise ModelLoadError if ``from_pretrained`` left parameters without weights.
+
+    ``info`` is the ``output_loading_info`` dict. transformers only logs missing keys and
+    initialises those tensors at random, so a partial or foreign checkpoint would run and
+    produce garbage. No key may be missing: the non-persistent buffers (rotary
+    frequencies, position ids) are not in the state dict, and the models tie no weights,
+    so a complete checkpoint (the hub's conversion scripts load with ``strict=True``)
+    misses none. Unexpected keys alone are tolerated (e.g. ``tracker_model.*`` of a
+    ``sam3_video`` checkpoint) but are named to help when keys are missing too.
+    """
+    missing = sorted(info.get('missing_keys') or ())
+    if not missing:
+        return
+    unexpected = sorted(info.get('unexpected_keys') or ())
+    message = (f"'{path}' does not hold complete {what} weights: {len(missing)} tensor(s) "
+               f'missing from its safetensors (e.g. {missing[:_KEYS_SHOWN]})')
+    if unexpected:
+        message += (f' and {len(unexpected)} unknown tensor(s) present (e.g. '
+                    f'{unexpected[:_KEYS_SHOWN]}), as in a checkpoint of another model')
+    raise ModelLoadError(message + '; re-download or re-export the checkpoint (a partial '
+                         'copy would run with random weights)')

@@ -70,7 +70,8 @@ Prompt timing (``add_objects(frame_index=...)``): exactly two frames accept prom
   on that frame's cached features, and ``last_result`` is updated so the new object
   appears in the current result;
 * the next frame ``frame_index + 1``: the prompt waits and is applied when that frame is
-  passed to ``track``.
+  passed to ``track``. An object has at most one waiting prompt: a later prompt for it,
+  on either frame, replaces the waiting one.
 
 Older frames have been dropped from the session (bounded memory) and later frames do not
 exist yet, so both raise ``PromptError``. Prompts need the image size, so at least one
@@ -81,6 +82,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -93,14 +95,15 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.sam2 import modeling_sam2
 from transformers.models.sam2_video import modeling_sam2_video
 
-from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
+from sam_gap_ros.engines.loading import (check_loading_info, check_model_dir, resolve_device,
+                                         resolve_dtype)
 from sam_gap_ros.engines.mask_refinement import refine_probabilities, refinement_radius
 from sam_gap_ros.engines.scene_motion import (gate_to_moved_boxes, inside_boxes, logits_boxes,
                                               moved_box, SceneMotion, shift_memory)
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor
 from sam_gap_ros.engines.types import (check_rgb_frame, ModelLoadError, PromptError,
                                        TrackedObject, TrackResult)
-from sam_gap_ros.mask_ops import mask_to_box, next_label_id
+from sam_gap_ros.mask_ops import mask_to_box, MAX_LABEL_ID, next_label_id
 
 logger = logging.getLogger(__name__)
 
@@ -502,6 +505,36 @@ def mirror_point_inputs(point_inputs: dict, image_size: int) -> dict:
     return {'point_coords': coords, 'point_labels': labels}
 
 
+def _checked_object_id(value) -> int:
+    """Return ``value`` as an object ID, or raise PromptError unless it is one.
+
+    IDs are mono16 label values (1..65535). Only integers are accepted: ``int(1.7)`` or
+    ``int(True)`` would silently name object 1, and a string would never match an ID.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise PromptError(f'object ids must be integers, got {value!r} '
+                          f'({type(value).__name__})')
+    if not 1 <= int(value) <= MAX_LABEL_ID:
+        raise PromptError(f'object ids must be positive integers up to {MAX_LABEL_ID} '
+                          f'(mono16 label values), got {int(value)}')
+    return int(value)
+
+
+def _never_emptied(refined: np.ndarray, unrefined: np.ndarray) -> np.ndarray:
+    """Return ``refined`` (N, H, W) masks, with ``unrefined`` ones where refinement left none.
+
+    On a small mask (a few coarse cells of a fruit at the image border) the guided filter
+    can pull every pixel below 0.5; the object would then be reported present without a
+    pixel or box, and its memory encoded from an empty mask. Keeping SAM2's own mask there
+    changes nothing where refinement leaves pixels.
+    """
+    emptied = ~refined.any(axis=(1, 2)) & unrefined.any(axis=(1, 2))
+    if emptied.any():
+        refined = refined.copy()
+        refined[emptied] = unrefined[emptied]
+    return refined
+
+
 class Sam2Tracker:
     """Track objects on an endless RGB stream with SAM2's memory bank (ROS-free)."""
 
@@ -583,14 +616,20 @@ class Sam2Tracker:
     @classmethod
     def load(cls, model_dir: Union[str, Path], device: Union[str, torch.device] = 'auto',
              dtype: Union[str, torch.dtype] = 'float32', **kwargs) -> Sam2Tracker:
-        """Load a SAM2/SAM2.1 transformers checkpoint from a local directory (no network)."""
+        """Load a SAM2/SAM2.1 transformers checkpoint from a local directory (no network).
+
+        Weights that leave any model tensor unset (a partial or foreign checkpoint) raise
+        ModelLoadError rather than run with random values.
+        """
         path = check_model_dir(model_dir, _MODEL_TYPES)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         try:
-            model = Sam2VideoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+            model, info = Sam2VideoModel.from_pretrained(
+                path, local_files_only=True, dtype=torch_dtype, output_loading_info=True)
         except Exception as exc:  # safetensors/torch raise many types; report them all alike
             raise ModelLoadError(f"cannot load a SAM2 video model from '{path}': {exc}") from exc
+        check_loading_info(path, info, 'SAM2 video')
         if any((path / name).is_file() for name in _PROCESSOR_FILES):
             try:
                 processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
@@ -706,7 +745,7 @@ class Sam2Tracker:
         pixels; ``points`` ``(N, P, 2)`` as ``(x, y)`` pixels with ``labels`` ``(N, P)``
         (1 foreground, 0 background; all 1 when omitted); boxes and points may be combined
         per object; ``masks`` ``(N, H, W)`` boolean, exclusive with boxes and points.
-        ``object_ids`` names the objects (positive ints); an existing ID re-prompts that
+        ``object_ids`` names the objects (ints 1..65535); an existing ID re-prompts that
         object (a new conditioning frame), a new one creates it; by default new IDs are
         assigned. ``replace_conditioning=True`` makes this prompt the only conditioning
         frame of an existing object (its earlier prompts are dropped once it is applied;
@@ -730,6 +769,15 @@ class Sam2Tracker:
         height, width = self._image_size
         session = self._session
         for i, obj_id in enumerate(ids):
+            # One waiting prompt per object: a later prompt supersedes one still waiting
+            # for the next frame (as a second prompt on one frame replaces the first).
+            # Applying both would re-prompt the object on the next frame from the older
+            # view, which the caller has just corrected.
+            waiting = self._pending.get(obj_id)
+            if waiting is not None and waiting != target:
+                obj_idx = session.obj_id_to_idx(obj_id)
+                session.remove_point_inputs(obj_idx, waiting)
+                session.remove_mask_inputs(obj_idx, waiting)
             if mask_list is not None:
                 self._processor.add_inputs_to_inference_session(
                     session, frame_idx=target, obj_ids=obj_id, input_masks=mask_list[i])
@@ -762,6 +810,7 @@ class Sam2Tracker:
     def remove_object(self, object_id: int) -> None:
         """Forget one object and its memory; unknown IDs raise PromptError."""
         session = self._session
+        object_id = _checked_object_id(object_id)
         if object_id not in session._obj_id_to_idx:
             raise PromptError(f'unknown object id {object_id}; known ids: {self.object_ids}')
         keep = [obj_id for obj_id in session.obj_ids if obj_id != object_id]
@@ -916,13 +965,13 @@ class Sam2Tracker:
                 ids.append(next_label_id(ids[-1] + 1 if ids else self._next_object_id, live))
                 live.add(ids[-1])
             return ids
-        ids = [int(i) for i in object_ids]
+        if isinstance(object_ids, (str, bytes)):
+            raise PromptError(f'object_ids must be a list of ints, got {object_ids!r}')
+        ids = [_checked_object_id(i) for i in object_ids]
         if len(ids) != count:
             raise PromptError(f'{len(ids)} object ids for {count} prompts')
         if len(set(ids)) != len(ids):
             raise PromptError(f'duplicate object ids: {ids}')
-        if any(i < 1 for i in ids):
-            raise PromptError(f'object ids must be positive integers, got {ids}')
         return ids
 
     # ------------------------------------------------------------------ inference
@@ -934,8 +983,11 @@ class Sam2Tracker:
         return stack
 
     def _preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        # channels_last: the processor would guess, and read a frame 1 or 3 px high as
+        # channels-first.
         processed = self._processor.video_processor(
-            videos=[frame], device=str(self._device), return_tensors='pt')
+            videos=[frame], device=str(self._device), input_data_format='channels_last',
+            return_tensors='pt')
         return processed.pixel_values_videos[0, 0]
 
     def _vision_features(self, frame_idx: int):
@@ -1109,8 +1161,10 @@ class Sam2Tracker:
                                            interpolation=cv2.INTER_AREA)
         radius = refinement_radius(self._refine_cells, low_res_masks.shape[-2:], size)
         probabilities = torch.sigmoid(high_res_masks[:, 0].float()).cpu().numpy()
-        refined = refine_probabilities(self._model_guide, probabilities, radius) > 0.5
-        flip = torch.from_numpy(refined != (probabilities > 0.5)).to(high_res_masks.device)
+        unrefined = probabilities > 0.5
+        refined = _never_emptied(
+            refine_probabilities(self._model_guide, probabilities, radius) > 0.5, unrefined)
+        flip = torch.from_numpy(refined != unrefined).to(high_res_masks.device)
         return torch.where(flip.unsqueeze(1), -high_res_masks, high_res_masks)
 
     def _object_batch_size(self, memory: torch.Tensor) -> int:
@@ -1300,15 +1354,15 @@ class Sam2Tracker:
         # One batched upsampling of the low-res logits straight to the camera resolution.
         upsampled = F.interpolate(logits.float(), size=(height, width), mode='bilinear',
                                   align_corners=False)[:, 0]
-        if self._refine_cells is None:
-            masks = (upsampled > 0).cpu().numpy()
-        else:
+        masks = (upsampled > 0).cpu().numpy()
+        if self._refine_cells is not None:
             probabilities = torch.sigmoid(upsampled).cpu().numpy()
             # Absent objects are published without a mask: nothing of theirs to refine
             # (a mask with no pixel above 0.5 is skipped).
             probabilities[scores <= 0] = 0.0
             radius = refinement_radius(self._refine_cells, logits.shape[-2:], (height, width))
-            masks = refine_probabilities(self._frame, probabilities, radius) > 0.5
+            masks = _never_emptied(
+                refine_probabilities(self._frame, probabilities, radius) > 0.5, masks)
         objects = []
         for i, obj_id in enumerate(ids):
             present = bool(scores[i] > 0)

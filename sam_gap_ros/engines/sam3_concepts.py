@@ -34,7 +34,8 @@ from transformers.models.sam3.modeling_sam3 import (Sam3ImageSegmentationOutput,
 
 from sam_gap_ros.engines.concept_query import (base_phrases, ConceptQuery, evaluate_query,
                                                parse_concepts, resolve_duplicates)
-from sam_gap_ros.engines.loading import check_model_dir, resolve_device, resolve_dtype
+from sam_gap_ros.engines.loading import (check_loading_info, check_model_dir, resolve_device,
+                                         resolve_dtype)
 from sam_gap_ros.engines.tiny_sam3 import build_tiny_processor, tiny_sam3_config
 from sam_gap_ros.engines.types import check_rgb_frame, ConceptError, Instance, ModelLoadError
 from sam_gap_ros.mask_ops import mask_to_box
@@ -42,6 +43,8 @@ from sam_gap_ros.mask_ops import mask_to_box
 logger = logging.getLogger(__name__)
 
 _MODEL_TYPES = ('sam3', 'sam3_video')
+# The slow-tokenizer pair that stands in for tokenizer.json (the hub's facebook/sam3 has both).
+_SLOW_TOKENIZER_FILES = ('vocab.json', 'merges.txt')
 # Phrase embeddings kept beyond the active set, so switching back and forth between concept
 # sets does not re-run the text encoder.
 _TEXT_CACHE_SIZE = 64
@@ -100,20 +103,42 @@ class Sam3ConceptEngine:
         """Load a local transformers SAM3 directory (no network); raise ModelLoadError.
 
         Accepts ``sam3`` and ``sam3_video`` (e.g. ``facebook/sam3``) directories; the
-        directory must also hold the processor and tokenizer files.
+        directory must also hold the processor and tokenizer files (``tokenizer.json``, or
+        ``vocab.json`` and ``merges.txt``, with as many tokens as the text encoder embeds).
+        Weights that leave any model tensor unset (a partial or foreign checkpoint) are
+        refused rather than run with random values.
         """
         path = check_model_dir(model_dir, _MODEL_TYPES)
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         try:
             processor = Sam3Processor.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except Exception as exc:  # malformed JSON, unknown classes, missing fields
             raise ModelLoadError(f"'{path}' has no usable SAM3 processor/tokenizer files "
                                  f'(processor_config.json, tokenizer.json): {exc}') from exc
+        # Without these files transformers still builds a CLIPTokenizer, with a 2-token
+        # vocabulary that maps every word to the unknown token: all concepts would embed
+        # alike and find nothing.
+        if not ((path / 'tokenizer.json').is_file()
+                or all((path / name).is_file() for name in _SLOW_TOKENIZER_FILES)):
+            raise ModelLoadError(
+                f"'{path}' has no tokenizer: it needs tokenizer.json (or vocab.json and "
+                'merges.txt); copy them from the checkpoint the weights came from')
         try:
-            model = Sam3Model.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            model, info = Sam3Model.from_pretrained(path, local_files_only=True,
+                                                    dtype=torch_dtype, output_loading_info=True)
+        except Exception as exc:  # safetensors/torch raise many types; report them all alike
             raise ModelLoadError(f"could not load a SAM3 model from '{path}': {exc}") from exc
+        check_loading_info(path, info, 'SAM3')
+        # A tokenizer of another model would index the wrong (or no) embedding rows. Not an
+        # exact comparison: a checkpoint may pad its embedding table beyond the tokenizer
+        # (for faster matmuls); more tokens than rows, or a fraction of them, is wrong.
+        vocab_size = model.config.text_config.vocab_size
+        if not vocab_size // 2 <= len(processor.tokenizer) <= vocab_size:
+            raise ModelLoadError(
+                f"the tokenizer in '{path}' has {len(processor.tokenizer)} tokens but the text "
+                f'encoder of the model embeds {vocab_size}: its tokenizer files belong to '
+                'another model; copy the ones saved with these weights')
         return cls(model, processor, torch_device, torch_dtype, **kwargs)
 
     @classmethod
@@ -260,8 +285,12 @@ class Sam3ConceptEngine:
         height, width = frame.shape[:2]
         detections: Dict[str, List[Instance]] = {}
         with torch.inference_mode():
-            pixel_values = self._processor.image_processor(images=frame, return_tensors='pt')[
-                'pixel_values'].to(self._device, self._dtype)
+            # Contiguous: torch cannot wrap negative strides (a BGR->RGB ``[..., ::-1]`` view).
+            # channels_last: the processor would guess, and read a frame 1 or 3 px high as
+            # channels-first.
+            pixel_values = self._processor.image_processor(
+                images=np.ascontiguousarray(frame), input_data_format='channels_last',
+                return_tensors='pt')['pixel_values'].to(self._device, self._dtype)
             vision = self._model.get_vision_features(pixel_values=pixel_values)
             for start in range(0, len(phrases), self.phrase_batch_size):
                 stop = min(start + self.phrase_batch_size, len(phrases))

@@ -82,7 +82,8 @@ def test_concepts_accepted_and_refused_via_parameter_service(ros, sam3_dir):
     assert doc['concepts'] == compositional
     assert {i['label'] for i in doc['instances']} <= set(compositional)
 
-    for bad in (['apple ('], [], ['apple or pear'], ['x'] * 40):
+    too_many = [f"apple {'x' * n}" for n in range(1, 41)]  # 40 distinct, 16 allowed
+    for bad in (['apple ('], [], ['apple or pear'], too_many):
         result = _set_concepts(ros, client, bad)
         assert not result.successful and result.reason, bad
         assert node.pipeline.concepts == compositional

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 import sys
 import tempfile
@@ -86,7 +87,13 @@ def write_strip(frames: Sequence[np.ndarray], path: Path, columns: int = 4) -> N
         row = list(frames[start:start + columns])
         row += [blank] * (columns - len(row))
         rows.append(np.concatenate(row, axis=1))
-    cv2.imwrite(str(path), cv2.cvtColor(np.concatenate(rows, axis=0), cv2.COLOR_RGB2BGR))
+    _write_png(path, np.concatenate(rows, axis=0))
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    # cv2.imwrite reports failure (unwritable folder, full disk) only by returning False.
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"could not write '{path}'")
 
 
 def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: int, height: int,
@@ -108,6 +115,8 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     output.mkdir(parents=True, exist_ok=True)
+    if not os.access(output, os.W_OK):  # say so now, not after the whole run
+        raise OSError(f"output folder '{output}' is not writable")
     for old in output.glob('overlay_*.png'):
         old.unlink()
     workdir = Path(tempfile.mkdtemp(prefix='sam_gap_demo_'))
@@ -237,7 +246,7 @@ def _write_outputs(output: Path, overlays: List[np.ndarray], rate_hz: float) -> 
     chosen = [overlays[i] for i in picks]
     for number, frame in zip(picks, chosen, strict=True):
         path = output / f'overlay_{int(number):04d}.png'
-        cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        _write_png(path, frame)
         files.append(str(path))
     strip = output / 'overlay_strip.png'
     write_strip(chosen, strip)

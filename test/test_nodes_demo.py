@@ -1,7 +1,10 @@
 """`make demo` path: a short run writes summary.json and overlay images."""
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from sam_gap_ros import demo
@@ -26,3 +29,12 @@ def test_short_demo_run_writes_summary_and_overlays(tmp_path):
     assert 'RANDOM' in written['model'] or 'trained' in written['model']
     assert (tmp_path / 'overlay_strip.png').is_file()
     assert list(tmp_path.glob('overlay_0*.png'))
+
+
+def test_overlay_files_that_cannot_be_written_are_an_error(tmp_path):
+    """cv2.imwrite only returns False: the summary must not list files that do not exist."""
+    frames = [np.zeros((8, 10, 3), np.uint8)] * 3
+    written = demo._write_outputs(tmp_path, frames, 5.0)
+    assert written and all(Path(name).is_file() for name in written)
+    with pytest.raises(OSError, match='could not write'):
+        demo._write_outputs(tmp_path / 'missing_folder', frames, 5.0)

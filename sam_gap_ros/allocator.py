@@ -36,6 +36,7 @@ MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
 
 USER_ENV_VARIABLES = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
+_TUNABLE_NAMES = ('mmap_threshold', 'trim_threshold')  # as glibc.malloc.<name> in GLIBC_TUNABLES
 
 
 def keep_freed_buffers(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
@@ -49,6 +50,10 @@ def keep_freed_buffers(mmap_threshold: int = MMAP_THRESHOLD_BYTES,
         raise ValueError(f'thresholds must be positive, got mmap={mmap_threshold} '
                          f'trim={trim_threshold}')
     user_set = [name for name in USER_ENV_VARIABLES if name in os.environ]
+    # The glibc >= 2.26 way of setting the same thresholds.
+    tunables = os.environ.get('GLIBC_TUNABLES', '')
+    if any(f'glibc.malloc.{name}' in tunables for name in _TUNABLE_NAMES):
+        user_set.append('GLIBC_TUNABLES')
     if user_set:
         return f'left to the environment ({", ".join(user_set)} set)'
     if platform.libc_ver()[0] != 'glibc':

@@ -105,11 +105,16 @@ _REQUIRED_INSTANCE_KEYS = ('id', 'label', 'score', 'bbox', 'area', 'centroid', '
 def loads(text: str) -> Dict[str, Any]:
     """Parse and validate a document; raise ValueError naming the first problem."""
     try:
-        document = json.loads(text)
+        # Python's json accepts NaN/Infinity, which strict JSON (and the schema) does not.
+        document = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise ValueError(f'instances document is not valid JSON: {exc}') from exc
     validate_document(document)
     return document
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f'{name} is not a JSON number')
 
 
 def document_stamp_ns(document: Dict[str, Any]) -> int:
@@ -138,22 +143,39 @@ def validate_document(document: Any) -> None:
         raise ValueError('instances document must be a JSON object')
     if document.get('schema') != SCHEMA_NAME:
         raise ValueError(f"schema must be '{SCHEMA_NAME}', got {document.get('schema')!r}")
-    if document.get('version') != SCHEMA_VERSION:
+    if type(document.get('version')) is not int or document['version'] != SCHEMA_VERSION:
         raise ValueError(f'unsupported instances schema version {document.get("version")!r} '
                          f'(this reader understands {SCHEMA_VERSION})')
     for key in ('header', 'image', 'mode', 'model', 'frame_index', 'concepts', 'instances'):
         if key not in document:
             raise ValueError(f"instances document lacks '{key}'")
+    _check_stamp(document['header'])
     _check_optional_time(document, 'inference_ms', non_negative=True)
     _check_optional_time(document, 'latency_ms', non_negative=False)
     instances: List[Any] = document['instances']
     if not isinstance(instances, list):
         raise ValueError("'instances' must be a list")
     for index, item in enumerate(instances):
+        if not isinstance(item, dict):
+            raise ValueError(f'instance {index} must be an object, got {item!r}')
         missing = [key for key in _REQUIRED_INSTANCE_KEYS if key not in item]
         if missing:
             raise ValueError(f'instance {index} lacks {missing}')
-        if len(item['bbox']) != 4 or len(item['centroid']) != 2:
+        if not (_is_numbers(item['bbox'], 4) and _is_numbers(item['centroid'], 2)):
             raise ValueError(f'instance {index} has a malformed bbox or centroid')
-        if item['position'] is not None and len(item['position']) != 3:
+        if item['position'] is not None and not _is_numbers(item['position'], 3):
             raise ValueError(f'instance {index} position must be [x, y, z] or null')
+
+
+def _is_numbers(value: Any, count: int) -> bool:
+    """Whether ``value`` is a list of ``count`` numbers (not booleans)."""
+    return (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+def _check_stamp(header: Any) -> None:
+    """Raise ValueError unless ``header.stamp`` holds integer ``sec`` and ``nanosec``."""
+    stamp = header.get('stamp') if isinstance(header, dict) else None
+    if not (isinstance(stamp, dict)
+            and all(type(stamp.get(key)) is int for key in ('sec', 'nanosec'))):
+        raise ValueError(f"'header.stamp' must hold integer 'sec' and 'nanosec', got {stamp!r}")

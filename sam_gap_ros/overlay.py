@@ -51,7 +51,11 @@ def render_overlay(rgb: np.ndarray, labels: np.ndarray, records: Sequence[Instan
         text = f'{record.instance_id} {record.label} {record.score:.2f}'
         if record.position is not None:
             text += f' {record.position[2]:.2f}m'
-        origin = (x0, max(y0 - 3, int(25 * font_scale) + 1))
+        # Shifted left where it would run off the right edge (fruit at the border).
+        (text_width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                                             thickness + 2)
+        origin = (max(0, min(x0, out.shape[1] - text_width)),
+                  max(y0 - 3, int(25 * font_scale) + 1))
         # A dark outline keeps the label readable on bright leaves and sky.
         cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale,
                     (0, 0, 0), thickness + 2, cv2.LINE_AA)

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -31,6 +32,7 @@ from sam_gap_ros.mask_ops import next_label_id
 
 MODES = ('sam2', 'sam3', 'hybrid')
 _ID_STRIDE = 4
+_ID_MIN_SAMPLES = 4  # below this many grid samples a mask is pooled, not subsampled
 _LOG = logging.getLogger(__name__)
 
 
@@ -157,6 +159,24 @@ def memory_stats(device: Optional[str]) -> Dict[str, float]:
     return stats
 
 
+def _id_grid(mask: np.ndarray) -> np.ndarray:
+    """Return ``mask`` on the 4x coarser grid the ID matching compares.
+
+    Matching needs only approximate IoU, and a 4x subsampled grid is 16x cheaper. A fruit
+    of a few pixels can fall between the samples, though: it would have IoU 0 with itself
+    and get a new ID every frame. Such a mask is max-pooled instead (any pixel of a cell).
+    """
+    sampled = np.ascontiguousarray(mask[::_ID_STRIDE, ::_ID_STRIDE])
+    if np.count_nonzero(sampled) >= _ID_MIN_SAMPLES:
+        return sampled
+    height, width = sampled.shape
+    # INTER_AREA averages each cell's pixels, so a cell is > 0 where any pixel is set (255,
+    # not 1: an average of 1/16 would round to 0).
+    pooled = cv2.resize(mask.astype(np.uint8) * 255, (width, height),
+                        interpolation=cv2.INTER_AREA)
+    return pooled > 0
+
+
 class IouIdAssigner:
     """Give per-frame detections IDs that persist while masks overlap between frames.
 
@@ -173,8 +193,7 @@ class IouIdAssigner:
     def assign(self, masks: Sequence[np.ndarray]) -> List[int]:
         """Return one ID per mask, reusing the previous frame's IDs for matched masks."""
         ids: List[Optional[int]] = [None] * len(masks)
-        # Matching needs only approximate IoU: a 4x subsampled grid is 16x cheaper.
-        small = [np.ascontiguousarray(m[::_ID_STRIDE, ::_ID_STRIDE]) for m in masks]
+        small = [_id_grid(m) for m in masks]
         if small and self._prev_masks:
             iou = mask_iou_matrix(small, self._prev_masks)
             rows, cols = linear_sum_assignment(-iou)

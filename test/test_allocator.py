@@ -53,6 +53,14 @@ def test_a_user_setting_in_the_environment_wins():
     assert placement == 'mmap'  # the user's 128 KiB threshold still applies
 
 
+@pytest.mark.skipif(not GLIBC, reason='the heap settings only apply to glibc')
+def test_a_glibc_tunable_setting_wins_too():
+    tunables = 'glibc.malloc.mmap_threshold=131072'
+    reason, placement = _placement(1920 * 1080 * 3, env={'GLIBC_TUNABLES': tunables})
+    assert 'GLIBC_TUNABLES' in reason
+    assert placement == 'mmap'  # the user's 128 KiB threshold still applies
+
+
 def test_thresholds_must_be_positive():
     with pytest.raises(ValueError, match='positive'):
         keep_freed_buffers(mmap_threshold=0)

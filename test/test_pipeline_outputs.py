@@ -73,6 +73,14 @@ def test_non_finite_values_are_refused():
     lambda d: d.pop('instances'),
     lambda d: d['instances'][0].pop('bbox'),
     lambda d: d['instances'][0].update(position=[1.0]),
+    # Shapes a hand-written or corrupted document may have: ValueError, not another error.
+    lambda d: d.update(version=True),
+    lambda d: d.update(version=1.0),
+    lambda d: d.update(instances=[1]),
+    lambda d: d['instances'][0].update(bbox=None),
+    lambda d: d['instances'][0].update(centroid=['a', 'b']),
+    lambda d: d.update(header={}),
+    lambda d: d['header']['stamp'].update(sec='12'),
 ])
 def test_validation_names_problems(mutate):
     doc = _doc([InstanceRecord(1, 'apple', 0.5, (0, 0, 4, 4), 16, (2.0, 2.0))])
@@ -81,7 +89,28 @@ def test_validation_names_problems(mutate):
     with pytest.raises(ValueError):
         instances_json.validate_document(doc)
     with pytest.raises(ValueError):
+        instances_json.loads(json.dumps(doc))
+    with pytest.raises(ValueError):
         instances_json.loads('{not json')
+
+
+def test_loads_refuses_nan_and_infinity():
+    text = instances_json.dumps(_doc([InstanceRecord(1, 'apple', 0.5, (0, 0, 4, 4), 16,
+                                                     (2.0, 2.0), (0.1, 0.2, 1.0))]))
+    for constant in ('NaN', 'Infinity', '-Infinity'):
+        with pytest.raises(ValueError, match=f'{constant} is not a JSON number'):
+            instances_json.loads(text.replace('"score":0.5', f'"score":{constant}'))
+
+
+def test_overlay_label_of_a_fruit_at_the_right_edge_stays_in_the_image():
+    rgb = np.zeros((60, 200, 3), dtype=np.uint8)
+    mask = np.zeros((60, 200), dtype=bool)
+    mask[30:40, 190:200] = True
+    record = InstanceRecord(7, 'apple', 0.9, (190, 30, 200, 40), 100, (194.5, 34.5))
+    out = render_overlay(rgb, label_image([mask], [7], (60, 200)), [record], alpha=0.5)
+    # The label (~50 px wide) ends at the right edge instead of running off the image.
+    columns = np.flatnonzero(out[:30].any(axis=(0, 2)))
+    assert columns.min() < 160 and columns.max() >= 195
 
 
 def test_overlay_colours_exactly_the_labelled_pixels():
@@ -122,6 +151,19 @@ def test_iou_ids_persist_across_frames_and_new_objects_get_new_ids():
     assert second[2] not in first
     ids.reset()
     assert ids.assign([box(0)]) == [1]
+
+
+def test_a_fruit_of_a_few_pixels_keeps_its_id():
+    """Tiny masks can fall between the 4x subsampled grid; they are pooled instead."""
+    def speck(row, col, size=2):
+        mask = np.zeros((480, 640), dtype=bool)
+        mask[row:row + size, col:col + size] = True
+        return mask
+
+    ids = IouIdAssigner(min_iou=0.3)
+    assert [ids.assign([speck(101, 201)]) for _ in range(3)] == [[1], [1], [1]]
+    # ... and two specks in neighbouring cells stay two objects.
+    assert ids.assign([speck(101, 201), speck(101, 206)]) == [1, 2]
 
 
 def test_iou_ids_wrap_after_65535_past_ids_still_live():

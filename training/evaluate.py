@@ -53,6 +53,7 @@ import torch
 from sam_gap_ros.mask_ops import mask_iou_matrix
 from training.coco_data import CocoInstances, CocoSample
 from training.matching import hungarian_match
+from training.metrics import mostly_inside
 from training.sam2_data import center_click
 
 PathLike = Union[str, Path]
@@ -176,16 +177,10 @@ def _match(gt_masks: List[np.ndarray], preds: List[Prediction]) -> Tuple[List[fl
 
 
 def _inside_crowd(preds: List[Prediction], crowd: np.ndarray) -> Set[int]:
-    """Return the predictions with at least half their pixels in the crowd region.
-
-    COCO's rule for ignore regions (a detection matched to a crowd at IoU 0.5, where the
-    IoU with a crowd is measured over the detection's own area): such a detection is
-    neither a true nor a false positive.
-    """
+    """Return the predictions lying mostly inside the crowd region (see ``mostly_inside``)."""
     if not crowd.any():
         return set()
-    return {i for i, pred in enumerate(preds)
-            if pred.mask.any() and np.logical_and(pred.mask, crowd).sum() >= 0.5 * pred.mask.sum()}
+    return {i for i, pred in enumerate(preds) if mostly_inside(pred.mask, crowd)}
 
 
 def _coco_ap(dataset: CocoInstances, run: FamilyRun, phrases: Sequence[str],

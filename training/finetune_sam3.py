@@ -60,6 +60,7 @@ from training.losses import (box_cxcywh_to_xyxy, box_iou, box_l1_loss, box_xyxy_
                              detach_terms, dice_loss, giou_loss, object_score_loss,
                              sigmoid_focal_loss, weighted_sum)
 from training.matching import match_predictions, match_to_anchors, MatchWeights
+from training.metrics import mostly_inside
 from training.prepare_data import split_dataset, validate_dataset
 
 LOSS_WEIGHTS = {'loss_ce': 20.0, 'loss_presence': 20.0, 'loss_bbox': 5.0, 'loss_giou': 2.0,
@@ -1028,9 +1029,7 @@ def _count_matches(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
                 unmatched.remove(int(p))
     ignored = 0
     if crowd is not None and crowd.any():
-        for p in unmatched:
-            area = int(pred[p].sum())
-            ignored += int(area > 0 and np.logical_and(pred[p], crowd).sum() >= 0.5 * area)
+        ignored = sum(mostly_inside(pred[p], crowd) for p in unmatched)
     return matched, ignored
 
 

@@ -69,3 +69,14 @@ def video_j_and_f(pred: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Dic
         raise ValueError('no (frame, object) pairs to score')
     j_mean, f_mean = float(np.mean(j_values)), float(np.mean(f_values))
     return {'j': j_mean, 'f': f_mean, 'j_and_f': (j_mean + f_mean) / 2}
+
+
+def mostly_inside(mask: np.ndarray, region: np.ndarray) -> bool:
+    """Whether at least half of ``mask``'s pixels lie in ``region`` (False for an empty mask).
+
+    COCO's rule for crowd (ignore) regions at IoU 0.5, where the IoU of a detection with a
+    crowd is measured over the detection's own area: such a detection is neither a true nor
+    a false positive.
+    """
+    area = np.count_nonzero(mask)
+    return area > 0 and np.count_nonzero(np.logical_and(mask, region)) >= 0.5 * area

@@ -184,7 +184,6 @@ class SegmenterNode(LifecycleNode):
         self._out_rate = RateMeter()
         self.latency = LatencyWindow()
         self.inference = LatencyWindow()
-        self._last_image_time: Optional[float] = None
         self._last_depth_time: Optional[float] = None
         self._last_counted: Dict[str, float] = {}
         self._active_since = time.monotonic()
@@ -389,7 +388,6 @@ class SegmenterNode(LifecycleNode):
         now = time.monotonic()
         self._count('frames_in')
         self._in_rate.tick(now)
-        self._last_image_time = now
         # Header and size checks here (microseconds), not only in the worker: a malformed
         # frame must be counted as such, not dropped behind the next good one, and must not
         # take the slot from a good frame.
@@ -536,8 +534,7 @@ class SegmenterNode(LifecycleNode):
                 depth_msg, max_side=int(self._param('max_image_side')))
             if depth_msg.encoding not in ('16UC1', 'mono16', '32FC1'):
                 raise ValueError(f"depth encoding '{depth_msg.encoding}' is not 16UC1 or 32FC1")
-            intrinsics = CameraIntrinsics.from_k(list(info.k), info.width or shape[1],
-                                                 info.height or shape[0])
+            intrinsics = _camera_intrinsics(info, shape)
             image_size = (shape[1], shape[0])
             check_same_view('depth', (depth.shape[1], depth.shape[0]), image_size)
             check_same_view('camera_info', (intrinsics.width, intrinsics.height), image_size)
@@ -625,11 +622,9 @@ class SegmenterNode(LifecycleNode):
             return None
         height, width = shape
         try:
-            intrinsics = CameraIntrinsics.from_k(list(info.k), info.width or width,
-                                                 info.height or height)
+            return _camera_intrinsics(info, shape).scaled_to(width, height).fx
         except ValueError:
             return None
-        return intrinsics.scaled_to(width, height).fx
 
     # -- prompts and services --------------------------------------------------------------
     def _prompt_image_size(self, stamp: Any) -> Optional[Tuple[int, int]]:
@@ -797,7 +792,7 @@ class SegmenterNode(LifecycleNode):
         elif not self._enabled:
             message = 'disabled via ~/enable'
         else:
-            last = self._last_image_time
+            last = self._last_counted.get('frames_in')  # the latest image received
             since = now - (last if last is not None else self._active_since)
             depth_since = self._depth_silence(now)
             if since > stale:
@@ -848,6 +843,12 @@ class SegmenterNode(LifecycleNode):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         return array
+
+
+def _camera_intrinsics(info: CameraInfo, shape: Tuple[int, int]) -> CameraIntrinsics:
+    """Return camera_info's intrinsics; a camera_info without a size is the image's."""
+    return CameraIntrinsics.from_k(list(info.k), info.width or shape[1],
+                                   info.height or shape[0])
 
 
 def main(args: Optional[List[str]] = None) -> None:

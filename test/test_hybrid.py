@@ -51,9 +51,13 @@ class ScriptedConcepts:
         self.concepts = [q.text for q in parse_concepts(concepts)]
         return self.concepts
 
-    def segment(self, frame):
+    def segment(self, frame, max_instances=None):
         self.calls.append(len(self.calls))
-        return list(self.script.get(len(self.calls) - 1, []))
+        found = list(self.script.get(len(self.calls) - 1, []))
+        if max_instances is None:
+            return found
+        # As a real engine: the best max_instances, best first.
+        return sorted(found, key=lambda d: -d.score)[:max_instances]
 
 
 def make_tracker(presence):
@@ -349,3 +353,58 @@ def test_failed_detection_is_retried_next_frame():
         hybrid.step(FRAME)
     assert ids(hybrid.step(FRAME)) == [1]
     assert hybrid.step(FRAME) == [] and concepts.calls == ['failed', 'ok']
+
+
+def test_present_track_without_pixels_counts_as_absent():
+    # SAM2 may judge an object present yet give it no mask pixel. Such a track has nothing
+    # to report, and its empty mask must not replace the last known one: the re-detection
+    # of the fruit where it was keeps its ID instead of starting a second track.
+    tracker = make_tracker(3.0)
+    with torch.no_grad():   # tracked frames: mask logits 0 everywhere, i.e. no pixel
+        for mlp in tracker.model.mask_decoder.output_hypernetworks_mlps:
+            for parameter in mlp.parameters():
+                parameter.zero_()
+    hybrid = HybridTracker(ScriptedConcepts({0: [det(A)], 1: [det(A)]}), tracker,
+                           redetect_every_n=2)
+    assert ids(hybrid.step(FRAME)) == [1]
+    assert hybrid.step(FRAME) == []
+    # What the test is about: SAM2 judges the object present (the tracker reports it
+    # absent, having no pixel of it).
+    assert tracker.last_result.objects[0].score > 0
+    again = hybrid.step(FRAME)
+    assert ids(again) == [1] and np.array_equal(again[0].mask, A)
+    assert hybrid.track_ids == [1] and hybrid.missed_redetections(1) == 0
+
+
+def test_tracks_outranked_beyond_the_engine_cap_keep_their_ids():
+    # Three apples, the engine keeps its best two. B ranks third on two re-detections: it
+    # is still detected, so it stays track 2 (not reported while two rank higher) and is
+    # reported as 2 when it ranks first again. New tracks still come from the best two.
+    script = {0: [det(A, 0.9), det(B, 0.8), det(C, 0.7)],
+              1: [det(A, 0.9), det(C, 0.85), det(B, 0.8)],
+              2: [det(A, 0.9), det(C, 0.85), det(B, 0.8)],
+              3: [det(B, 0.95), det(A, 0.9), det(C, 0.85)]}
+    concepts = ScriptedConcepts(script)
+    concepts.max_instances = 2
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=1)
+    frames = [[(i.instance_id, i.score) for i in hybrid.step(FRAME)] for _ in script]
+    assert frames == [[(1, 0.9), (2, 0.8)], [(1, 0.9), (3, 0.85)], [(1, 0.9), (3, 0.85)],
+                      [(1, 0.9), (2, 0.95)]]
+    assert hybrid.track_ids == [1, 2, 3]
+    assert [hybrid.missed_redetections(t) for t in (1, 2, 3)] == [0, 0, 0]
+    # Only the engine's best two start tracks: a third new apple waits for its turn.
+    fresh = ScriptedConcepts({0: [det(A, 0.9), det(B, 0.8), det(C, 0.7)]})
+    fresh.max_instances = 2
+    hybrid = HybridTracker(fresh, make_tracker(-3.0), redetect_every_n=1)
+    assert ids(hybrid.step(FRAME)) == [1, 2] and hybrid.track_ids == [1, 2]
+
+
+def test_detections_without_pixels_are_ignored():
+    # An engine's empty mask can be neither matched nor prompted (SAM2 refuses it): it must
+    # not fail the frame, nor leave a track SAM2 never received.
+    empty = np.zeros_like(A)
+    concepts = ScriptedConcepts({0: [det(A), det(empty, 0.95)], 1: [det(empty), det(B)]})
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=1)
+    assert ids(hybrid.step(FRAME)) == [1]
+    assert ids(hybrid.step(FRAME)) == [2]
+    assert hybrid.track_ids == hybrid.tracker.object_ids == [1, 2]

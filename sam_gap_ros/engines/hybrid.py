@@ -1,8 +1,9 @@
 """Hybrid concept tracking: SAM3 detections every N frames, SAM2 tracking in between.
 
 ``HybridTracker`` combines a concept engine (``Sam3ConceptEngine``: ``set_concepts``,
-``segment(frame) -> list[Instance]``) with the streaming ``Sam2Tracker``. IDs persist
-across frames; the rules, per frame:
+``segment(frame) -> list[Instance]``, with a ``max_instances`` keyword if the engine has a
+``max_instances`` cap) with the streaming ``Sam2Tracker``. IDs persist across frames; the
+rules, per frame:
 
 * Every frame goes through ``tracker.track`` first, so SAM2 keeps its memory current.
 * Re-detection frames (the first frame, then every ``redetect_every_n`` frames, and the
@@ -10,6 +11,10 @@ across frames; the rules, per frame:
   SAM3's video tracker (transformers ``Sam3VideoModel``: ``det_nms_thresh``,
   ``assoc_iou_thresh``), whose defaults are ours:
 
+  - The engine is asked for its ``max_instances`` best detections plus one per live
+    track, so that a track SAM3 still detects, outranked by new objects, is confirmed and
+    not counted as missed; only the engine's ``max_instances`` best may start new tracks,
+    as without live tracks. Detections without a mask pixel are ignored.
   - Detections go through mask NMS first (of two with IoU > ``detection_nms_iou``, 0.1,
     the lower-scoring one goes): a partial mask or a duplicate of a detected object must
     not start a second track.
@@ -35,7 +40,8 @@ across frames; the rules, per frame:
   the neighbour's ID at the next re-detection.
 * On other frames every track SAM2 judges present is reported with its SAM2 mask and the
   concept and score of its last matching detection; absent tracks are not reported but are
-  kept until the re-detection rule drops them.
+  kept until the re-detection rule drops them. A track SAM2 judges present with an empty
+  mask counts as absent (nothing to report, and its last known mask is kept).
 * A frame reports at most ``max_instances`` instances (by default the concept engine's
   ``max_instances``, which caps its detections per frame). Tracks live on beside new
   detections, so more may be visible; the highest-scoring ones are reported (the score of
@@ -240,18 +246,20 @@ class HybridTracker:
         """Process the next RGB uint8 ``(H, W, 3)`` frame; return tracked instances by ID."""
         result = self.tracker.track(frame)
         self._frame_index += 1
-        tracked = {obj.object_id: obj for obj in result.objects}
-        for track_id, obj in tracked.items():
-            if obj.present and track_id in self._tracks:
-                self._tracks[track_id].last_mask = obj.mask
-        self._drop_duplicates(tracked)
+        # Present without a pixel (SAM2's presence head and mask disagree, e.g. on a fruit
+        # leaving the image) counts as absent: the empty mask has nothing to report, and as
+        # the last known mask it would match no detection, so the fruit would get a new ID.
+        visible = {obj.object_id: obj.mask for obj in result.objects
+                   if obj.present and obj.object_id in self._tracks and obj.mask.any()}
+        for track_id, mask in visible.items():
+            self._tracks[track_id].last_mask = mask
+        self._drop_duplicates(visible)
         detect = (self._last_detection is None
                   or self._frame_index - self._last_detection >= self.redetect_every_n)
         if not detect:
-            shown = {track_id: tracked[track_id].mask for track_id in self._tracks
-                     if track_id in tracked and tracked[track_id].present}
+            shown = dict(visible)
         else:
-            shown = self._redetect(frame, tracked)
+            shown = self._redetect(frame, visible)
         return [self._instance(track_id, shown[track_id]) for track_id in self._capped(shown)]
 
     def _capped(self, shown: Mapping[int, np.ndarray]) -> List[int]:
@@ -262,21 +270,40 @@ class HybridTracker:
             return sorted(best)
         return sorted(shown)
 
-    def _drop_duplicates(self, tracked: Dict[int, Any]) -> None:
-        """Drop the tracks ``duplicate_tracks`` finds (from SAM2 too, and from ``tracked``)."""
-        current = {t: tracked[t].mask for t in self._tracks
-                   if t in tracked and tracked[t].present}
-        anchors = {t: self._tracks[t].anchor_mask for t in current}
-        for track_id in duplicate_tracks(current, anchors, self.duplicate_iou):
+    def _drop_duplicates(self, visible: Dict[int, np.ndarray]) -> None:
+        """Drop the tracks ``duplicate_tracks`` finds (from SAM2 too, and from ``visible``)."""
+        anchors = {t: self._tracks[t].anchor_mask for t in visible}
+        for track_id in duplicate_tracks(visible, anchors, self.duplicate_iou):
             logger.debug('track %d moved onto another track\'s object: dropped', track_id)
             del self._tracks[track_id]
-            del tracked[track_id]
+            del visible[track_id]
             self.tracker.remove_object(track_id)
 
-    def _redetect(self, frame: np.ndarray, tracked: Dict[int, Any]) -> Dict[int, np.ndarray]:
+    def _detect(self, frame: np.ndarray) -> Tuple[List[Instance], List[bool]]:
+        """Return the frame's detections after NMS, and which of them may start a track."""
+        engine_cap = getattr(self.concept_engine, 'max_instances', None)
+        if engine_cap is None:
+            found = list(self.concept_engine.segment(frame))
+            starters = len(found)
+        else:
+            # The engine keeps only its best ``engine_cap``: a live track outranked by that
+            # many new objects would count as missed although SAM3 still finds it, be
+            # dropped, and come back under a new ID. One more per live track confirms them
+            # all; new tracks still come from the best ``engine_cap`` only.
+            starters = int(engine_cap)
+            found = list(self.concept_engine.segment(
+                frame, max_instances=starters + len(self._tracks)))
+        # Best first (as the engine returns them); a detection without a pixel can be
+        # neither matched nor prompted (SAM2 refuses an empty mask).
+        found = sorted((d for d in found if d.mask.any()), key=lambda d: -d.score)
+        may_start = {id(d) for d in found[:starters]}
+        detections = resolve_duplicates(found, self.detection_nms_iou)
+        return detections, [id(d) in may_start for d in detections]
+
+    def _redetect(self, frame: np.ndarray, visible: Dict[int, np.ndarray]
+                  ) -> Dict[int, np.ndarray]:
         """Run the re-detection rules; return the mask of every track to show, by ID."""
-        detections = resolve_duplicates(self.concept_engine.segment(frame),
-                                        self.detection_nms_iou)
+        detections, may_start = self._detect(frame)
         # Only a detection that ran counts: after an error the next frame tries again.
         self._last_detection = self._frame_index
         track_ids = sorted(self._tracks)
@@ -287,6 +314,7 @@ class HybridTracker:
             # SAM3's rule: a detection overlapping any track is not a new object.
             unmatched_detections = [d for d in unmatched_detections
                                     if iou[:, d].max() < self.match_iou]
+        unmatched_detections = [d for d in unmatched_detections if may_start[d]]
         active = set(self.concept_engine.concepts)
         for index in unmatched_tracks:
             track_id = track_ids[index]
@@ -322,9 +350,8 @@ class HybridTracker:
                                      replace_conditioning=self.reanchor)
         # Tracks SAM3 missed this time but SAM2 still sees stay visible until dropped.
         for track_id in self._tracks:
-            obj = tracked.get(track_id)
-            if track_id not in shown and obj is not None and obj.present:
-                shown[track_id] = obj.mask
+            if track_id not in shown and track_id in visible:
+                shown[track_id] = visible[track_id]
         return shown
 
     def _instance(self, track_id: int, mask: np.ndarray) -> Instance:

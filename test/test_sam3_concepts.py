@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
 
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.types import ConceptError, Instance
@@ -246,3 +247,78 @@ def test_frames_one_or_three_pixels_high_are_read_channels_last(engine, height):
     torch.testing.assert_close(thin, tall)
     # The first channel holds the red value (normalised with mean/std 0.5: 200 -> 0.57).
     assert float(thin[0, 0].mean()) == pytest.approx(200 / 127.5 - 1, abs=1e-4)
+
+
+GRID = 28   # low-res mask side of the scripted detector outputs; frames are twice that
+CELLS = [(0, 0, 6, 6), (8, 0, 14, 6), (16, 0, 22, 6), (0, 10, 6, 16)]
+
+
+def scripted_detector(engine, script, empty=()):
+    """Replace the detector: ``script[phrase]`` lists ``(cell, score)`` per query.
+
+    Masks are the cells (at the low mask resolution); queries listed in ``empty`` as
+    ``(phrase, query)`` get no pixel above the mask threshold.
+    """
+    def detector(vision, features, masks):
+        phrases = engine.phrases[:features.shape[0]]
+        queries = 8
+        logits = torch.full((len(phrases), queries), -20.0)
+        low_res = torch.full((len(phrases), queries, GRID, GRID), -10.0)
+        for row, phrase in enumerate(phrases):
+            for query, (cell, score) in enumerate(script[phrase]):
+                logits[row, query] = float(np.log(score / (1 - score)))
+                if (phrase, query) not in empty:
+                    x0, y0, x1, y1 = CELLS[cell]
+                    low_res[row, query, y0:y1, x0:x1] = 10.0
+        return Sam3ImageSegmentationOutput(
+            pred_logits=logits, pred_boxes=torch.zeros(len(phrases), queries, 4),
+            pred_masks=low_res, presence_logits=torch.full((len(phrases), 1), 20.0))
+    engine._detector = detector
+
+
+def cells(instances):
+    return [CELLS.index(tuple(int(v) // 2 for v in i.box)) for i in instances]
+
+
+def test_compositions_see_every_instance_whatever_max_instances():
+    # Four apples, the first three green. The set logic must see every green apple and
+    # every apple: with max_instances=2, cutting each phrase to its best two would let
+    # green apple 0 through (its 'green apple' detection ranks third) and hide the red one.
+    local = Sam3ConceptEngine.from_config(seed=0, score_threshold=0.5)
+    local.set_concepts(['apple but not green apple'])
+    scripted_detector(local, {'apple': [(0, 0.9), (1, 0.8), (2, 0.7), (3, 0.6)],
+                              'green apple': [(2, 0.95), (1, 0.9), (0, 0.85)]})
+    image = frame(height=2 * GRID, width=2 * GRID)
+    for cap in (1, 2, 10):
+        assert cells(local.segment(image, max_instances=cap)) == [3]
+    # detect() stays the raw per-phrase view: each phrase's best max_instances.
+    assert [len(v) for v in local.detect(image, max_instances=2).values()] == [2, 2]
+    # Plain concepts are still cut per phrase (nothing else needs their other instances).
+    local.set_concepts(['apple', 'green apple near apple'])
+    assert len(local.detect(image, max_instances=1)['apple']) == 1
+    # Green apples 2 and 1 (0.95, 0.9) and apple 0 (0.9, the earlier concept wins the tie).
+    assert cells(local.segment(image, max_instances=2)) == [2, 0]
+
+
+def test_queries_without_mask_pixels_take_no_max_instances_slot():
+    local = Sam3ConceptEngine.from_config(seed=0, score_threshold=0.5)
+    local.set_concepts(['apple'])
+    scripted_detector(local, {'apple': [(0, 0.95), (1, 0.9), (2, 0.8), (3, 0.7)]},
+                      empty={('apple', 0), ('apple', 1)})
+    image = frame(height=2 * GRID, width=2 * GRID)
+    assert cells(local.segment(image, max_instances=2)) == [2, 3]
+    assert cells(local.detect(image, max_instances=1)['apple']) == [2]
+    assert cells(local.segment(image, max_instances=10)) == [2, 3]
+
+
+@pytest.mark.parametrize('setting, value', [
+    ('exclusion_iou', 0.0), ('exclusion_iou', 1.5), ('near_distance_px', -1.0),
+    ('near_distance_px', float('inf')), ('near_distance_px', float('nan')),
+    ('duplicate_iou', -0.1), ('score_threshold', 1.0), ('max_instances', 0),
+])
+def test_invalid_settings_are_refused_at_construction(setting, value):
+    # exclusion_iou=0 would exclude an apple for a leaf anywhere in the image (an overlap
+    # of 0 is >= 0); a bad near distance would only fail on the first frame of a 'near'
+    # concept, and on every frame after it.
+    with pytest.raises(ValueError, match=setting):
+        Sam3ConceptEngine.from_config(seed=0, **{setting: value})

@@ -9,8 +9,11 @@ CLIP text encoder ~350M, the DETR detector + mask decoder ~30M):
   call for the phrases not yet cached), never per frame.
 * The vision backbone runs ONCE per frame; its features are broadcast (``expand``, no
   copy) over all base phrases, and the detector runs batched over the phrases.
-* Only detections above ``score_threshold`` (the top ``max_instances`` per phrase) are
-  upsampled to full resolution, with the processor's own post-processing.
+* Only detections above ``score_threshold`` are upsampled to full resolution, with the
+  processor's own post-processing, best first and only until a phrase has its
+  ``max_instances`` non-empty masks. The phrases of compositional concepts are not capped
+  in ``segment``: the set logic needs every instance (a ``green apple`` ranked below the
+  cap must still exclude its apple, and an excluded apple must not take a slot).
 
 Concepts are plain noun phrases or compositions of them (``apple but not green apple``,
 ``damaged apple near trunk``); see :mod:`sam_gap_ros.engines.concept_query` for the
@@ -48,6 +51,8 @@ _SLOW_TOKENIZER_FILES = ('vocab.json', 'merges.txt')
 # Phrase embeddings kept beyond the active set, so switching back and forth between concept
 # sets does not re-run the text encoder.
 _TEXT_CACHE_SIZE = 64
+# Queries upsampled at once when a phrase is not capped (bounds the float masks in memory).
+_UPSAMPLE_CHUNK = 32
 
 
 class Sam3ConceptEngine:
@@ -65,12 +70,25 @@ class Sam3ConceptEngine:
         (0.5 as in transformers' post-processing; a model with under-confident masks may
         be calibrated lower). ``phrase_batch_size`` bounds how many phrases go through the
         detector at once (the mask decoder's activations grow with it); all share the one
-        backbone pass.
+        backbone pass. ``exclusion_iou`` must be in (0, 1] (at 0 an instance with no
+        overlap at all would be excluded) and ``near_distance_px`` finite and >= 0.
         """
         if phrase_batch_size < 1:
             raise ValueError(f'phrase_batch_size must be >= 1, got {phrase_batch_size}')
         if not 0.0 < mask_threshold < 1.0:
             raise ValueError(f'mask_threshold must be in (0, 1), got {mask_threshold}')
+        if not 0.0 <= score_threshold < 1.0:
+            raise ValueError(f'score_threshold must be in [0, 1), got {score_threshold}')
+        if max_instances < 1:
+            raise ValueError(f'max_instances must be >= 1, got {max_instances}')
+        if not 0.0 < exclusion_iou <= 1.0:
+            raise ValueError(f'exclusion_iou must be in (0, 1], got {exclusion_iou}')
+        if not 0.0 <= duplicate_iou <= 1.0:
+            raise ValueError(f'duplicate_iou must be in [0, 1], got {duplicate_iou}')
+        # Checked here: otherwise every frame of a 'near' concept would fail (a negative
+        # distance in near_any, inf or NaN in the search crop of mask_distances).
+        if not 0.0 <= near_distance_px < float('inf'):
+            raise ValueError(f'near_distance_px must be finite and >= 0, got {near_distance_px}')
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self._model = model.to(device=self._device, dtype=self._dtype).eval()
@@ -253,7 +271,8 @@ class Sam3ConceptEngine:
         (> ``score_threshold``) and their concept's canonical text; duplicates are resolved
         and at most ``max_instances`` are returned, best score first.
         """
-        queries, detections, limit = self._detect(frame, score_threshold, max_instances)
+        queries, detections, limit = self._detect(frame, score_threshold, max_instances,
+                                                  cap_composed=False)
         found: List[Instance] = []
         for query in queries:
             found += evaluate_query(query, detections, exclusion_iou=self.exclusion_iou,
@@ -264,14 +283,19 @@ class Sam3ConceptEngine:
                max_instances: Optional[int] = None) -> Dict[str, List[Instance]]:
         """Return the raw detections of every base phrase (before set logic and de-duplication).
 
-        Each phrase keeps its ``max_instances`` best detections above ``score_threshold``.
+        Each phrase keeps its ``max_instances`` best detections above ``score_threshold``
+        (queries whose mask is empty at full resolution do not count).
         """
         return self._detect(frame, score_threshold, max_instances)[1]
 
     def _detect(self, frame: np.ndarray, score_threshold: Optional[float],
-                max_instances: Optional[int]
+                max_instances: Optional[int], cap_composed: bool = True
                 ) -> Tuple[List[ConceptQuery], Dict[str, List[Instance]], int]:
-        """Run one backbone pass and the batched detector over the active phrases."""
+        """Run one backbone pass and the batched detector over the active phrases.
+
+        ``cap_composed=False`` keeps every detection of the phrases that compositional
+        queries use (their set logic runs before the cap).
+        """
         check_rgb_frame(frame)
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
         limit = self.max_instances if max_instances is None else int(max_instances)
@@ -282,6 +306,8 @@ class Sam3ConceptEngine:
         queries, phrases, features, masks = self._active
         if not queries:
             raise ConceptError('no concepts set: call set_concepts() first')
+        uncapped = set() if cap_composed else {
+            p for q in queries if not q.is_plain for p in q.phrases}
         height, width = frame.shape[:2]
         detections: Dict[str, List[Instance]] = {}
         with torch.inference_mode():
@@ -296,8 +322,9 @@ class Sam3ConceptEngine:
                 stop = min(start + self.phrase_batch_size, len(phrases))
                 outputs = self._detector(vision, features[start:stop], masks[start:stop])
                 for row, phrase in enumerate(phrases[start:stop]):
-                    detections[phrase] = self._instances(outputs, row, phrase, (height, width),
-                                                         threshold, limit)
+                    detections[phrase] = self._instances(
+                        outputs, row, phrase, (height, width), threshold,
+                        None if phrase in uncapped else limit)
         return queries, detections, limit
 
     def _detector(self, vision: Sam3VisionEncoderOutput, features: torch.Tensor,
@@ -313,30 +340,36 @@ class Sam3ConceptEngine:
                            attention_mask=masks)
 
     def _instances(self, outputs: Sam3ImageSegmentationOutput, row: int, phrase: str,
-                   size: Tuple[int, int], threshold: float, limit: int) -> List[Instance]:
-        """Turn one phrase's raw outputs into full-resolution instances."""
+                   size: Tuple[int, int], threshold: float, limit: Optional[int]
+                   ) -> List[Instance]:
+        """Turn one phrase's raw outputs into full-resolution instances (``limit``: None all)."""
         # Same score as the processor (query probability x presence probability); computed
         # here only to pick the queries worth upsampling to full resolution.
         scores = outputs.pred_logits[row].sigmoid() * outputs.presence_logits[row].sigmoid()
         keep = torch.nonzero(scores > threshold).flatten()
-        if keep.numel() == 0:
-            return []
-        keep = keep[scores[keep].argsort(descending=True)[:limit]]
-        selected = Sam3ImageSegmentationOutput(
-            pred_logits=outputs.pred_logits[row:row + 1, keep],
-            pred_boxes=outputs.pred_boxes[row:row + 1, keep],
-            pred_masks=outputs.pred_masks[row:row + 1, keep],
-            presence_logits=outputs.presence_logits[row:row + 1])
-        result = self._processor.post_process_instance_segmentation(
-            selected, threshold=threshold, mask_threshold=self.mask_threshold,
-            target_sizes=[size])[0]
-        instances = []
-        for mask, score in zip(result['masks'].bool().cpu().numpy(),
-                               result['scores'].float().cpu().tolist(), strict=True):
-            area = int(np.count_nonzero(mask))
-            if area:
-                instances.append(Instance(mask=mask, box=mask_to_box(mask), score=float(score),
-                                          concept=phrase, area=area))
+        keep = keep[scores[keep].argsort(descending=True)]
+        instances: List[Instance] = []
+        # Best first, in chunks: usually the first ``limit`` fill the quota, but a query
+        # whose mask is empty at full resolution is not reported and must not take a slot
+        # from the next one.
+        start = 0
+        while start < keep.numel() and (limit is None or len(instances) < limit):
+            count = _UPSAMPLE_CHUNK if limit is None else limit - len(instances)
+            part, start = keep[start:start + count], start + count
+            selected = Sam3ImageSegmentationOutput(
+                pred_logits=outputs.pred_logits[row:row + 1, part],
+                pred_boxes=outputs.pred_boxes[row:row + 1, part],
+                pred_masks=outputs.pred_masks[row:row + 1, part],
+                presence_logits=outputs.presence_logits[row:row + 1])
+            result = self._processor.post_process_instance_segmentation(
+                selected, threshold=threshold, mask_threshold=self.mask_threshold,
+                target_sizes=[size])[0]
+            for mask, score in zip(result['masks'].bool().cpu().numpy(),
+                                   result['scores'].float().cpu().tolist(), strict=True):
+                area = int(np.count_nonzero(mask))
+                if area:
+                    instances.append(Instance(mask=mask, box=mask_to_box(mask),
+                                              score=float(score), concept=phrase, area=area))
         return instances
 
 

@@ -89,7 +89,12 @@ def _bpe_tables(words: Tuple[str, ...]) -> Tuple[Dict[str, int], Tuple[Tuple[str
 
 
 def build_tiny_tokenizer(words: Iterable[str] = TINY_VOCABULARY) -> CLIPTokenizer:
-    """Build a ``CLIPTokenizer`` whose BPE knows ``words`` as single tokens (no download)."""
+    """Build a ``CLIPTokenizer`` whose BPE has merges for ``words`` (no download).
+
+    Each word's merges are added left to right, but BPE applies merges by rank, so a word
+    that contains an earlier one (``unripe`` after ``ripe``) may come out as several known
+    tokens (``un`` + ``ripe``) rather than one; no word maps to the unknown token.
+    """
     vocab, merges = _bpe_tables(tuple(dict.fromkeys(words)))
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token=EOS_TOKEN,
                          bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,

@@ -99,7 +99,9 @@ def dumps(document: Dict[str, Any]) -> str:
     return json.dumps(document, separators=(',', ':'), allow_nan=False)
 
 
-_REQUIRED_INSTANCE_KEYS = ('id', 'label', 'score', 'bbox', 'area', 'centroid', 'position')
+_REQUIRED_INSTANCE_KEYS = ('id', 'label', 'score', 'bbox', 'area', 'centroid', 'position',
+                           'pose_index')
+_MAX_ID = 65535  # IDs are the values of the mono16 ~/masks image
 
 
 def loads(text: str) -> Dict[str, Any]:
@@ -152,19 +154,54 @@ def validate_document(document: Any) -> None:
     _check_stamp(document['header'])
     _check_optional_time(document, 'inference_ms', non_negative=True)
     _check_optional_time(document, 'latency_ms', non_negative=False)
+    image = document['image']
+    if not (isinstance(image, dict) and all(_is_int(image.get(key)) and image[key] > 0
+                                            for key in ('width', 'height'))):
+        raise ValueError(f"'image' must hold positive integer 'width' and 'height', got "
+                         f'{image!r}')
+    if not _is_int(document['frame_index']):
+        raise ValueError(f"'frame_index' must be an integer, got {document['frame_index']!r}")
+    if not (isinstance(document['concepts'], list)
+            and all(isinstance(c, str) for c in document['concepts'])):
+        raise ValueError("'concepts' must be a list of strings")
     instances: List[Any] = document['instances']
     if not isinstance(instances, list):
         raise ValueError("'instances' must be a list")
+    seen_ids, next_pose = set(), 0
     for index, item in enumerate(instances):
         if not isinstance(item, dict):
             raise ValueError(f'instance {index} must be an object, got {item!r}')
         missing = [key for key in _REQUIRED_INSTANCE_KEYS if key not in item]
         if missing:
             raise ValueError(f'instance {index} lacks {missing}')
+        instance_id = item['id']
+        if not (_is_int(instance_id) and 0 < instance_id <= _MAX_ID):
+            raise ValueError(f'instance {index} id must be an integer in 1..{_MAX_ID} (a '
+                             f'~/masks value), got {instance_id!r}')
+        if instance_id in seen_ids:
+            raise ValueError(f'instance {index} repeats id {instance_id}')
+        seen_ids.add(instance_id)
+        if not isinstance(item['label'], str) or not _is_numbers([item['score']], 1):
+            raise ValueError(f'instance {index} needs a string label and a numeric score')
+        if not (_is_int(item['area']) and item['area'] >= 0):
+            raise ValueError(f"instance {index} area must be a pixel count, got {item['area']!r}")
         if not (_is_numbers(item['bbox'], 4) and _is_numbers(item['centroid'], 2)):
             raise ValueError(f'instance {index} has a malformed bbox or centroid')
         if item['position'] is not None and not _is_numbers(item['position'], 3):
             raise ValueError(f'instance {index} position must be [x, y, z] or null')
+        # Poses follow the instance order: the n-th instance with a position is pose n.
+        expected = None if item['position'] is None else next_pose
+        pose_index = item['pose_index']
+        if not (pose_index is None if expected is None
+                else _is_int(pose_index) and pose_index == expected):
+            raise ValueError(f"instance {index} pose_index must be {expected} (the index of "
+                             f'its ~/fruit_poses entry), got {pose_index!r}')
+        next_pose += item['position'] is not None
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a JSON integer (not a boolean, not a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_numbers(value: Any, count: int) -> bool:

@@ -123,6 +123,8 @@ class FrameResult:
     inference_s: float = 0.0
     refused_prompts: List[str] = field(default_factory=list)
     """Why prompts queued for this frame (sent before the first frame) were refused."""
+    concepts: List[str] = field(default_factory=list)
+    """The concepts this frame was segmented with (a later change does not relabel it)."""
 
     @property
     def positions(self) -> List[Optional[Tuple[float, float, float]]]:
@@ -188,13 +190,19 @@ class IouIdAssigner:
         self.min_iou = float(min_iou)
         self._prev_masks: List[np.ndarray] = []
         self._prev_ids: List[int] = []
+        self._prev_shape: Optional[Tuple[int, ...]] = None
         self._next_id = 1
 
     def assign(self, masks: Sequence[np.ndarray]) -> List[int]:
-        """Return one ID per mask, reusing the previous frame's IDs for matched masks."""
+        """Return one ID per mask, reusing the previous frame's IDs for matched masks.
+
+        Masks of another size than the previous frame's (the camera changed resolution)
+        match nothing: their grids cannot be compared, so every mask gets a new ID.
+        """
         ids: List[Optional[int]] = [None] * len(masks)
         small = [_id_grid(m) for m in masks]
-        if small and self._prev_masks:
+        shape = tuple(masks[0].shape) if len(masks) else self._prev_shape
+        if small and self._prev_masks and shape == self._prev_shape:
             iou = mask_iou_matrix(small, self._prev_masks)
             rows, cols = linear_sum_assignment(-iou)
             for row, col in zip(rows, cols, strict=True):
@@ -208,11 +216,13 @@ class IouIdAssigner:
                 self._next_id = ids[index] + 1
         self._prev_masks = small
         self._prev_ids = [int(i) for i in ids]
+        self._prev_shape = shape
         return [int(i) for i in ids]
 
     def reset(self) -> None:
         """Forget all identities."""
         self._prev_masks, self._prev_ids, self._next_id = [], [], 1
+        self._prev_shape = None
 
 
 class SegmentationPipeline:
@@ -451,7 +461,10 @@ class SegmentationPipeline:
                 raise PromptError('a background point corrects the object under it, and no '
                                   'frame has been segmented yet')
             height, width = labels.shape
-            object_id = int(labels[min(int(y), height - 1), min(int(x), width - 1)])
+            # The label image is the frame the point applies to: without this check (no
+            # image_size given) a negative coordinate would index from the far edge.
+            _check_in_image([(x, y)], (width, height), pixel=True)
+            object_id = int(labels[int(y), int(x)])
             if object_id not in self._tracker.object_ids:
                 raise PromptError(f'background point ({x:.1f}, {y:.1f}) lies on no tracked '
                                   'object: nothing to correct (a new object needs a '
@@ -535,7 +548,12 @@ class SegmentationPipeline:
                 # Tracker memories and prompts are tied to one resolution: start over.
                 self._logger.warning(f'input size changed from {self._image_size} to '
                                      f'{(height, width)}: tracking state reset')
+                # Prompts still waiting for a first frame (sent before it or after ~/reset)
+                # belong to no session yet: they go to this frame, checked against its size,
+                # instead of vanishing after their IDs were handed out.
+                pending = list(self._pending_prompts)
                 self.reset()
+                self._pending_prompts = pending
             self._image_size = (height, width)
             start = time.perf_counter()
             refused: List[str] = []
@@ -543,6 +561,7 @@ class SegmentationPipeline:
             inference_s = time.perf_counter() - start
             self._frame_index += 1
             frame_index = self._frame_index
+            concepts = self.concepts
         records = [self._record(item, depth_m, intrinsics) for item in found]
         masks = [item.mask for item in found]
         # The boxes bound each mask: paint only there, not over the whole frame.
@@ -551,7 +570,7 @@ class SegmentationPipeline:
                              boxes=[item.box for item in found])
         if self.config.mode == 'sam2':
             self._last_labels = labels  # never written after this: kept without a copy
-        return FrameResult(frame_index, labels, records, masks, inference_s, refused)
+        return FrameResult(frame_index, labels, records, masks, inference_s, refused, concepts)
 
     def _record(self, item: _Found, depth_m: Optional[np.ndarray],
                 intrinsics: Optional[CameraIntrinsics]) -> InstanceRecord:

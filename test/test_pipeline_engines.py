@@ -105,6 +105,36 @@ def test_a_bad_prompt_waiting_for_the_first_frame_is_refused_alone(models):
     assert pipeline.add_box((100, 40, 128, 96), image_size=(128, 96)) == 4
 
 
+def test_a_prompt_sent_after_reset_goes_to_a_first_frame_of_a_new_size(models):
+    """~/reset, a prompt, then the camera's new resolution: the prompt is not lost."""
+    pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
+    pipeline.process(make_frame(0))  # 128 x 96
+    pipeline.reset()
+    assert pipeline.add_box((20, 30, 50, 60)) == 1  # waits for the first frame
+    assert pipeline.add_point(500, 500) == 2  # cannot be checked yet
+    bigger = np.zeros((120, 160, 3), np.uint8)
+    bigger[30:60, 20:50] = 250
+    result = pipeline.process(bigger)
+    # The size change resets the (already empty) session but keeps the waiting prompts:
+    # the box is applied, the point that does not fit the new frame is refused alone.
+    assert pipeline.object_ids == [1]
+    assert [r.instance_id for r in result.records] == [1]
+    assert len(result.refused_prompts) == 1 and 'object 2' in result.refused_prompts[0]
+
+
+def test_sam3_ids_continue_after_a_new_frame_size(models):
+    pipeline = _pipeline('sam3', models, score_threshold=0.0, max_instances=3)
+    first = pipeline.process(make_frame(0))
+    assert first.records
+    bigger = pipeline.process(np.kron(make_frame(0), np.ones((2, 2, 1), np.uint8)))
+    assert bigger.labels.shape == (192, 256) and bigger.records
+    ids = [r.instance_id for r in bigger.records]
+    assert not set(ids) & {r.instance_id for r in first.records}  # nothing to match
+    _check_consistent(bigger)
+    again = pipeline.process(np.kron(make_frame(0), np.ones((2, 2, 1), np.uint8)))
+    assert [r.instance_id for r in again.records] == ids
+
+
 def test_sam2_background_point_corrects_the_object_under_it(models):
     pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
     with pytest.raises(PromptError, match='no frame'):
@@ -146,8 +176,12 @@ def test_sam3_ids_persist_on_a_static_scene_and_concepts_are_validated(models):
         pipeline.set_concepts(['apple or pear'])
     assert pipeline.concepts == ['apple']
     assert pipeline.set_concepts(['Apple  but not green apple']) == ['apple but not green apple']
+    # Each result names the concepts it was segmented with: a change made before the node
+    # publishes it does not relabel it.
+    assert second.concepts == ['apple']
     pipeline.set_score_threshold(0.99)
-    assert pipeline.process(make_frame(0)).records == []
+    third = pipeline.process(make_frame(0))
+    assert third.records == [] and third.concepts == ['apple but not green apple']
     with pytest.raises(ValueError):
         pipeline.set_score_threshold(1.0)
     with pytest.raises(ValueError):

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from sam_gap_ros import instances_json
+from sam_gap_ros.engines.types import PromptError
 from sam_gap_ros.instances_json import InstanceRecord
 from sam_gap_ros.mask_ops import label_image
 from sam_gap_ros.overlay import id_color, render_overlay
-from sam_gap_ros.pipeline import IouIdAssigner, PipelineConfig
+from sam_gap_ros.pipeline import IouIdAssigner, PipelineConfig, SegmentationPipeline
 
 
 def _doc(records):
@@ -81,6 +82,16 @@ def test_non_finite_values_are_refused():
     lambda d: d['instances'][0].update(centroid=['a', 'b']),
     lambda d: d.update(header={}),
     lambda d: d['header']['stamp'].update(sec='12'),
+    # Documented version-1 fields a reader indexes: present and of their documented type.
+    lambda d: d['instances'][0].pop('pose_index'),
+    lambda d: d['instances'][0].update(pose_index=0),  # no position: no pose
+    lambda d: d['instances'][0].update(id='1'),
+    lambda d: d['instances'][0].update(id=0),  # 0 is the ~/masks background
+    lambda d: d['instances'][0].update(id=65536),  # not a mono16 value
+    lambda d: d['instances'][0].update(area=1.5),
+    lambda d: d['instances'][0].update(score='high'),
+    lambda d: d.update(image=None),
+    lambda d: d.update(frame_index='7'),
 ])
 def test_validation_names_problems(mutate):
     doc = _doc([InstanceRecord(1, 'apple', 0.5, (0, 0, 4, 4), 16, (2.0, 2.0))])
@@ -92,6 +103,23 @@ def test_validation_names_problems(mutate):
         instances_json.loads(json.dumps(doc))
     with pytest.raises(ValueError):
         instances_json.loads('{not json')
+
+
+def test_loads_checks_pose_indices_follow_the_poses_and_ids_are_unique():
+    records = [InstanceRecord(1, 'apple', 0.5, (0, 0, 4, 4), 16, (2.0, 2.0), (0.1, 0.2, 1.0)),
+               InstanceRecord(2, 'apple', 0.5, (4, 0, 8, 4), 16, (6.0, 2.0)),
+               InstanceRecord(3, 'apple', 0.5, (8, 0, 9, 4), 4, (8.0, 2.0), (0.3, 0.2, 1.0))]
+    doc = json.loads(instances_json.dumps(_doc(records)))
+    assert [i['pose_index'] for i in instances_json.loads(json.dumps(doc))['instances']] == \
+        [0, None, 1]
+    for mutate in (lambda d: d['instances'][0].update(pose_index=None),  # pose 0 unnamed
+                   lambda d: d['instances'][2].update(pose_index=2),  # there is no pose 2
+                   lambda d: d['instances'][2].update(pose_index=True),
+                   lambda d: d['instances'][2].update(id=1)):  # two instances, one ID
+        broken = json.loads(json.dumps(doc))
+        mutate(broken)
+        with pytest.raises(ValueError, match='pose_index|repeats id'):
+            instances_json.loads(json.dumps(broken))
 
 
 def test_loads_refuses_nan_and_infinity():
@@ -173,6 +201,43 @@ def test_iou_ids_wrap_after_65535_past_ids_still_live():
     # 1 and 2 are still in view: the new IDs wrap past them, none is handed out twice.
     assert ids.assign([box(1), box(30), box(14), box(48)]) == [1, 65535, 2, 3]
     assert ids.assign([box(1), box(30), box(48)]) == [1, 65535, 3]
+
+
+def test_iou_ids_start_over_when_the_frame_size_changes():
+    """sam3 mode keeps no tracker: a new camera resolution must not stop the IDs."""
+    ids = IouIdAssigner(min_iou=0.3)
+    assert ids.assign([box(0), box(30)]) == [1, 2]
+    bigger = np.zeros((48, 72), dtype=bool)
+    bigger[10:20, 0:10] = True
+    # Masks of another size cannot be compared with the previous frame's: new IDs (the
+    # old code's IoU matmul raised on every frame of the new size).
+    assert ids.assign([bigger]) == [3]
+    assert ids.assign([bigger]) == [3]
+    # Same pixel count, other shape (a rotated camera): no matching across either.
+    assert ids.assign([np.ones((72, 48), dtype=bool)]) == [4]
+    assert ids.assign([]) == []
+    assert ids.assign([np.ones((72, 48), dtype=bool)]) == [5]
+
+
+def test_a_background_point_outside_the_latest_frame_is_refused():
+    """A negative coordinate must not index the label image from its far edge."""
+    class Tracker:
+        object_ids, frame_index, prompts = [7], 3, []
+
+        def add_objects(self, frame_index, object_ids, **prompt):
+            self.prompts.append(object_ids)
+
+    pipeline = SegmentationPipeline(PipelineConfig(mode='sam2', model_dir='x'))
+    pipeline._engine = pipeline._tracker = tracker = Tracker()
+    labels = np.zeros((96, 128), dtype=np.uint16)
+    labels[90:, 120:] = 7  # object 7 in the bottom-right corner
+    pipeline._last_labels = labels
+    for x, y in ((-3.0, -2.0), (130.0, 95.0), (127.0, 96.0)):
+        with pytest.raises(PromptError, match='outside the 128x96 image'):
+            pipeline.add_point(x, y, positive=False)  # no image_size: the labels' size
+    assert tracker.prompts == []
+    assert pipeline.add_point(125.5, 93.0, positive=False) == 7
+    assert tracker.prompts == [[7]]
 
 
 def test_config_validation():

@@ -563,7 +563,7 @@ class SegmenterNode(LifecycleNode):
                 result.records, stamp_sec=header.stamp.sec, stamp_nanosec=header.stamp.nanosec,
                 frame_id=header.frame_id, width=width, height=height,
                 mode=pipeline.config.mode, model=pipeline.model_name,
-                frame_index=result.frame_index, concepts=pipeline.concepts,
+                frame_index=result.frame_index, concepts=result.concepts,
                 inference_ms=result.inference_s * 1e3, latency_ms=masks_out_ns / 1e6)
             pubs['instances'].publish(String(data=instances_json.dumps(document)))
         if pubs['poses'].get_subscription_count() > 0:

@@ -45,6 +45,34 @@ class CameraIntrinsics:
             raise ValueError(f'invalid camera size {width}x{height}')
         return cls(fx, fy, cx, cy, int(width), int(height))
 
+    @classmethod
+    def from_camera_info(cls, k: Sequence[float], width: int, height: int,
+                         binning: Tuple[int, int] = (0, 0),
+                         roi: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> CameraIntrinsics:
+        """Build the intrinsics of the image a ``sensor_msgs/CameraInfo`` describes.
+
+        ``k``, ``width`` and ``height`` are the full sensor's; ``binning`` (``binning_x``,
+        ``binning_y``; 0 = 1) and ``roi`` (``x_offset, y_offset, width, height`` in full
+        resolution pixels; all 0 = the full sensor) say which window of it, at which
+        subsampling, the published image holds. As image_geometry's PinholeCameraModel
+        does: the principal point moves by the window offset, then all scales by binning.
+        """
+        full = cls.from_k(k, width, height)
+        binning_x, binning_y = (max(1, int(b)) for b in binning)
+        x_offset, y_offset, roi_width, roi_height = (int(v) for v in roi)
+        if not any((x_offset, y_offset, roi_width, roi_height)):
+            roi_width, roi_height = full.width, full.height
+        if (roi_width <= 0 or roi_height <= 0 or x_offset + roi_width > full.width
+                or y_offset + roi_height > full.height):
+            raise ValueError(f'camera_info roi {tuple(roi)} (x, y, width, height) is not inside '
+                             f'its {full.width}x{full.height} sensor')
+        if roi_width < binning_x or roi_height < binning_y:
+            raise ValueError(f'camera_info binning {binning_x}x{binning_y} leaves no pixel '
+                             f'of its {roi_width}x{roi_height} window')
+        return cls(full.fx / binning_x, full.fy / binning_y, (full.cx - x_offset) / binning_x,
+                   (full.cy - y_offset) / binning_y, roi_width // binning_x,
+                   roi_height // binning_y)
+
     def scaled_to(self, width: int, height: int) -> CameraIntrinsics:
         """Return these intrinsics rescaled to another image size of the same camera."""
         if (width, height) == (self.width, self.height):

@@ -63,6 +63,25 @@ def test_back_projection_round_trips_through_the_camera_matrix():
     assert (u, v) == pytest.approx((84.0, 24.0))
 
 
+def test_camera_info_binning_and_roi_give_the_published_windows_intrinsics():
+    full = CameraIntrinsics.from_camera_info(K, 128, 96)
+    assert full == CameraIntrinsics.from_k(K, 128, 96)  # zero binning and roi: full sensor
+    # A 64x48 window at (32, 16), binned 2x2: a 32x24 image. Its pixel (16, 12) is sensor
+    # pixel (64, 40), so both must see the same ray.
+    window = CameraIntrinsics.from_camera_info(K, 128, 96, binning=(2, 2), roi=(32, 16, 64, 48))
+    assert (window.width, window.height) == (32, 24)
+    assert back_project(16.0, 12.0, 2.0, window) == \
+        pytest.approx(back_project(64.0, 40.0, 2.0, full))
+    binned = CameraIntrinsics.from_camera_info(K, 128, 96, binning=(4, 2))
+    assert (binned.width, binned.height) == (32, 48)
+    assert back_project(8.0, 20.0, 1.0, binned) == \
+        pytest.approx(back_project(32.0, 40.0, 1.0, full))
+    with pytest.raises(ValueError, match='not inside'):
+        CameraIntrinsics.from_camera_info(K, 128, 96, roi=(100, 0, 64, 48))
+    with pytest.raises(ValueError, match='no pixel'):
+        CameraIntrinsics.from_camera_info(K, 128, 96, binning=(8, 1), roi=(0, 0, 4, 4))
+
+
 @pytest.mark.parametrize('k', [[0.0] * 9, [1.0] * 8, [np.nan] + K[1:]])
 def test_invalid_intrinsics_refused(k):
     with pytest.raises(ValueError):

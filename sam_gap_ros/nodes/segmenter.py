@@ -846,9 +846,15 @@ class SegmenterNode(LifecycleNode):
 
 
 def _camera_intrinsics(info: CameraInfo, shape: Tuple[int, int]) -> CameraIntrinsics:
-    """Return camera_info's intrinsics; a camera_info without a size is the image's."""
-    return CameraIntrinsics.from_k(list(info.k), info.width or shape[1],
-                                   info.height or shape[0])
+    """Return the intrinsics of the image camera_info describes (its binning and ROI applied).
+
+    A camera_info without a size is the image's.
+    """
+    roi = info.roi
+    return CameraIntrinsics.from_camera_info(
+        list(info.k), info.width or shape[1], info.height or shape[0],
+        binning=(info.binning_x, info.binning_y),
+        roi=(roi.x_offset, roi.y_offset, roi.width, roi.height))
 
 
 def main(args: Optional[List[str]] = None) -> None:

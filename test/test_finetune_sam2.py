@@ -341,3 +341,60 @@ def test_videos_are_kept_as_id_images_and_cut_into_the_same_clips(tmp_path):
     write_video_dataset(tmp_path, 1, 3, seed=1, config=config)
     folder = sam2_data.load_video_folder(tmp_path)[0]
     assert folder.labels.dtype == np.uint16 and folder.labels.shape == (3, 48, 64)
+
+
+def test_best_checkpoint_holds_weights_that_were_evaluated(tmp_path, monkeypatch):
+    # Evaluations at steps 3 and 6, checkpoints every 2 steps: the step-3 evaluation is the
+    # best, so best/ must be the step-3 weights, not step 4's labelled with step 3's J&F.
+    scores = iter([0.5, 0.3])
+    validate = finetune_sam2.validate
+
+    def scripted(model, processor, clips, kind, device):
+        metrics, samples = validate(model, processor, clips[:1], kind, device)
+        metrics['j_and_f'] = next(scores)
+        return metrics, samples
+
+    monkeypatch.setattr(finetune_sam2, 'validate', scripted)
+    cfg = _cfg(tmp_path, 'run', steps=6, eval_every=3, checkpoint_every=2)
+    finetune_sam2.train(cfg, verbose=False)
+    best = json.loads((tmp_path / 'run' / 'best' / common.TRAINER_STATE).read_text())
+    assert best['step'] == 3 and best['metrics']['j_and_f'] == 0.5
+    last = json.loads((tmp_path / 'run' / 'last' / common.TRAINER_STATE).read_text())
+    assert last['step'] == 6 and last['metrics']['j_and_f'] == 0.3
+
+
+def test_logged_lr_is_the_lr_each_step_trained_with(tmp_path, monkeypatch):
+    logged, used = {}, []
+    log, backward = common.ScalarLogger.log, common.GradientStepper.backward
+
+    def record_log(self, scalars, step, prefix=''):
+        if prefix == 'train':
+            logged[step] = scalars['lr']
+        return log(self, scalars, step, prefix)
+
+    def record_backward(self, loss):
+        lr = self.optimizer.param_groups[0]['lr']
+        stepped = backward(self, loss)
+        if stepped:
+            used.append(lr)
+        return stepped
+
+    monkeypatch.setattr(common.ScalarLogger, 'log', record_log)
+    monkeypatch.setattr(common.GradientStepper, 'backward', record_backward)
+    finetune_sam2.train(_cfg(tmp_path, 'run', steps=4, eval_every=4), verbose=False)
+    # Warm-up over 3 steps: lr/3, 2lr/3, lr, then the cosine decay.
+    assert [logged[step] for step in sorted(logged)] == used
+    assert used[0] == pytest.approx(used[2] / 3)
+
+
+def test_a_partial_checkpoint_is_refused_not_trained_from_random_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from sam_gap_ros.engines.loading import ModelLoadError
+    model_dir = tmp_path / 'model'
+    shutil.copytree(Path(__file__).resolve().parents[1] / 'models' / 'tiny-orchard-sam2',
+                    model_dir)
+    weights = load_file(str(model_dir / 'model.safetensors'))
+    del weights['mask_decoder.conv_s0.bias']
+    save_file(weights, str(model_dir / 'model.safetensors'), metadata={'format': 'pt'})
+    with pytest.raises(ModelLoadError, match='mask_decoder.conv_s0.bias'):
+        finetune_sam2.build_model({'pretrained_dir': str(model_dir)})

@@ -543,3 +543,55 @@ def test_predictions_inside_a_crowd_region_are_not_false_positives():
     assert matched == [1.0] and ignored == 1
     assert _count_matches(pred, scores, truth) == ([1.0], 0)
     assert _count_matches(pred[1:], scores[1:], truth[:0], crowd) == ([], 1)
+
+
+def test_evaluations_between_checkpoints_reach_best_and_lr_is_logged_per_step(
+        assets, tmp_path, monkeypatch):
+    # Evaluations at steps 3 and 6, checkpoints every 2 steps: step 3 scores best, so best/
+    # must be the step-3 weights (it used to keep the starting model: no checkpoint at 3).
+    cfg = _cfg(assets, **{'train.steps': 6, 'train.eval_every': 3,
+                          'train.checkpoint_every': 2, 'train.log_every': 1,
+                          'eval.metric': 'f1', 'eval.max_images': 1})
+    tuner = Sam3FineTuner(cfg, str(tmp_path))
+    scores = iter([0.1, 0.9, 0.2])   # before training, step 3, step 6
+    evaluate = tuner.evaluate
+
+    def scripted(dataset, phrase_filter=None, png_path=None):
+        metrics = evaluate(dataset, phrase_filter, png_path)
+        metrics['f1'] = next(scores)
+        return metrics
+
+    logged, used = {}, []
+    log, backward = common.ScalarLogger.log, common.GradientStepper.backward
+
+    def record_log(self, scalars, step, prefix=''):
+        if prefix == 'train':
+            logged[step] = scalars['lr']
+        return log(self, scalars, step, prefix)
+
+    def record_backward(self, loss):
+        lr = self.optimizer.param_groups[0]['lr']
+        stepped = backward(self, loss)
+        if stepped:
+            used.append(lr)
+        return stepped
+
+    monkeypatch.setattr(tuner, 'evaluate', scripted)
+    monkeypatch.setattr(common.ScalarLogger, 'log', record_log)
+    monkeypatch.setattr(common.GradientStepper, 'backward', record_backward)
+    summary = tuner.train()
+    assert summary['best_step'] == 3 and summary['metrics_best']['f1'] == 0.9
+    assert [logged[step] for step in sorted(logged)] == used and len(used) == 6
+
+
+def test_a_partial_checkpoint_is_refused_not_trained_from_random_values(assets, tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    from sam_gap_ros.engines.loading import ModelLoadError
+    model_dir = tmp_path / 'model'
+    shutil.copytree(assets['model_dir'], model_dir)
+    weights = load_file(str(model_dir / 'model.safetensors'))
+    del weights['detr_decoder.box_head.layer1.bias']
+    save_file(weights, str(model_dir / 'model.safetensors'), metadata={'format': 'pt'})
+    with pytest.raises(ModelLoadError, match='box_head.layer1.bias'):
+        load_sam3(str(model_dir))

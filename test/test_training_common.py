@@ -297,3 +297,17 @@ def test_fresh_run_refuses_an_output_dir_with_an_earlier_run(tmp_path, capsys):
     assert args.overwrite and args.resume is None
     with pytest.raises(SystemExit):
         common.build_arg_parser('x').parse_args(['--config', 'c', '--overwrite', '--resume', 'd'])
+
+
+def test_a_nan_metric_does_not_block_best(tmp_path):
+    # SAM3's val_loss is NaN for a diverged model or an evaluation with nothing to score.
+    net = _Net()
+    opt = common.build_optimizer(net, {'lr': 1e-2})
+    manager = common.CheckpointManager(tmp_path / 'run', metric='val_loss', mode='min')
+    assert set(manager.save(net, opt, None, step=0, metrics={'val_loss': float('nan')})) == {
+        'last', 'best'}   # an empty best/ is still filled
+    assert 'best' in manager.save(net, opt, None, step=1, metrics={'val_loss': 2.0})
+    assert 'best' not in manager.save(net, opt, None, step=2, metrics={'val_loss': float('nan')})
+    assert 'best' in manager.save(net, opt, None, step=3, metrics={'val_loss': 1.0})
+    best = json.loads((tmp_path / 'run' / 'best' / common.TRAINER_STATE).read_text())
+    assert best['step'] == 3

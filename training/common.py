@@ -695,8 +695,17 @@ class CheckpointManager:
         return self.output_dir / 'best'
 
     def is_better(self, value: float) -> bool:
-        """Return True if ``value`` beats the best metric seen so far."""
+        """Return True if ``value`` beats the best metric seen so far.
+
+        NaN (a diverged model, an evaluation with nothing to score) only fills an empty
+        best/, and any number beats a NaN best: every comparison with NaN is False, so a
+        NaN best would otherwise block best/ for the rest of the run.
+        """
         if self.best_value is None:
+            return True
+        if math.isnan(value):
+            return False
+        if math.isnan(self.best_value):
             return True
         return value > self.best_value if self.mode == 'max' else value < self.best_value
 

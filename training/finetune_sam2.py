@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sam_gap_ros.engines.loading import check_model_dir
+from sam_gap_ros.engines.loading import check_loading_info, check_model_dir
 from sam_gap_ros.engines.scene_motion import SceneMotion, shift_memory
 from training import common, losses
 from training.metrics import video_j_and_f
@@ -88,7 +88,11 @@ def build_model(model_cfg: Mapping[str, Any]) -> Tuple[torch.nn.Module, Any]:
     pretrained = model_cfg.get('pretrained_dir')
     if pretrained:
         path = check_model_dir(pretrained, SAM2_MODEL_TYPES)
-        model = Sam2VideoModel.from_pretrained(path, local_files_only=True)
+        model, info = Sam2VideoModel.from_pretrained(path, local_files_only=True,
+                                                     output_loading_info=True)
+        # transformers only logs missing tensors and initialises them at random; fine-tuning
+        # would then save those random values as trained weights.
+        check_loading_info(path, info, 'SAM2 video')
         processor = Sam2VideoProcessor.from_pretrained(path, local_files_only=True)
         return model, processor
     tiny = model_cfg.get('tiny')
@@ -477,6 +481,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
                               disable=None if verbose else True)
     started = time.time()
     while step < min(total_steps, stop_at):
+        # The lr this step trains with: the stepper moves the schedule on after the update.
+        step_lr = optimizer.param_groups[0]['lr']
         micro_losses, micro_terms = [], []
         for _ in range(accumulation):
             clip = next(clips)
@@ -497,7 +503,7 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         step += 1
         step_loss = float(np.mean(micro_losses))
         step_losses.append(step_loss)
-        scalars = {'loss': step_loss, 'lr': optimizer.param_groups[0]['lr']}
+        scalars = {'loss': step_loss, 'lr': step_lr}
         for name in micro_terms[0]:
             scalars[name] = float(np.mean([t[name] for t in micro_terms]))
         if stepper.last_grad_norm is not None:
@@ -509,7 +515,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         bar.update(1)
         bar.set_postfix(loss=f'{step_loss:.3f}')
         is_last = step >= min(total_steps, stop_at)
-        if step % eval_every == 0 or is_last:
+        evaluated = step % eval_every == 0 or is_last
+        if evaluated:
             metrics, samples = validate(model, processor, val_clips,
                                         str(cfg.get('val_prompt', 'box')), device)
             logger.log(metrics, step, 'val')
@@ -519,9 +526,11 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
             if verbose:
                 shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
                 print(f'step {step}: loss={step_loss:.4f} {shown}', file=sys.stderr)
-        if step % ckpt_every == 0 or is_last:
+        # Every evaluation is saved, and only with its own step's metrics: best/ must hold
+        # the weights that were scored, not later ones labelled with an earlier score.
+        if evaluated or step % ckpt_every == 0:
             manager.save(model, optimizer, scheduler, step,
-                         metrics=dict(metrics, loss=step_loss),
+                         metrics=dict(metrics if evaluated else {}, loss=step_loss),
                          extra={'data_rng': _data_rng_state(data_rng), 'losses': step_losses},
                          stepper=stepper, processor=processor)
     bar.close()

@@ -52,7 +52,7 @@ from transformers.models.sam3.modeling_sam3 import (inverse_sigmoid, Sam3DetrDec
                                                     Sam3DetrEncoderLayer,
                                                     Sam3VisionEncoderOutput)
 
-from sam_gap_ros.engines.loading import check_model_dir
+from sam_gap_ros.engines.loading import check_loading_info, check_model_dir
 from sam_gap_ros.mask_ops import mask_iou_matrix
 from training import common
 from training.coco_data import CocoInstances, CocoSample
@@ -380,7 +380,11 @@ def load_sam3(model_dir: str, image_size: Optional[int] = None,
         config.vision_config.backbone_config.image_size = int(image_size)
         processor.image_processor.size = {'height': int(image_size), 'width': int(image_size)}
         processor.target_size = int(image_size)
-    model = Sam3Model.from_pretrained(path, config=config, local_files_only=True)
+    model, info = Sam3Model.from_pretrained(path, config=config, local_files_only=True,
+                                            output_loading_info=True)
+    # transformers only logs missing tensors and initialises them at random; fine-tuning
+    # would then save those random values as trained weights.
+    check_loading_info(path, info, 'SAM3')
     size = config.vision_config.backbone_config.image_size
     processor_size = processor.image_processor.size
     if (processor_size['height'], processor_size['width']) != (size, size):
@@ -924,6 +928,8 @@ class Sam3FineTuner:
         for step in range(start_step, min(stop_at, steps)):
             step_terms: Dict[str, float] = {}
             step_loss = 0.0
+            # The lr this step trains with: the stepper moves the schedule on after the update.
+            step_lr = optimizer.param_groups[0]['lr']
             for micro in range(accumulation):
                 index, phrases = self.train_item(step, micro)
                 sample = self.train_set[index]
@@ -940,18 +946,21 @@ class Sam3FineTuner:
             bar.update(1)
             bar.set_postfix(loss=f'{step_loss:.3f}')
             if done % log_every == 0 or done == steps:
-                scalars = dict(step_terms, loss=step_loss, lr=optimizer.param_groups[0]['lr'])
+                scalars = dict(step_terms, loss=step_loss, lr=step_lr)
                 if stepper.last_grad_norm is not None:
                     scalars['grad_norm'] = stepper.last_grad_norm
                 if self.device.type == 'cuda':
                     scalars['gpu_peak_gib'] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 logger.log(scalars, done, 'train')
             final = done == min(stop_at, steps)
-            if done % eval_every == 0 or final:
+            evaluated = done % eval_every == 0 or final
+            if evaluated:
                 last_metrics = self.evaluate(self.val_set, png_path=self._png_path(done))
                 logger.log(last_metrics, done, 'val')
-            if done % save_every == 0 or final:
-                metrics = last_metrics if done % eval_every == 0 or final else {}
+            # Every evaluation is saved (best/ can only take weights that were scored), and
+            # a checkpoint between evaluations carries no metrics.
+            if evaluated or done % save_every == 0:
+                metrics = last_metrics if evaluated else {}
                 self._save(manager, optimizer, scheduler, stepper, done, metrics,
                            {'loss_history': history, 'metrics_before': before,
                             'retention_before': retention_before})

@@ -531,6 +531,24 @@ def test_absent_objects_reported_absent_and_not_memorised():
     assert 'maskmem_features' in store['non_cond_frame_outputs'][5]
 
 
+def test_present_object_without_mask_pixels_is_reported_absent():
+    # Without the motion gate, which would already mark a mask gone from its box absent.
+    tracker = make_tracker(presence=4.0, motion_gate_margin=None)
+    video = frames(3)
+    tracker.track(video[0])
+    tracker.add_objects(boxes=[(20, 30, 50, 60)])
+    assert tracker.last_result.objects[0].present
+    # SAM2 still judges the object present, but its mask decoder now paints no pixel.
+    with torch.no_grad():
+        for mlp in tracker.model.mask_decoder.output_hypernetworks_mlps:
+            mlp.proj_out.weight.zero_()
+            mlp.proj_out.bias.zero_()
+    obj = tracker.track(video[1]).objects[0]
+    assert obj.score > 0
+    assert not obj.present and obj.box is None and obj.area == 0 and not obj.mask.any()
+    assert tracker.last_result.present == []
+
+
 def test_absent_frames_memorised_when_asked():
     tracker = make_tracker(presence=-4.0, skip_absent_memory=False)
     tracker.track(frames(1)[0])

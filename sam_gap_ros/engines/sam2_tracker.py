@@ -1365,7 +1365,9 @@ class Sam2Tracker:
                 refine_probabilities(self._frame, probabilities, radius) > 0.5, masks)
         objects = []
         for i, obj_id in enumerate(ids):
-            present = bool(scores[i] > 0)
+            # Judged present but without a pixel at this resolution (a sliver leaving the
+            # image): nothing to show, so reported absent like an object judged gone.
+            present = bool(scores[i] > 0) and bool(masks[i].any())
             mask = masks[i] if present else np.zeros((height, width), dtype=bool)
             objects.append(TrackedObject(
                 object_id=int(obj_id), mask=mask, score=float(scores[i]), present=present,

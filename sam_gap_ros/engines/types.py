@@ -45,6 +45,8 @@ class TrackedObject:
     score: float
     """Object-presence logit from SAM2's object-score head (< 0 means judged absent)."""
     present: bool
+    """Judged present (``score`` > 0) with at least one mask pixel; absent objects have an
+    empty ``mask``, no ``box`` and ``area`` 0."""
     box: Optional[Box]
     area: int
 

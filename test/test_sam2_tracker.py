@@ -478,6 +478,31 @@ def test_reprompt_existing_object_adds_conditioning_frame():
     assert sorted(cond) == [0, 4]
 
 
+def test_reprompt_on_latest_frame_reads_the_full_memory_bank(monkeypatch):
+    """Pruning keeps what a re-prompt on the latest frame reads (a full bank and pointers).
+
+    A re-prompt reads the mask memories and object pointers before its own frame, one frame
+    further back than the next frame does; once a track is longer than the memory bank
+    that oldest entry must still hold its mask memory (it used to raise KeyError).
+    """
+    config = tiny_sam2_video_config(num_maskmem=4, max_object_pointers_in_encoder=6)
+    video = frames(12)
+    results = []
+    for prune in (True, False):
+        with monkeypatch.context() as patch:
+            if not prune:  # the reference keeps every frame's memory
+                patch.setattr(Sam2Tracker, '_prune', lambda self, frame_idx: None)
+            tracker = Sam2Tracker.from_config(config, seed=0, motion_gate_margin=None)
+            set_presence(tracker, 3.0)
+            ours = run(tracker, video, {
+                0: lambda t: t.add_objects(boxes=[BOX_A]),
+                9: lambda t: t.add_objects(boxes=[BOX_B], object_ids=[1])})
+        results.append(ours)
+    for pruned, full in zip(*results, strict=True):
+        assert pruned.objects[0].score == pytest.approx(full.objects[0].score, abs=1e-6)
+        assert np.array_equal(pruned.objects[0].mask, full.objects[0].mask)
+
+
 def test_reprompt_can_replace_conditioning_frames():
     # The random decoder's masks wander off their boxes, which the motion gate would
     # report as absent (no memory): this test is about the conditioning bookkeeping.
@@ -711,15 +736,17 @@ def test_memory_stays_bounded():
     cond_frames = {f for out in session.output_dict_per_obj.values()
                    for f in out['cond_frame_outputs']}
     assert cond_frames == {0, 29}  # prompted on the latest frame before frame 30
-    # Pointer window (5 past frames) + current frame + conditioning frames.
-    assert max(c[0] for c in counts) <= 5 + 1 + len(cond_frames)
+    # Pointer window (the current frame and the 5 before it, which a re-prompt on the
+    # current frame reads) + conditioning frames.
+    assert max(c[0] for c in counts) <= 1 + 5 + len(cond_frames)
     assert counts[-1] == counts[-10]
     assert len(session.processed_frames) == 1 and len(session.cache._vision_features) == 1
     for out in session.output_dict_per_obj.values():
         non_cond = out['non_cond_frame_outputs']
         assert len(non_cond) <= 6
         with_memory = [f for f, entry in non_cond.items() if 'maskmem_features' in entry]
-        assert len(with_memory) <= 3  # num_maskmem - 1
+        # num_maskmem: the current frame and the 3 before it (the next frame reads 3 of them).
+        assert len(with_memory) <= 4
         assert all(set(entry) <= {'object_pointer', 'object_score_logits', 'maskmem_features',
                                   'maskmem_pos_enc', 'scene_offset'}
                    for entry in non_cond.values())
@@ -835,6 +862,27 @@ def test_prompted_memory_moves_with_the_camera():
                for a, b in zip(ours[5].objects, theirs[5].objects, strict=True))
 
 
+def test_reprompt_reads_the_memory_moved_with_the_camera():
+    """A box/point re-prompt is conditioned on the memory tracking reads: moved, not stale."""
+    video = panned(6, 4)
+    tracker = make_tracker(motion_gate_margin=None)
+    attention = tracker.model.memory_attention
+    forward = attention.forward
+    memories = []
+
+    def recording(*args, **kwargs):
+        memories.append(kwargs['memory'].float().clone())
+        return forward(*args, **kwargs)
+
+    attention.forward = recording
+    run(tracker, video, {0: lambda t: t.add_objects(boxes=[BOX_A])})
+    assert tracker.scene_offset[0] > 10
+    tracked = memories[-1]  # what tracking frame 5 read
+    tracker.add_objects(boxes=[[30, 10, 80, 50]], object_ids=[1])
+    # The re-prompt on frame 5 reads the same bank (frames before 5), so the same memory.
+    assert len(memories) == 6 and torch.equal(memories[-1], tracked)
+
+
 def test_mask_that_leaves_its_moved_box_is_reported_absent():
     """The motion gate: a tracked mask mostly outside the object's last box is not it."""
     video = frames(4)
@@ -858,6 +906,21 @@ def test_mask_that_leaves_its_moved_box_is_reported_absent():
     assert results[0.25, 'memorised'] == [] and results[None, 'memorised'] == [1, 2, 3]
     with pytest.raises(ValueError, match='motion_gate_margin'):
         make_tracker(motion_gate_margin=-0.5)
+
+
+def test_gated_absent_frame_memorised_with_the_no_object_pointer():
+    """With absent frames memorised, a gated-out frame is memorised as SAM2's absent ones."""
+    video = frames(4)
+    small = np.zeros((H, W), bool)
+    small[40:52, 70:82] = True
+    tracker = make_tracker(skip_absent_memory=False)
+    tracker.track(video[0])
+    tracker.add_objects(masks=[small])
+    assert not any(tracker.track(frame).objects[0].present for frame in video[1:])
+    no_object = tracker.model.no_object_pointer.reshape(-1)
+    for entry in tracker.session.output_dict_per_obj[0]['non_cond_frame_outputs'].values():
+        assert float(entry['object_score_logits'].reshape(-1)[0]) < 0
+        assert torch.equal(entry['object_pointer'].reshape(-1), no_object)
 
 
 def test_mask_refinement_only_moves_mask_borders():

@@ -12,11 +12,11 @@ that an endless robot stream needs:
   object's prompt memory is encoded on its own, so existing tracks continue bit for bit.
 * Objects judged absent (object-score logit <= 0) are reported with ``present=False`` and
   an all-False mask, and that frame is NOT written into their memory bank.
-* After every frame the session is pruned to what the next frame can read: the current
-  frame, the conditioning (prompted) frames, the mask memories of the last
-  ``num_maskmem - 1`` frames and the object pointers of the last
-  ``max_object_pointers_in_encoder - 1`` frames (pointer-only entries, a few hundred
-  bytes each); at most ``max_conditioning_frames`` prompted frames are kept per object.
+* After every frame the session is pruned to what the next frame, or a re-prompt on the
+  current one, can read: the current frame, the conditioning (prompted) frames, the mask
+  memories of the last ``num_maskmem`` frames and the object pointers of the last
+  ``max_object_pointers_in_encoder`` frames (pointer-only entries, a few hundred bytes
+  each); at most ``max_conditioning_frames`` prompted frames are kept per object.
   Nothing grows with stream length.
 
 A box prompt also bounds its object on that frame: the mask (output and the memory the
@@ -606,7 +606,8 @@ class Sam2Tracker:
                                  f'expects {config.image_size} px inputs')
         self._max_cond = int(max_conditioning_frames)
         self._skip_absent_memory = bool(skip_absent_memory)
-        # Windows of past non-conditioning frames the next frame reads (see _prune).
+        # Windows of past non-conditioning frames the next frame, or a prompt on the latest
+        # frame, reads (see _prune).
         self._mask_memory_window = max(config.num_maskmem - 1, 0)
         self._pointer_window = max(config.max_object_pointers_in_encoder - 1, 0)
         self._next_object_id = 1
@@ -1008,10 +1009,13 @@ class Sam2Tracker:
             # A first prompt starts from no memory; a prompt on an object that already has
             # memory refines its memory-conditioned prediction (as SAM2's interactive mode).
             is_init = not store['cond_frame_outputs'] and not store['non_cond_frame_outputs']
-            out = model._run_single_frame_inference(
-                inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx, batch_size=1,
-                is_init_cond_frame=is_init, point_inputs=point_inputs,
-                mask_inputs=mask_inputs, reverse=False, streaming=True)
+            if is_init or mask_inputs is not None:
+                out = model._run_single_frame_inference(
+                    inference_session=session, frame_idx=frame_idx, obj_idx=obj_idx,
+                    batch_size=1, is_init_cond_frame=is_init, point_inputs=point_inputs,
+                    mask_inputs=mask_inputs, reverse=False, streaming=True)
+            else:
+                out = self._run_memory_prompt(frame_idx, obj_idx, point_inputs)
             # An object the prompt did not find stays absent (its logits are "no object").
             if (self._mirror_union and is_init and point_inputs is not None
                     and float(out['object_score_logits'].reshape(-1)[0]) > 0):
@@ -1044,6 +1048,36 @@ class Sam2Tracker:
             results[obj_id] = {'pred_masks': out['pred_masks'],
                                'object_score_logits': out['object_score_logits']}
         return results
+
+    def _run_memory_prompt(self, frame_idx: int, obj_idx: int,
+                           point_inputs: Optional[dict]) -> dict:
+        """Decode a box/point prompt of an object with memory on its memory-read features.
+
+        transformers' ``_run_single_frame_inference`` for a prompt on a non-initial frame,
+        with the memory read as ``_run_tracking`` reads it (``_gather_memory``): with
+        ``motion_compensation`` the prompted-frame memory is moved by the camera motion.
+        transformers' own path reads it unmoved and would pull the prompted mask, which
+        becomes a conditioning frame, back to where the object was on the first prompt.
+        """
+        model = self._model
+        feats, pos_embeds = self._vision_features(frame_idx)
+        memory, memory_pos, num_ptr_tokens = self._gather_memory(obj_idx, frame_idx)
+        conditioned = model.memory_attention(
+            current_vision_features=feats[-1],
+            current_vision_position_embeddings=pos_embeds[-1],
+            memory=memory.to(self._session.dtype), memory_posision_embeddings=memory_pos,
+            num_object_pointer_tokens=num_ptr_tokens)
+        height, width = model.backbone_feature_sizes[-1]
+        pix_feat = conditioned[0].permute(0, 2, 1).reshape(1, -1, height, width)
+        points = None if point_inputs is None else point_inputs['point_coords']
+        labels = None if point_inputs is None else point_inputs['point_labels']
+        sam = model._single_frame_forward(
+            pixel_values=None, input_points=points, input_labels=labels, input_masks=None,
+            image_embeddings=self._high_res_maps(feats) + [pix_feat],
+            multimask_output=model._use_multimask(False, point_inputs))
+        return {'pred_masks': sam.pred_masks, 'object_pointer': sam.object_pointer,
+                'high_res_masks': sam.high_res_masks,
+                'object_score_logits': sam.object_score_logits}
 
     def _high_res_maps(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Return a frame's high-resolution backbone levels, (HW, 1, C) -> (1, C, H, W)."""
@@ -1244,6 +1278,10 @@ class Sam2Tracker:
             scores[left] = torch.clamp(scores[left], max=0.0) - 1.0
             high_res[left] = _NO_OBJ_SCORE
             low_res[left] = _NO_OBJ_SCORE
+            # As SAM2 does for an object it judges absent; read by later frames when absent
+            # frames are memorised (skip_absent_memory=False).
+            pointer = head['object_pointer']
+            pointer[left] = self._model.no_object_pointer.to(pointer.dtype)
 
     def _motion_since(self, origin: Tuple[float, float]) -> Tuple[float, float]:
         """Return the scene motion from a frame with scene offset ``origin`` to now."""
@@ -1306,9 +1344,12 @@ class Sam2Tracker:
         for stale in [idx for idx in session.processed_frames or {} if idx != frame_idx]:
             del session.processed_frames[stale]
         # The next frame (frame_idx + 1) reads mask memories at offsets 1..num_maskmem-1
-        # and object pointers at offsets 1..max_object_pointers_in_encoder-1.
-        oldest_memory = frame_idx + 1 - self._mask_memory_window
-        oldest_pointer = frame_idx + 1 - self._pointer_window
+        # and object pointers at offsets 1..max_object_pointers_in_encoder-1; a re-prompt of
+        # a tracked object on this frame (add_objects on the latest frame) reads the same
+        # offsets from frame_idx, so one frame further back is kept for it (without it the
+        # oldest entry it reads has lost its mask memory).
+        oldest_memory = frame_idx - self._mask_memory_window
+        oldest_pointer = frame_idx - self._pointer_window
         for obj_idx, store in session.output_dict_per_obj.items():
             non_cond = store['non_cond_frame_outputs']
             for idx in list(non_cond):

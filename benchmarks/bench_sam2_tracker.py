@@ -44,11 +44,16 @@ import tempfile
 import time
 import warnings
 
-import cv2
-import numpy as np
-import psutil
-import torch
-from transformers import Sam2VideoConfig
+# Before tqdm is imported (by transformers and sam2): it reads its settings from the
+# environment at import time, and the official predictor's per-frame progress bar would
+# otherwise write to stderr inside the official side's timed frames.
+os.environ.setdefault('TQDM_DISABLE', '1')
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from transformers import Sam2VideoConfig  # noqa: E402
 
 if __package__ in (None, '') and not any(Path(p, 'sam_gap_ros').is_dir() for p in sys.path):
     # Run as a script from a source checkout: make the package importable.
@@ -272,6 +277,11 @@ def rss_growth(total: int, start: int) -> dict:
 def worker(args) -> None:
     """Run one side alone (for its own peak RSS) and print a JSON line."""
     video_dir = Path(args.video_dir)
+    # The official predictor loads and propagates every frame of its directory: a longer
+    # video there would give it more frames (and memory) than ours.
+    stored = len(list(video_dir.glob('*.jpg')))
+    if stored != args.frames:
+        raise SystemExit(f'{video_dir} holds {stored} frames, not --frames {args.frames}')
     frames = [np.ascontiguousarray(cv2.imread(str(video_dir / f'{i}.jpg'))[..., ::-1])
               for i in range(args.frames)]
     boxes = boxes_for(args.objects[0], *frames[0].shape[:2])
@@ -335,9 +345,11 @@ def main(argv=None) -> None:
           f"{growth['ms_per_frame']:.1f} ms/frame)", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        video_dir = Path(tmp)
-        count = args.frames if args.quick else max(args.frames, args.memory_frames)
-        frames = write_video(video_dir, count, args.height, args.width)[:args.frames]
+        # One video per run length: the official predictor reads every frame in its
+        # directory, so each directory holds exactly the frames that side runs.
+        video_dir, memory_dir = Path(tmp, 'latency'), Path(tmp, 'memory')
+        video_dir.mkdir()
+        frames = write_video(video_dir, args.frames, args.height, args.width)
         ours = build_ours(args.image_size)
         official = build_official(args.image_size)
         print(f'latency, hiera-tiny at {args.image_size} px, {args.height}x{args.width} frames, '
@@ -354,11 +366,13 @@ def main(argv=None) -> None:
         del ours, official
         gc.collect()
         if not args.quick:
+            memory_dir.mkdir()
+            write_video(memory_dir, args.memory_frames, args.height, args.width)
             print(f'memory per side over {args.memory_frames} frames (separate processes): '
                   'peak RSS, RSS slope and stored-tensor slope over the 2nd half, '
                   'stored tensors at the end:')
             for count in args.objects:
-                mem = {side: side_memory(args, side, count, video_dir)
+                mem = {side: side_memory(args, side, count, memory_dir)
                        for side in ('ours', 'official')}
                 for side in ('ours', 'official'):
                     m = mem[side]
@@ -371,5 +385,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
-    os.environ.setdefault('TQDM_DISABLE', '1')
     main()

@@ -206,12 +206,14 @@ def enable_activation_checkpointing(model: Sam3Model) -> int:
     return count
 
 
-# Activation elements autograd keeps per unit, measured with
-# benchmarks/bench_sam3_finetune_memory.py on the full-width architecture (fp32, SDPA):
-# a ViT layer keeps ~41 x tokens x hidden, a DETR encoder / decoder layer ~30 / ~46 x tokens x
-# hidden per prompt, the mask decoder + loss ~6.1 x mask_pixels x hidden per prompt, and the
-# patch embedding + FPN neck ~8.2 x mask_pixels x fpn_hidden per image.
-_VIT_LAYER, _ENC_LAYER, _DEC_LAYER, _MASK_HEAD, _NECK = 41.0, 30.0, 46.0, 6.1, 8.2
+# Activation elements autograd keeps per unit (the model's own weights, which autograd
+# also holds for backward, are not activations: they are counted once as 'weights'),
+# measured with benchmarks/bench_sam3_finetune_memory.py on the full-width architecture
+# (fp32, SDPA): a ViT layer keeps ~17.4 x tokens x hidden, a DETR encoder / decoder layer
+# ~24.3 / ~39.9 x tokens x hidden per prompt, the mask decoder + loss ~5.4 x mask_pixels x
+# hidden per prompt, and the patch embedding + FPN neck ~4.7 x mask_pixels x fpn_hidden per
+# image.
+_VIT_LAYER, _ENC_LAYER, _DEC_LAYER, _MASK_HEAD, _NECK = 17.4, 24.3, 39.9, 5.4, 4.7
 
 
 def _any_trainable(*modules: torch.nn.Module) -> bool:

@@ -214,7 +214,13 @@ def as_on_cuda(tracker: Any) -> Any:
 def run_mode(mode: str, factories: Dict[str, Any], frames: Sequence[np.ndarray],
              objects: int, redetect_every_n: int, concepts: Sequence[str],
              device: str = 'cpu') -> Dict[str, float]:
-    """Measure one node mode; return its row (MiB)."""
+    """Measure one node mode; return its row (MiB).
+
+    The engines are built outside ``torch.inference_mode``, as the node builds them: random
+    weights created inside it are inference tensors, for which the SAM2 tracker does not
+    keep its per-size position embedding (``_StaticPosEmbedHiera``), and the count would
+    miss those 23 MiB of a production node's state. Only the engine calls run inside it.
+    """
     from sam_gap_ros.engines.hybrid import HybridTracker
 
     if mode == 'sam2':
@@ -224,20 +230,23 @@ def run_mode(mode: str, factories: Dict[str, Any], frames: Sequence[np.ndarray],
         def start(frame):
             tracker.track(frame)
             tracker.add_objects(boxes=grid_boxes(objects))
-        row = measure(tracker.track, frames, start, device)
+        with torch.inference_mode():
+            row = measure(tracker.track, frames, start, device)
         row['objects'] = len(tracker.object_ids)
     elif mode == 'sam3':
         engine = factories['sam3']()
-        engine.set_concepts(list(concepts))
         weights = weight_bytes(engine.model)
-        row = measure(engine.segment, frames, engine.segment, device)
+        with torch.inference_mode():
+            engine.set_concepts(list(concepts))
+            row = measure(engine.segment, frames, engine.segment, device)
         row['concepts'] = len(concepts)
     else:
         engine, tracker = factories['sam3'](), as_on_cuda(factories['sam2']())
         hybrid = HybridTracker(engine, tracker, redetect_every_n=redetect_every_n)
-        hybrid.set_concepts(list(concepts))
         weights = weight_bytes(engine.model, tracker.model)
-        row = measure(hybrid.step, frames, hybrid.step, device)
+        with torch.inference_mode():
+            hybrid.set_concepts(list(concepts))
+            row = measure(hybrid.step, frames, hybrid.step, device)
         row['objects'] = len(tracker.object_ids)
         row['concepts'] = len(concepts)
     row['weights_mib'] = weights / MIB
@@ -273,9 +282,8 @@ def main(argv: Sequence[str] = None) -> int:
     for mode in modes:
         for objects in (object_counts if mode == 'sam2' else [0]):
             name = f'sam2@{objects}' if mode == 'sam2' else mode
-            with torch.inference_mode():
-                rows[name] = run_mode(mode, factories, frames, objects, args.redetect_every_n,
-                                      concepts, args.device)
+            rows[name] = run_mode(mode, factories, frames, objects, args.redetect_every_n,
+                                  concepts, args.device)
             gc.collect()  # this mode's models go before the next one loads
             if torch.device(args.device).type == 'cuda':
                 torch.cuda.empty_cache()

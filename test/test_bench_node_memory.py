@@ -54,3 +54,24 @@ def test_quick_run_reports_every_mode(bench, capsys):
     assert float(rows['sam2@1']['weights_mib']) == pytest.approx(6.1, abs=0.2)
     assert float(rows['hybrid']['weights_mib']) == pytest.approx(10.7, abs=0.3)
     assert lines[-1].startswith('node_memory_mib sam2=')
+
+
+def test_engines_are_built_as_the_node_builds_them(bench, monkeypatch, capsys):
+    # Random weights built inside torch.inference_mode are inference tensors, and then the
+    # tracker recomputes its position embedding every frame instead of keeping it: the
+    # production-size count (from_config) missed those 23 MiB of a node's state.
+    from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
+    from sam_gap_ros.engines.tiny_sam2 import tiny_sam2_video_config
+
+    built = []
+
+    def sam2():
+        built.append((torch.is_inference_mode_enabled(),
+                      Sam2Tracker.from_config(tiny_sam2_video_config())))
+        return built[-1][1]
+    monkeypatch.setattr(bench, 'build_engines', lambda quick, device='cpu': {'sam2': sam2})
+    assert bench.main(['--modes', 'sam2', '--objects', '1', '--frames', '2']) == 0
+    capsys.readouterr()
+    [(inference, tracker)] = built
+    assert not inference
+    assert '_pos_embed_cache' in tracker.model.vision_encoder.backbone.__dict__

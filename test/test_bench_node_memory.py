@@ -1,20 +1,15 @@
 """The memory benchmark's storage counter, and its quick run on the shipped tiny models."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_memory.py'
+from bench_script import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_node_memory', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_node_memory')
 
 
 def test_counter_follows_storages_not_tensors(bench):

@@ -1,19 +1,14 @@
 """The SAM3 concept benchmark compares like with like and prints its documented last line."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_sam3_concepts.py'
+from bench_script import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_sam3_concepts', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_sam3_concepts')
 
 
 def test_naive_recipe_post_processes_as_many_instances_as_the_engine(bench):

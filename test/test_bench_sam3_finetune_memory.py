@@ -1,20 +1,15 @@
 """The SAM3 fine-tuning memory benchmark counts activations, not the weights autograd saves."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_sam3_finetune_memory.py'
+from bench_script import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_sam3_finetune_memory', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_sam3_finetune_memory')
 
 
 def test_saved_weights_are_not_counted_as_activations(bench, monkeypatch):

@@ -1,21 +1,16 @@
 """The TensorRT/ONNX Runtime benchmark times the node's PyTorch path and prints its last line."""
 
-import importlib.util
-from pathlib import Path
 import re
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_tensorrt.py'
+from bench_script import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_tensorrt', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_tensorrt')
 
 
 def test_sam2_pytorch_side_is_the_trackers_encoder(bench):

@@ -11,6 +11,7 @@ import torch
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from sam_gap_ros.engines.tiny_sam2 import build_sam2_video_processor, build_tiny_sam2
 from training import common, finetune_sam2, sam2_data
+from training_harness import record_learning_rates
 
 SMOKE = Path(__file__).resolve().parents[1] / 'training' / 'configs' / 'smoke_sam2.yaml'
 
@@ -364,23 +365,7 @@ def test_best_checkpoint_holds_weights_that_were_evaluated(tmp_path, monkeypatch
 
 
 def test_logged_lr_is_the_lr_each_step_trained_with(tmp_path, monkeypatch):
-    logged, used = {}, []
-    log, backward = common.ScalarLogger.log, common.GradientStepper.backward
-
-    def record_log(self, scalars, step, prefix=''):
-        if prefix == 'train':
-            logged[step] = scalars['lr']
-        return log(self, scalars, step, prefix)
-
-    def record_backward(self, loss):
-        lr = self.optimizer.param_groups[0]['lr']
-        stepped = backward(self, loss)
-        if stepped:
-            used.append(lr)
-        return stepped
-
-    monkeypatch.setattr(common.ScalarLogger, 'log', record_log)
-    monkeypatch.setattr(common.GradientStepper, 'backward', record_backward)
+    logged, used = record_learning_rates(monkeypatch)
     finetune_sam2.train(_cfg(tmp_path, 'run', steps=4, eval_every=4), verbose=False)
     # Warm-up over 3 steps: lr/3, 2lr/3, lr, then the cosine decay.
     assert [logged[step] for step in sorted(logged)] == used

@@ -22,6 +22,7 @@ from training.finetune_sam3 import (_count_matches, apply_sam3_freezing, build_t
                                     EVAL_METRICS, load_sam3, main, PromptTargets,
                                     Sam3FineTuner, write_synthetic_dataset)
 from training.losses import sigmoid_focal_loss
+from training_harness import record_learning_rates
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / 'training' / 'configs' / 'smoke_sam3.yaml'
@@ -561,24 +562,8 @@ def test_evaluations_between_checkpoints_reach_best_and_lr_is_logged_per_step(
         metrics['f1'] = next(scores)
         return metrics
 
-    logged, used = {}, []
-    log, backward = common.ScalarLogger.log, common.GradientStepper.backward
-
-    def record_log(self, scalars, step, prefix=''):
-        if prefix == 'train':
-            logged[step] = scalars['lr']
-        return log(self, scalars, step, prefix)
-
-    def record_backward(self, loss):
-        lr = self.optimizer.param_groups[0]['lr']
-        stepped = backward(self, loss)
-        if stepped:
-            used.append(lr)
-        return stepped
-
+    logged, used = record_learning_rates(monkeypatch)
     monkeypatch.setattr(tuner, 'evaluate', scripted)
-    monkeypatch.setattr(common.ScalarLogger, 'log', record_log)
-    monkeypatch.setattr(common.GradientStepper, 'backward', record_backward)
     summary = tuner.train()
     assert summary['best_step'] == 3 and summary['metrics_best']['f1'] == 0.9
     assert [logged[step] for step in sorted(logged)] == used and len(used) == 6

@@ -1,6 +1,7 @@
 """Segmenter node end to end in sam2 mode: outputs, prompts, services, bad input, lifecycle."""
 
 import math
+import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
@@ -16,7 +17,7 @@ from std_msgs.msg import String, UInt32
 from std_srvs.srv import SetBool, Trigger
 import torch
 
-from node_harness import H, make_depth, save_present_sam2, W
+from node_harness import H, make_depth, save_present_sam2, TIMEOUT_S, W
 from sam_gap_ros import instances_json
 from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_image_msg
 from sam_gap_ros.nodes import segmenter as segmenter_module
@@ -422,3 +423,97 @@ def test_diagnostics_warn_while_every_image_is_refused(ros, sam2_dir):
     ros.publish_frame(0, 10**9)
     assert ros.spin_until(lambda: len(docs) >= 1)
     assert node.diagnostics().status[0].level == DiagnosticStatus.OK
+
+
+def test_prompt_failing_in_the_model_is_counted_and_the_node_keeps_running(ros, sam2_dir,
+                                                                           monkeypatch):
+    """A valid prompt runs the decoder in the callback; its failure must not end the spin."""
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+
+    # Fault injection (the model itself stays real): the prompt's decoder pass runs out of
+    # memory. Before, the exception left the subscription callback and stopped the executor.
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')
+
+    monkeypatch.setattr(node.pipeline._tracker, '_run_prompted', out_of_memory)
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: node.stats()['bad_prompts'] == 1)
+    ros.publish_frame(1, 2 * 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 2)  # still spinning, next frame processed
+    assert node.stats()['errors'] == 0
+
+
+def test_reset_during_a_frame_publishes_nothing_of_the_old_session(ros, sam2_dir):
+    """Once ~/reset returned, no output carries the IDs of the tracking session it ended."""
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu',
+                              input_qos='reliable', **NO_MOTION_GATE)
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: node.pipeline.object_ids == [1])
+    # The real model segments the frame; the worker is then held before it publishes, and
+    # the reset lands there (the order a reset sent during inference can take).
+    real_process = node.pipeline.process
+    inferred, release = threading.Event(), threading.Event()
+
+    def held_after_inference(*args, **kwargs):
+        result = real_process(*args, **kwargs)
+        inferred.set()
+        release.wait(TIMEOUT_S)
+        return result
+
+    node.pipeline.process = held_after_inference
+    ros.publish_frame(1, 2 * 10**9)
+    assert ros.spin_until(inferred.is_set)
+    reset = ros.probe.create_client(Trigger, f'{ros.ns}/segmenter/reset')
+    assert ros.call(reset, Trigger.Request()).success
+    before = len(docs)
+    release.set()
+    assert ros.spin_until(lambda: node.stats()['frames_dropped'] == 1)
+    ros.spin_until(lambda: len(docs) > before, timeout=0.5)
+    assert len(docs) == before, 'the old session was published after ~/reset returned'
+    assert not node._recent  # prompts after the reset are not checked against that frame
+    stats = node.stats()
+    assert stats['frames_in'] == stats['frames_processed'] + stats['frames_dropped'], stats
+    node.pipeline.process = real_process
+    ros.publish_frame(2, 3 * 10**9)
+    assert ros.spin_until(lambda: len(docs) > before)
+    assert instances_json.loads(docs[-1].data)['instances'] == []
+
+
+def test_destroy_node_ends_the_worker_and_unloads_the_model(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu')
+    worker, pipeline = node._worker, node.pipeline
+    assert worker.is_alive() and pipeline.loaded
+    ros.executor.remove_node(node)
+    ros.nodes.remove(node)
+    node.destroy_node()
+    # Before, the worker thread polled on (holding the node and its model) until rclpy
+    # shut down.
+    worker.join(5.0)
+    assert not worker.is_alive() and not pipeline.loaded
+
+
+def test_ctrl_c_while_the_model_loads_exits_with_status_0(ros, sam2_dir, monkeypatch):
+    """SIGINT during autostart's model load (seconds on a robot): no traceback, status 0."""
+    from sam_gap_ros.nodes.ros_utils import create_node_or_exit
+
+    def interrupted_load(self):
+        raise KeyboardInterrupt  # what Python raises where the load was when SIGINT came
+
+    monkeypatch.setattr(segmenter_module.SegmentationPipeline, 'load', interrupted_load)
+    try:
+        create_node_or_exit(lambda: ros.make_segmenter(mode='sam2', model_dir=sam2_dir,
+                                                       device='cpu'), 'segmenter')
+    except SystemExit as exc:
+        status = exc.code
+    except KeyboardInterrupt:  # caught here, or it would stop the whole test session
+        status = 'KeyboardInterrupt escaped (a traceback, status -2)'
+    else:
+        status = 'no exit'
+    assert status == 0

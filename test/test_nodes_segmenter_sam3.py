@@ -11,7 +11,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
-import torch  # noqa: F401 - imported first, so conftest runs every test on 1 thread
+import torch  # imported first, so conftest runs every test on 1 thread
 from visualization_msgs.msg import Marker, MarkerArray
 
 from node_harness import H, K, make_depth, W
@@ -215,3 +215,26 @@ def test_atomic_parameter_set_is_all_or_none(ros, sam3_dir):
     assert result.successful, result.reason
     assert node.pipeline.concepts == ['ripe apple']
     assert node.pipeline.config.score_threshold == pytest.approx(0.6)
+
+
+def test_concepts_failing_in_the_text_encoder_are_refused_and_the_node_keeps_running(
+        ros, sam3_dir, monkeypatch):
+    """A new concept runs the text encoder in the parameter callback: a failure refuses it."""
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu',
+                              input_qos='reliable', score_threshold=0.0, concepts=['apple'])
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    client = ros.probe.create_client(SetParameters, f'{ros.ns}/segmenter/set_parameters')
+
+    # Fault injection (the model itself stays real): the encoder runs out of memory. Before,
+    # the exception left the parameter service callback and stopped the executor.
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')
+
+    monkeypatch.setattr(node.pipeline._engine, '_encode', out_of_memory)
+    result = _set_concepts(ros, client, ['pear'])
+    assert not result.successful and 'out of memory' in result.reason
+    assert node.pipeline.concepts == ['apple']
+    assert list(node.get_parameter('concepts').value) == ['apple']
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: len(docs) >= 1)  # still spinning
+    assert instances_json.loads(docs[-1].data)['concepts'] == ['apple']

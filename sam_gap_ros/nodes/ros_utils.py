@@ -117,7 +117,9 @@ def create_node_or_exit(factory: Callable[[], NodeT], name: str) -> NodeT:
 
     An out-of-range or mistyped parameter (``rate_hz: 15`` in YAML is an integer, not a
     double) raises from ``declare_parameter``; a user gets one fatal line naming it, as
-    ``ros2 launch`` shows it, not a traceback.
+    ``ros2 launch`` shows it, not a traceback. Ctrl-C while the factory runs (a node that
+    loads its model on startup takes seconds on a robot) exits with status 0, as it does
+    once the node spins.
     """
     try:
         return factory()
@@ -125,6 +127,10 @@ def create_node_or_exit(factory: Callable[[], NodeT], name: str) -> NodeT:
         get_logger(name).fatal(f'cannot start: {exc}')
         rclpy.try_shutdown()
         sys.exit(1)
+    except KeyboardInterrupt:
+        get_logger(name).info('interrupted while starting')
+        rclpy.try_shutdown()
+        sys.exit(0)
 
 
 def spin_until_shutdown(executor: Executor, context: Optional[Context] = None) -> None:

@@ -154,6 +154,10 @@ class SegmenterNode(LifecycleNode):
         self._stop = threading.Event()  # ends the worker thread (cleanup, shutdown)
         # Held by the worker while it takes and processes a frame: deactivate waits on it.
         self._in_flight = threading.Lock()
+        # Held by the worker while it publishes a frame and by ~/reset: a frame segmented
+        # before a reset is published before the reset returns, or not at all.
+        self._output_lock = threading.Lock()
+        self._session = 0  # counts ~/reset calls: which tracking session a frame belongs to
         self._entities: List[Any] = []
         self._timers: List[Any] = []
         self._pubs: Dict[str, Any] = {}
@@ -308,6 +312,16 @@ class SegmenterNode(LifecycleNode):
         if self.pipeline is not None:
             self.pipeline.unload()
         self.pipeline = None
+
+    def destroy_node(self) -> None:
+        """End the worker thread and unload the model, then destroy the node.
+
+        Without this, a node destroyed between activate and cleanup (by a process that
+        embeds it, a test) kept its worker thread polling and, through it, itself and its
+        model in memory until rclpy shut down.
+        """
+        self._teardown()
+        super().destroy_node()
 
     def _destroy(self, entity: Any) -> None:
         for destroy in (self.destroy_subscription, self.destroy_publisher,
@@ -504,22 +518,26 @@ class SegmenterNode(LifecycleNode):
         if pipeline is None:  # cleaned up meanwhile
             self._count('frames_aborted')
             return
+        session = self._session
         result = pipeline.process(rgb, depth, encoding, intrinsics)
         for reason in result.refused_prompts:
             self._warn('bad_prompts', f'prompt sent before the first frame refused: {reason}')
-        if not self._active:
-            # Deactivated or shutting down during inference: publish nothing, but account
-            # for the frame so frames_in == processed + dropped still holds.
-            self._count('frames_aborted')
-            return
-        self._publish(msg.header, rgb, result, pipeline)
-        done = time.monotonic()
-        self._count('frames_processed')
-        self._out_rate.tick(done)
-        self.latency.add(done - received)
-        self.inference.add(result.inference_s)
-        height, width = rgb.shape[:2]
-        self._recent.append((stamp_to_ns(msg.header.stamp), result.frame_index, width, height))
+        with self._output_lock:
+            if not self._active or self._session != session:
+                # Deactivated, shutting down or reset during inference: publish nothing (a
+                # reset's caller must not get the old session's IDs after it returned), but
+                # account for the frame so frames_in == processed + dropped still holds.
+                self._count('frames_aborted')
+                return
+            self._publish(msg.header, rgb, result, pipeline)
+            done = time.monotonic()
+            self._count('frames_processed')
+            self._out_rate.tick(done)
+            self.latency.add(done - received)
+            self.inference.add(result.inference_s)
+            height, width = rgb.shape[:2]
+            self._recent.append((stamp_to_ns(msg.header.stamp), result.frame_index, width,
+                                 height))
 
     def _depth_inputs(self, depth_msg: Optional[Image], shape: Tuple[int, int]
                       ) -> Tuple[Any, str, Optional[CameraIntrinsics]]:
@@ -653,8 +671,8 @@ class SegmenterNode(LifecycleNode):
             a, b = msg.polygon.points
             size = self._prompt_image_size(msg.header.stamp)
             object_id = self._require_pipeline().add_box((a.x, a.y, b.x, b.y), None, size)
-        except (PromptError, ValueError) as exc:
-            self._warn('bad_prompts', f'box prompt refused: {exc}')
+        except Exception as exc:  # noqa: BLE001 - no prompt may stop the node
+            self._prompt_failed('box prompt', exc)
             return
         self.get_logger().info(f'box prompt added object {object_id}')
 
@@ -667,8 +685,8 @@ class SegmenterNode(LifecycleNode):
             foreground = msg.point.z == 1.0
             object_id = self._require_pipeline().add_point(
                 msg.point.x, msg.point.y, foreground, None, size)
-        except (PromptError, ValueError) as exc:
-            self._warn('bad_prompts', f'point prompt refused: {exc}')
+        except Exception as exc:  # noqa: BLE001 - no prompt may stop the node
+            self._prompt_failed('point prompt', exc)
             return
         self.get_logger().info(f'point prompt added object {object_id}' if foreground
                                else f'background point corrected object {object_id}')
@@ -676,10 +694,26 @@ class SegmenterNode(LifecycleNode):
     def _on_remove_object(self, msg: UInt32) -> None:
         try:
             self._require_pipeline().remove_object(int(msg.data))
-        except (PromptError, ValueError, KeyError) as exc:
-            self._warn('bad_prompts', f'remove_object {msg.data} refused: {exc}')
+        except Exception as exc:  # noqa: BLE001 - no prompt may stop the node
+            self._prompt_failed(f'remove_object {msg.data}', exc)
             return
         self.get_logger().info(f'removed object {msg.data}')
+
+    def _prompt_failed(self, what: str, exc: Exception) -> None:
+        """Count and log a prompt that was refused (invalid) or failed in the model.
+
+        A valid prompt runs the SAM2 decoder in this callback, which can run out of GPU
+        memory or fail like any inference; raised from a subscription callback, that would
+        end the executor's spin and with it the node.
+        """
+        if isinstance(exc, (PromptError, ValueError, KeyError)):
+            self._warn('bad_prompts', f'{what} refused: {exc}')
+            return
+        if is_out_of_memory(exc):
+            release_cached_memory()
+        self._count('bad_prompts')
+        self.get_logger().error(f'{what} failed: {type(exc).__name__}: {exc}',
+                                throttle_duration_sec=THROTTLE_S)
 
     def _require_pipeline(self) -> SegmentationPipeline:
         pipeline = self.pipeline
@@ -689,9 +723,14 @@ class SegmenterNode(LifecycleNode):
 
     def _on_reset(self, request: Trigger.Request, response: Trigger.Response) -> Any:
         try:
-            self._require_pipeline().reset()
-            self._slot.clear()
-            self._recent.clear()
+            with self._output_lock:
+                # A frame being published goes out first; one segmented before the reset
+                # but not yet published never does (frames_aborted): its IDs belong to the
+                # tracking session this reset ends.
+                self._require_pipeline().reset()
+                self._session += 1
+                self._slot.clear()
+                self._recent.clear()
         except Exception as exc:  # noqa: BLE001 - report every failure to the caller
             response.success, response.message = False, str(exc)
             return response
@@ -723,14 +762,20 @@ class SegmenterNode(LifecycleNode):
             for param in params:
                 self._apply_parameter(pipeline, param.name, param.value)
                 applied.append(param.name)
-        except (ConceptError, ValueError, TypeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - raised here, it would end the node's spin
+            # Not only invalid values: a new concept runs the text encoder, which can run
+            # out of GPU memory like any inference. The old value then stays, refused.
+            if is_out_of_memory(exc):
+                release_cached_memory()
             for name in reversed(applied):  # the current values are still the old ones
                 try:
                     self._apply_parameter(pipeline, name, self.get_parameter(name).value)
-                except (ConceptError, ValueError, TypeError) as undo_exc:  # accepted before
+                except Exception as undo_exc:  # noqa: BLE001 - accepted before
                     self.get_logger().error(f"could not restore '{name}': {undo_exc}")
-            self.get_logger().warning(f'parameter change refused: {exc}')
-            return SetParametersResult(successful=False, reason=str(exc))
+            reason = (str(exc) if isinstance(exc, (ConceptError, ValueError, TypeError))
+                      else f'{type(exc).__name__}: {exc}')
+            self.get_logger().warning(f'parameter change refused: {reason}')
+            return SetParametersResult(successful=False, reason=reason)
         return SetParametersResult(successful=True)
 
     def _apply_parameter(self, pipeline: Optional[SegmentationPipeline], name: str,

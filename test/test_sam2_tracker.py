@@ -503,6 +503,31 @@ def test_reprompt_on_latest_frame_reads_the_full_memory_bank(monkeypatch):
         assert np.array_equal(pruned.objects[0].mask, full.objects[0].mask)
 
 
+def test_a_prompt_failing_in_the_model_leaves_no_half_added_object(monkeypatch):
+    tracker = make_tracker(motion_gate_margin=None)
+    video = frames(4)
+    tracker.track(video[0])
+    assert tracker.add_objects(boxes=[BOX_A]) == [1]
+    tracker.track(video[1])
+    conditioning = tracker.session.output_dict_per_obj[0]['cond_frame_outputs']
+
+    def out_of_memory(frame_idx, ids):
+        raise RuntimeError('CUDA out of memory (injected)')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracker, '_run_prompted', out_of_memory)
+        with pytest.raises(RuntimeError, match='out of memory'):
+            tracker.add_objects(boxes=[BOX_B])               # a new object
+        with pytest.raises(RuntimeError, match='out of memory'):
+            tracker.add_objects(boxes=[BOX_B], object_ids=[1])  # a re-prompt
+    # Neither left anything behind: object 1 tracks on from its first prompt alone.
+    assert tracker.object_ids == [1] and tracker._pending == {}
+    assert sorted(conditioning) == [0]
+    assert not tracker.session.point_inputs_per_obj[0].get(1)
+    assert [obj.object_id for obj in tracker.track(video[2]).objects] == [1]
+    assert tracker.add_objects(boxes=[BOX_B]) == [3]  # ID 2 went with the failed prompt
+
+
 def test_reprompt_can_replace_conditioning_frames():
     # The random decoder's masks wander off their boxes, which the motion gate would
     # report as absent (no memory): this test is about the conditioning bookkeeping.

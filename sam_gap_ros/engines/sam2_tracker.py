@@ -769,6 +769,7 @@ class Sam2Tracker:
 
         height, width = self._image_size
         session = self._session
+        created = [obj_id for obj_id in ids if obj_id not in session._obj_id_to_idx]
         for i, obj_id in enumerate(ids):
             # One waiting prompt per object: a later prompt supersedes one still waiting
             # for the next frame (as a second prompt on one frame replaces the first).
@@ -802,11 +803,31 @@ class Sam2Tracker:
                 self._replace_conditioning.discard(obj_id)
 
         if target == self._frame_index:
-            with self._inference_context():
-                outputs = self._run_prompted(target, ids)
+            try:
+                with self._inference_context():
+                    outputs = self._run_prompted(target, ids)
+            except BaseException:
+                # Out of GPU memory, say: the caller sees the error, and no half-added
+                # object stays behind, waiting for a frame that has already passed.
+                self._withdraw_prompts(target, ids, created)
+                raise
             self._update_last_result(outputs)
             self._prune(target)
         return ids
+
+    def _withdraw_prompts(self, frame_idx: int, ids: Sequence[int],
+                          created: Sequence[int]) -> None:
+        """Undo ``add_objects`` on ``frame_idx``: drop new objects, forget re-prompts."""
+        session = self._session
+        for obj_id in ids:
+            if obj_id in created:
+                self.remove_object(obj_id)
+                continue
+            obj_idx = session.obj_id_to_idx(obj_id)
+            session.remove_point_inputs(obj_idx, frame_idx)
+            session.remove_mask_inputs(obj_idx, frame_idx)
+            self._pending.pop(obj_id, None)
+            self._replace_conditioning.discard(obj_id)
 
     def remove_object(self, object_id: int) -> None:
         """Forget one object and its memory; unknown IDs raise PromptError."""

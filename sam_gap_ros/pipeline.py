@@ -569,7 +569,11 @@ class SegmentationPipeline:
                              [item.score for item in found],
                              boxes=[item.box for item in found])
         if self.config.mode == 'sam2':
-            self._last_labels = labels  # never written after this: kept without a copy
+            with self._lock:
+                # Not when a reset landed while the label image was painted: its objects
+                # are gone, and a background point must not find them.
+                if self._frame_index == frame_index:
+                    self._last_labels = labels  # never written after this: kept as is
         return FrameResult(frame_index, labels, records, masks, inference_s, refused, concepts)
 
     def _record(self, item: _Found, depth_m: Optional[np.ndarray],

@@ -135,6 +135,23 @@ def test_sam3_ids_continue_after_a_new_frame_size(models):
     assert [r.instance_id for r in again.records] == ids
 
 
+def test_a_reset_during_a_frame_leaves_no_label_image_to_correct(models, monkeypatch):
+    import sam_gap_ros.pipeline as pipeline_module
+
+    pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
+    pipeline.add_box((20, 30, 50, 60))
+    paint = pipeline_module.label_image
+
+    def reset_while_painting(*args, **kwargs):
+        pipeline.reset()  # ~/reset from another thread, after inference released the lock
+        return paint(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, 'label_image', reset_while_painting)
+    pipeline.process(make_frame(0))
+    with pytest.raises(PromptError, match='no frame'):
+        pipeline.add_point(30, 40, False)
+
+
 def test_sam2_background_point_corrects_the_object_under_it(models):
     pipeline = _pipeline('sam2', models, motion_gate_margin=-1.0)
     with pytest.raises(PromptError, match='no frame'):

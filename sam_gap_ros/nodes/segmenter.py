@@ -139,8 +139,8 @@ class SegmenterNode(LifecycleNode):
 
     def __init__(self, node_name: str = 'segmenter', **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
-        _declare_all(self)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        # State first: a parameter refused by _declare_all ends __init__, and rclpy's
+        # context cleanup still calls destroy_node (and so _teardown) on this node.
         self.pipeline: Optional[SegmentationPipeline] = None
         self.last_error = ''
         self._enabled = True
@@ -166,6 +166,8 @@ class SegmenterNode(LifecycleNode):
         self._reset_stats()
         # (stamp ns, frame index, width, height) of recently processed frames, for prompts.
         self._recent: Deque[Tuple[int, int, int, int]] = deque(maxlen=8)
+        _declare_all(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         # Ctrl-C/SIGTERM shut the context down under a running inference: stop the worker
         # so it does not publish into a dead context.
         self.context.on_shutdown(self._on_context_shutdown)

@@ -32,7 +32,11 @@ def test_sam2_run_reports_overhead_for_every_frame(process, tmp_path):
     assert report['node_model_ms_p50'] > 0
     assert headline == pytest.approx(report['masks_out_overhead_pct'], abs=0.01)
     assert report['node_model_ms_p50'] < report['masks_out_ms_p50']
-    assert report['masks_out_ms_p50'] <= report['end_to_end_ms_p50']
+    # Masks out ends when the node's publish call has returned and its worker thread holds
+    # the GIL again, which can take one thread switch interval after the probe already got
+    # the masks (seen on a loaded 2-core CI machine with 4 frames: 31.0 vs 26.3 ms).
+    switch_ms = sys.getswitchinterval() * 1e3
+    assert report['masks_out_ms_p50'] <= report['end_to_end_ms_p50'] + switch_ms
     assert report['end_to_end_ms_p50'] > 0 and report['engine_only_ms_p50'] > 0
     # The echo node moved the same images in and blank masks out, in the same layout: the
     # floor of any rclpy node, far below a frame that also ran the model.

@@ -575,10 +575,11 @@ class SegmenterNode(LifecycleNode):
         # robot), which also frees the GIL sooner for in-process subscribers.
         pubs['masks'].publish(image_conversion.numpy_to_image_msg(result.labels, 'mono16',
                                                                   header))
+        # Stamp in -> masks out, on the node's clock (the camera's stamps share it on a robot
+        # with synchronised clocks; with use_sim_time both are the bag's time), read as soon
+        # as the publish call returns.
+        masks_out_ns = self.get_clock().now().nanoseconds - stamp_to_ns(header.stamp)
         if pubs['instances'].get_subscription_count() > 0:
-            # Stamp in -> masks out, on the node's clock (the camera's stamps share it on a
-            # robot with synchronised clocks; with use_sim_time both are the bag's time).
-            masks_out_ns = self.get_clock().now().nanoseconds - stamp_to_ns(header.stamp)
             document = instances_json.build_document(
                 result.records, stamp_sec=header.stamp.sec, stamp_nanosec=header.stamp.nanosec,
                 frame_id=header.frame_id, width=width, height=height,

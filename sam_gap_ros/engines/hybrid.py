@@ -246,11 +246,10 @@ class HybridTracker:
         """Process the next RGB uint8 ``(H, W, 3)`` frame; return tracked instances by ID."""
         result = self.tracker.track(frame)
         self._frame_index += 1
-        # Present without a pixel (SAM2's presence head and mask disagree, e.g. on a fruit
-        # leaving the image) counts as absent: the empty mask has nothing to report, and as
-        # the last known mask it would match no detection, so the fruit would get a new ID.
+        # The tracker reports an object present only with a mask pixel (TrackedObject):
+        # an empty last mask would match no detection and give the fruit a new ID.
         visible = {obj.object_id: obj.mask for obj in result.objects
-                   if obj.present and obj.object_id in self._tracks and obj.mask.any()}
+                   if obj.present and obj.object_id in self._tracks}
         for track_id, mask in visible.items():
             self._tracks[track_id].last_mask = mask
         self._drop_duplicates(visible)

@@ -1083,13 +1083,8 @@ class Sam2Tracker:
         model = self._model
         feats, pos_embeds = self._vision_features(frame_idx)
         memory, memory_pos, num_ptr_tokens = self._gather_memory(obj_idx, frame_idx)
-        conditioned = model.memory_attention(
-            current_vision_features=feats[-1],
-            current_vision_position_embeddings=pos_embeds[-1],
-            memory=memory.to(self._session.dtype), memory_posision_embeddings=memory_pos,
-            num_object_pointer_tokens=num_ptr_tokens)
-        height, width = model.backbone_feature_sizes[-1]
-        pix_feat = conditioned[0].permute(0, 2, 1).reshape(1, -1, height, width)
+        pix_feat = self._memory_conditioned(feats, pos_embeds, memory, memory_pos,
+                                            num_ptr_tokens, batch=1)
         points = None if point_inputs is None else point_inputs['point_coords']
         labels = None if point_inputs is None else point_inputs['point_labels']
         sam = model._single_frame_forward(
@@ -1099,6 +1094,25 @@ class Sam2Tracker:
         return {'pred_masks': sam.pred_masks, 'object_pointer': sam.object_pointer,
                 'high_res_masks': sam.high_res_masks,
                 'object_score_logits': sam.object_score_logits}
+
+    def _memory_conditioned(self, feats: Sequence[torch.Tensor],
+                            pos_embeds: Sequence[torch.Tensor], memory: torch.Tensor,
+                            memory_pos: torch.Tensor, num_ptr_tokens: int, batch: int,
+                            shared: Optional[_FrameQueries] = None) -> torch.Tensor:
+        """Return a frame's features conditioned on ``batch`` objects' memories, (B, C, H, W).
+
+        ``shared``: the memory attention's first self-attention, the same for every object
+        of the frame (``shared_queries``), when already computed.
+        """
+        model = self._model
+        conditioned = model.memory_attention(
+            current_vision_features=feats[-1].expand(-1, batch, -1),
+            current_vision_position_embeddings=pos_embeds[-1].expand(-1, batch, -1),
+            memory=memory.to(self._session.dtype), memory_posision_embeddings=memory_pos,
+            num_object_pointer_tokens=num_ptr_tokens, shared_queries=shared)
+        height, width = model.backbone_feature_sizes[-1]
+        # (1, B, HW, C) -> (B, C, H, W); transformers' own reshape assumes B == 1.
+        return conditioned[0].permute(0, 2, 1).reshape(batch, -1, height, width)
 
     def _high_res_maps(self, feats: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Return a frame's high-resolution backbone levels, (HW, 1, C) -> (1, C, H, W)."""
@@ -1149,7 +1163,6 @@ class Sam2Tracker:
             batches.extend((key, members[start:start + step])
                            for start in range(0, len(members), step))
 
-        height, width = model.backbone_feature_sizes[-1]
         high_res = self._high_res_maps(feats)
         results = {}
         memory_batches = []
@@ -1157,15 +1170,10 @@ class Sam2Tracker:
         shared = model.memory_attention.shared_queries(feats[-1], pos_embeds[-1])
         for (_, num_ptr_tokens), members in batches:
             batch = len(members)
-            memory = torch.cat([m for _, m, _ in members], dim=1).to(self._session.dtype)
+            memory = torch.cat([m for _, m, _ in members], dim=1)
             memory_pos = torch.cat([p for _, _, p in members], dim=1)
-            conditioned = model.memory_attention(
-                current_vision_features=feats[-1].expand(-1, batch, -1),
-                current_vision_position_embeddings=pos_embeds[-1].expand(-1, batch, -1),
-                memory=memory, memory_posision_embeddings=memory_pos,
-                num_object_pointer_tokens=num_ptr_tokens, shared_queries=shared)
-            # (1, B, HW, C) -> (B, C, H, W); transformers' own reshape assumes B == 1.
-            pix_feat = conditioned[0].permute(0, 2, 1).reshape(batch, -1, height, width)
+            pix_feat = self._memory_conditioned(feats, pos_embeds, memory, memory_pos,
+                                                num_ptr_tokens, batch, shared)
             head = self._sam_head(pix_feat, [h.expand(batch, -1, -1, -1) for h in high_res])
             memory_batches.append(([obj_id for obj_id, _, _ in members], head))
 

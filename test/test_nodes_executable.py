@@ -89,3 +89,31 @@ def test_executables_refuse_bad_parameters_with_one_fatal_line(module, params, r
     assert result.returncode == 1, output
     assert 'Traceback' not in output, output
     assert 'cannot start' in output and reason in output, output
+
+
+def test_native_crash_leaves_every_threads_python_stack_in_the_log():
+    """A segfault in rclpy, the middleware or torch is reported with Python stacks.
+
+    SIGSEGV is sent from outside, as a crash in native code raises it: the process still
+    dies of it (launch's respawn sees the signal), after writing the stacks of the spinning
+    main thread and the inference worker. With the single-threaded executor, as the source
+    nodes spin (rclpy's EventsExecutor turns faulthandler on by itself).
+    """
+    namespace = '/x' + uuid.uuid4().hex[:10]
+    process = subprocess.Popen(
+        _segmenter_command('--executor', 'single_threaded', '--ros-args',
+                           '-r', f'__ns:={namespace}', '-p', 'mode:=sam3',
+                           '-p', f'model_dir:={SAM3_DIR}', '-p', 'device:=cpu'),
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        state, _ = probe_segmenter(f'{namespace}/segmenter')
+        assert state == 'active' and process.poll() is None
+        process.send_signal(signal.SIGSEGV)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == -signal.SIGSEGV, output
+    assert 'Fatal Python error: Segmentation fault' in output, output
+    assert 'in spin_until_shutdown' in output and 'in _work' in output, output

@@ -12,9 +12,10 @@ import torch
 from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
 from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2, tiny_sam2_video_config
 from sam_gap_ros.tensorrt import export_onnx, sidecar
-from sam_gap_ros.tensorrt.runtime import (BACKEND_ORT, BACKEND_PYTORCH, EngineVisionEncoder,
-                                          install, install_vision_engine, installed_backend,
-                                          runtime_fallback, uninstall_vision_engine)
+from sam_gap_ros.tensorrt.runtime import (aligned_input, BACKEND_ORT, BACKEND_PYTORCH,
+                                          EngineVisionEncoder, install, install_vision_engine,
+                                          installed_backend, runtime_fallback, TRT_IO_ALIGNMENT,
+                                          uninstall_vision_engine)
 
 H, W = 96, 160
 
@@ -421,3 +422,21 @@ def test_hybrid_engine_gets_the_artifact_of_each_family(sam2_onnx, tmp_path):
     assert installed_backend(concepts.model) == BACKEND_PYTORCH
     assert install(hybrid, sam3_onnx).backend == BACKEND_ORT
     assert installed_backend(concepts.model) == BACKEND_ORT
+
+
+def test_engine_input_is_copied_only_when_not_contiguous_or_misaligned():
+    """TensorRT needs 256-byte aligned I/O addresses; a view into a batch may start anywhere."""
+    size = 3 * 8 * 8
+    buffer = torch.randn(size + TRT_IO_ALIGNMENT)
+    # CPU allocations are only 64-byte aligned: pick the aligned start by hand.
+    start = next(i for i in range(TRT_IO_ALIGNMENT)
+                 if buffer[i:].data_ptr() % TRT_IO_ALIGNMENT == 0)
+    frame = buffer[start:start + size].view(1, 3, 8, 8)
+    assert aligned_input(frame) is frame
+    shifted = buffer[start + 1:start + 1 + size].view(1, 3, 8, 8)  # contiguous, 4 bytes off
+    assert shifted.is_contiguous() and shifted.data_ptr() % TRT_IO_ALIGNMENT
+    moved = aligned_input(shifted)
+    assert moved.data_ptr() != shifted.data_ptr() and torch.equal(moved, shifted)
+    transposed = frame.transpose(2, 3)
+    assert aligned_input(transposed).is_contiguous()
+    assert torch.equal(aligned_input(transposed), transposed)

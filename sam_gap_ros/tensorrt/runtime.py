@@ -103,7 +103,10 @@ class TrtRunner:
         import tensorrt as trt
 
         self._trt = trt
-        self.device = device
+        # Pinned now: a bare 'cuda' would follow whatever device is current at call time, but
+        # the engine and its context stay bound to the device they were created on.
+        self.device = _indexed_cuda_device(device)
+        device = self.device
         self._logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self._logger)
         with torch.cuda.device(device):
@@ -127,23 +130,54 @@ class TrtRunner:
         self._out_specs = [(n, tuple(self.engine.get_tensor_shape(n)),
                             _trt_to_torch(trt, self.engine.get_tensor_dtype(n)))
                            for n in self.output_names]
+        # TensorRT adds device-wide synchronisations around enqueues on the legacy default
+        # stream, which is torch's current stream unless the caller set another one.
+        self._stream = torch.cuda.Stream(device=device)
         self.providers = ['TensorRT']
 
     def __call__(self, pixel_values: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Return the named outputs for one ``(1, 3, H, W)`` input, on the engine's device."""
-        x = pixel_values.detach().to(self.device, self.input_dtype).contiguous()
-        # Fresh output tensors per call: SAM2 caches per-frame features, so buffers must not be
-        # overwritten by the next frame.
-        outs = {n: torch.empty(shape, dtype=dtype, device=self.device)
-                for n, shape, dtype in self._out_specs}
-        self.context.set_input_shape(self.input_name, tuple(x.shape))
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        for name, tensor in outs.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError('TensorRT execute_async_v3 failed')
+        # The context only runs with its own device current (model on cuda:1, caller's on 0).
+        with torch.cuda.device(self.device):
+            x = aligned_input(pixel_values.detach().to(self.device, self.input_dtype))
+            # Fresh output tensors per call: SAM2 caches per-frame features, so buffers must
+            # not be overwritten by the next frame.
+            outs = {n: torch.empty(shape, dtype=dtype, device=self.device)
+                    for n, shape, dtype in self._out_specs}
+            # A refused shape or address leaves the previous call's (freed) pointer bound.
+            if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+                raise RuntimeError(f'TensorRT refused input shape {tuple(x.shape)}')
+            for name, tensor in [(self.input_name, x), *outs.items()]:
+                if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                    raise RuntimeError(f"TensorRT refused the address of '{name}'")
+            current = torch.cuda.current_stream(self.device)
+            # Input and outputs were made on the current stream and the caller reads the
+            # outputs there: order the engine's stream between the two.
+            self._stream.wait_stream(current)
+            if not self.context.execute_async_v3(self._stream.cuda_stream):
+                raise RuntimeError('TensorRT execute_async_v3 failed')
+            current.wait_stream(self._stream)
         return outs
+
+
+TRT_IO_ALIGNMENT = 256
+
+
+def aligned_input(x: torch.Tensor) -> torch.Tensor:
+    """Return ``x`` contiguous at an address TensorRT accepts for I/O (256-byte aligned)."""
+    x = x.contiguous()
+    if x.data_ptr() % TRT_IO_ALIGNMENT:
+        # A view into a larger buffer (a slice of someone else's batch) may start anywhere.
+        x = x.clone()
+    return x
+
+
+def _indexed_cuda_device(device: torch.device) -> torch.device:
+    """Return ``device`` with the index of the current CUDA device filled in when missing."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        return torch.device('cuda', torch.cuda.current_device())
+    return device
 
 
 def _trt_to_torch(trt: Any, dtype: Any) -> torch.dtype:

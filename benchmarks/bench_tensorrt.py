@@ -161,9 +161,15 @@ def tensorrt_available():
     if not torch.cuda.is_available():
         return False
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         print('CUDA found but the tensorrt package is not installed: ONNX Runtime comparison')
+        return False
+    from sam_gap_ros.tensorrt.build_engine import precision_problem
+    # The GPU rows time an fp16 engine: TensorRT >= 11 cannot build one without ModelOpt.
+    problem = precision_problem(tensorrt.__version__, 'fp16')
+    if problem:
+        print(f'CUDA found but {problem}: ONNX Runtime comparison')
         return False
     return True
 

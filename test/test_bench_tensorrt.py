@@ -35,4 +35,7 @@ def test_quick_run_prints_the_documented_last_line(bench, capsys):
     match = re.fullmatch(r'onnx_max_abs_diff=(\S+) speedup=(\S+) backend=(trt|ort)',
                          out.strip().splitlines()[-1])
     assert match is not None
-    assert float(match.group(1)) < 1e-3 and float(match.group(2)) > 0
+    # ONNX Runtime runs the graph in fp32; on a GPU the benchmark times an fp16 TensorRT engine,
+    # whose outputs (order of magnitude 1 on the tiny models) carry about three digits.
+    tolerance = 1e-3 if match.group(3) == 'ort' else 5e-2
+    assert float(match.group(1)) < tolerance and float(match.group(2)) > 0

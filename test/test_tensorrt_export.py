@@ -228,3 +228,19 @@ def test_build_engine_rejects_bad_workspace_size(tmp_path, capsys, value):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith('error: --workspace-gb must be a finite number > 0'), err
+
+
+@pytest.mark.parametrize('have_autocast', [True, False])
+def test_precision_problem_names_what_blocks_a_build(monkeypatch, have_autocast):
+    monkeypatch.setattr(build_engine, '_have_autocast', lambda: have_autocast)
+    problem = build_engine.precision_problem
+    assert 'TensorRT 8.6.1 found, >= 10 required' in problem('8.6.1', 'fp32')
+    # TensorRT 10 has fp16/bf16 builder flags; fp32 builds need nothing extra anywhere.
+    for version in ('10.0.1', '10.3.0', '10.16.1.11'):
+        assert problem(version, 'fp16') is None and problem(version, 'bf16') is None
+    assert problem('11.4.0.106', 'fp32') is None
+    for precision in ('fp16', 'bf16'):
+        got = problem('11.4.0.106', precision)
+        assert (got is None) == have_autocast
+        if got:
+            assert 'nvidia-modelopt[onnx]' in got and '11.4.0.106' in got

@@ -4,6 +4,7 @@ Skipped with the reason on machines without them (CI is CPU-only); run on the ro
 GPU workstation to check a TensorRT installation end to end.
 """
 
+import copy
 import time
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2
 from sam_gap_ros.tensorrt import export_onnx, sidecar, vision_io
-from sam_gap_ros.tensorrt.build_engine import build_engine, BuildError, main as build_main
+from sam_gap_ros.tensorrt.build_engine import (build_engine, BuildError, main as build_main,
+                                               precision_problem)
 from sam_gap_ros.tensorrt.runtime import (BACKEND_TENSORRT, install_vision_engine,
                                           installed_backend)
 
@@ -23,14 +25,26 @@ def _tensorrt_or_reason():
     if not torch.cuda.is_available():
         return 'no CUDA device'
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         return 'the tensorrt Python package is not installed'
-    return None
+    # JetPack 5 and 6.0 ship TensorRT 8.x, which build_engine refuses.
+    return precision_problem(tensorrt.__version__, 'fp32')
+
+
+def _fp16_reason():
+    if REASON is not None:
+        return REASON
+    import tensorrt
+    return precision_problem(tensorrt.__version__, 'fp16')
 
 
 REASON = _tensorrt_or_reason()
 needs_trt = pytest.mark.skipif(REASON is not None, reason=f'TensorRT test: {REASON}')
+# TensorRT >= 11 builds fp16 engines only with ModelOpt installed.
+FP16_REASON = _fp16_reason()
+needs_fp16 = pytest.mark.skipif(FP16_REASON is not None,
+                                reason=f'TensorRT fp16 test: {FP16_REASON}')
 
 
 def _model(family):
@@ -44,14 +58,14 @@ def _model(family):
 def test_build_without_tensorrt_fails_clearly(tmp_path, capsys):
     onnx_path = export_onnx.export_vision_onnx(build_tiny_sam2(seed=0), 'sam2', tmp_path,
                                                verify=False)
-    with pytest.raises(BuildError, match='tensorrt|CUDA'):
+    with pytest.raises(BuildError, match='(?i)tensorrt|CUDA'):
         build_engine(onnx_path, tmp_path / 'v.engine')
     assert build_main(['--onnx', str(onnx_path), '--out', str(tmp_path / 'v.engine'),
                        '--fp16']) == 1
     assert 'error:' in capsys.readouterr().err
 
 
-@needs_trt
+@needs_fp16
 @pytest.mark.parametrize('family', ['sam2', 'sam3'])
 def test_fp16_engine_matches_pytorch_and_is_used(family, tmp_path):
     model = _model(family)
@@ -88,10 +102,66 @@ def test_fp16_engine_matches_pytorch_and_is_used(family, tmp_path):
 def test_engine_from_other_trt_version_falls_back(tmp_path):
     model = _model('sam2')
     onnx_path = export_onnx.export_vision_onnx(model, 'sam2', tmp_path, verify=False)
-    engine = build_engine(onnx_path, tmp_path / 'v.engine', 'fp16', workspace_gb=1,
+    # fp32: the version check is the subject, not the precision (no ModelOpt needed).
+    engine = build_engine(onnx_path, tmp_path / 'v.engine', 'fp32', workspace_gb=1,
                           verify=False)
     meta = sidecar.read_sidecar(engine)
     meta['tensorrt_version'] = '8.6.1'
     sidecar.write_sidecar(engine, {k: v for k, v in meta.items() if k != 'format'})
     choice = install_vision_engine(model, engine, 'sam2')
     assert choice.backend == 'pytorch' and 'tensorrt_version' in choice.reason
+
+
+def _max_rel(got, want):
+    pairs = [(got.last_hidden_state, want.last_hidden_state)]
+    pairs += list(zip(got.fpn_hidden_states, want.fpn_hidden_states, strict=True))
+    return max(float((a.float() - b.float()).abs().max()) / max(float(b.abs().max()), 1e-6)
+               for a, b in pairs)
+
+
+@needs_fp16
+def test_fp16_engine_serves_a_bf16_model_called_on_a_side_stream(tmp_path):
+    """Outputs come back in the model's bf16; the engine waits for the caller's stream."""
+    model = _model('sam2')
+    reference = copy.deepcopy(vision_io.vision_owner(model).vision_encoder)
+    onnx_path = export_onnx.export_vision_onnx(model, 'sam2', tmp_path, verify=False)
+    engine = build_engine(onnx_path, tmp_path / 'v.engine', 'fp16', workspace_gb=1,
+                          verify=False)
+    model = model.to(torch.bfloat16)
+    choice = install_vision_engine(model, engine, 'sam2')
+    assert choice.backend == BACKEND_TENSORRT, choice
+    height, width = sidecar.read_sidecar(engine)['image_size']
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        x = torch.randn(1, 3, height, width, device='cuda').to(torch.bfloat16)
+        want = reference(x.float())
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            got = vision_io.vision_owner(model).vision_encoder(x)
+        torch.cuda.current_stream().wait_stream(side)
+    assert got.last_hidden_state.dtype == torch.bfloat16
+    assert installed_backend(model) == BACKEND_TENSORRT
+    assert _max_rel(got, want) < FP16_REL_TOL
+
+
+@needs_trt
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA devices')
+def test_engine_on_the_second_gpu_runs_while_the_first_is_current(tmp_path):
+    with torch.cuda.device(1):
+        # The builder and the sidecar's gpu_name both use the current device.
+        model = build_tiny_sam2(seed=0).to('cuda:1')
+        onnx_path = export_onnx.export_vision_onnx(model, 'sam2', tmp_path, verify=False)
+        engine = build_engine(onnx_path, tmp_path / 'v.engine', 'fp32', workspace_gb=1)
+    reference = copy.deepcopy(vision_io.vision_owner(model).vision_encoder)
+    choice = install_vision_engine(model, engine, 'sam2')
+    assert choice.backend == BACKEND_TENSORRT, choice
+    assert torch.cuda.current_device() == 0
+    height, width = sidecar.read_sidecar(engine)['image_size']
+    with torch.no_grad():
+        x = torch.randn(1, 3, height, width, device='cuda:1')
+        want = reference(x)
+        got = vision_io.vision_owner(model).vision_encoder(x)
+    assert got.last_hidden_state.device == x.device
+    assert installed_backend(model) == BACKEND_TENSORRT
+    # fp32 engine, but TensorRT (like cuDNN) may use TF32 on Ampere and newer.
+    assert _max_rel(got, want) < FP16_REL_TOL

@@ -51,6 +51,30 @@ def _major(trt: Any) -> int:
     return int(trt.__version__.split('.')[0])
 
 
+def precision_problem(trt_version: str, precision: str) -> Optional[str]:
+    """Return why TensorRT ``trt_version`` cannot build a ``precision`` engine here, or None.
+
+    TensorRT >= 11 builds fp16/bf16 only with NVIDIA ModelOpt AutoCast installed; tests and
+    benchmarks ask first instead of failing minutes into a build.
+    """
+    major = int(trt_version.split('.')[0])
+    if major < 10:
+        return f'TensorRT {trt_version} found, >= 10 required'
+    if major >= 11 and precision != 'fp32' and not _have_autocast():
+        return (f'TensorRT {trt_version} has no fp16/bf16 builder flags: install NVIDIA '
+                'ModelOpt (pip install nvidia-modelopt[onnx]) to convert the graph to mixed '
+                'precision, or use TensorRT 10.x')
+    return None
+
+
+def _have_autocast() -> bool:
+    try:
+        from modelopt.onnx.autocast import convert_to_mixed_precision  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_build_args(onnx_path: Union[str, Path], engine_path: Union[str, Path],
                      workspace_gb: float) -> None:
     """Raise BuildError for an output path or workspace size that would break the build."""
@@ -101,6 +125,9 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     trt = import_tensorrt()
     if not torch.cuda.is_available():
         raise BuildError('no CUDA device: TensorRT engines must be built on the target GPU')
+    problem = precision_problem(trt.__version__, precision)
+    if problem:
+        raise BuildError(problem)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)

@@ -181,6 +181,19 @@ def test_mask_distances_and_near():
         near_any([a], [gap], -1.0)
 
 
+@pytest.mark.parametrize('dx, dy', [(1, 2), (4, 7), (6, 1), (7, 0), (30, 17)])
+def test_near_keeps_a_mask_exactly_at_the_limit(dx, dy):
+    """The float32 distance of an exact neighbour may round above the float64 limit."""
+    one = np.zeros(SHAPE, dtype=bool)
+    other = np.zeros(SHAPE, dtype=bool)
+    one[2, 2] = True
+    other[2 + dy, 2 + dx] = True
+    limit = float(np.hypot(dx, dy))
+    assert near_any([one], [other], limit).tolist() == [True]
+    # The next nearer grid distance is at least 1 / (2 * limit) below: still refused.
+    assert near_any([one], [other], limit - 1e-3).tolist() == [False]
+
+
 def test_overlaps_use_iou_and_coverage():
     big = rect(0, 0, 20, 20)
     inside = rect(2, 2, 6, 6)          # fully inside big, IoU 16/400

@@ -284,7 +284,10 @@ def near_any(masks: Sequence[np.ndarray], others: Sequence[np.ndarray],
     """Return a bool keep-array: which masks lie within ``distance_px`` of any of ``others``."""
     if distance_px < 0:
         raise ValueError(f'distance_px must be >= 0, got {distance_px}')
-    return mask_distances(masks, others, distance_px) <= distance_px
+    # distanceTransform measures in float32: a mask exactly at the limit comes back up to a
+    # rounding step above it (sqrt(5) rounds up; OpenCV 4.5 returns 7.0000005 for 7).
+    limit = np.float32(distance_px)
+    return mask_distances(masks, others, distance_px) <= float(limit + 4 * np.spacing(limit))
 
 
 def mask_overlaps(masks_a: Sequence[np.ndarray], masks_b: Sequence[np.ndarray]

@@ -186,8 +186,7 @@ def _wait_for_segmenter(child, executor, image_pub, probe, masks_topic):
 
 
 def main(argv=None):
-    from sam_gap_ros.nodes.ros_utils import (DEFAULT_EXECUTOR, EXECUTORS, make_executor,
-                                             stamp_to_ns)
+    from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, EXECUTORS
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--quick', action='store_true', help='few frames, < 60 s')
@@ -212,7 +211,13 @@ def main(argv=None):
         return _run_echo_process(args.namespace)
     if args.quick:
         args.frames, args.warmup = min(args.frames, 15), 2
+    # Models written for the run (random configs) go with it; nothing is left in /tmp.
+    with tempfile.TemporaryDirectory(prefix='bench_node_') as workdir:
+        return _measure(args, Path(workdir))
 
+
+def _measure(args, workdir):
+    """Run probe, node and reference pipeline on the same frames; print the results."""
     import rclpy
     from rclpy.context import Context
     from rclpy.parameter import Parameter
@@ -224,6 +229,7 @@ def main(argv=None):
 
     from sam_gap_ros.allocator import keep_freed_buffers
     from sam_gap_ros.image_conversion import numpy_to_image_msg
+    from sam_gap_ros.nodes.ros_utils import make_executor, stamp_to_ns
     from sam_gap_ros.nodes.segmenter import SegmenterNode
     from sam_gap_ros.pipeline import PipelineConfig, SegmentationPipeline
     from sam_gap_ros.synthetic.config import scene_config_from_text
@@ -234,7 +240,6 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.process == 'separate':
         use_large_image_profile()
-    workdir = Path(tempfile.mkdtemp(prefix='bench_node_'))
     model_dir, tracker_dir, scene = _prepare_models(args, workdir)
     video = OrchardVideo(0, scene_config_from_text(scene, width=640, height=480),
                          n_frames=args.frames + args.warmup)

@@ -15,12 +15,17 @@ SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_overhe
 @pytest.mark.parametrize('process', ['same', 'separate'])
 def test_sam2_run_reports_overhead_for_every_frame(process, tmp_path):
     out = tmp_path / 'result.json'
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), '--mode', 'sam2', '--frames', '4', '--warmup', '1',
          '--process', process, '--json', str(out)],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        env={**os.environ, 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(scratch)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The models it wrote for the run are gone with it (runs used to pile up in /tmp);
+    # torch's own compile cache (torchinductor_<user>) is shared and may stay.
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith('torchinductor')] == []
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith('node_overhead_pct=')
     headline = float(last.split('=', 1)[1])

@@ -16,7 +16,6 @@ import json
 import os
 from pathlib import Path
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -119,8 +118,9 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
         raise OSError(f"output folder '{output}' is not writable")
     for old in output.glob('overlay_*.png'):
         old.unlink()
-    workdir = Path(tempfile.mkdtemp(prefix='sam_gap_demo_'))
-    model_dir, tracker_dir, model_text = prepare_models(mode, workdir)
+    # Random stand-ins (no trained model found) are kept with the outputs, where the
+    # summary's model_dir points, instead of a folder in /tmp per run.
+    model_dir, tracker_dir, model_text = prepare_models(mode, output / 'random_models')
     print(f'[demo] mode={mode} models: {model_text}', flush=True)
 
     random_weights = 'RANDOM' in model_text

@@ -373,6 +373,13 @@ def main(argv=None):
         parser.error(f'--skip: calls of {args.mode} mode are {sorted(set(_cycle(args.mode)))}')
     if args.quick:
         args.duration, args.action_period = min(args.duration, 45.0), min(args.action_period, 1.5)
+    # Models written for the run (random configs) go with it; nothing is left in /tmp.
+    with tempfile.TemporaryDirectory(prefix='bench_soak_') as workdir:
+        return _soak(args, calls, skipped, Path(workdir))
+
+
+def _soak(args, calls, skipped, workdir):
+    """Run camera, segmenter and planner for the shift; print and return the exit code."""
     warmup = args.warmup if args.warmup is not None else max(5.0, 0.1 * args.duration)
     width, height = 640, 480
 
@@ -386,7 +393,6 @@ def main(argv=None):
 
     keep_freed_buffers()
     use_large_image_profile()
-    workdir = Path(tempfile.mkdtemp(prefix='bench_soak_'))
     model_dir, tracker_dir, model_text = prepare_models(args.mode, workdir)
     print(f'models: {model_text}', file=sys.stderr)
     params = {'mode': args.mode, 'model_dir': model_dir, 'tracker_model_dir': tracker_dir,

@@ -15,12 +15,16 @@ SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_node_soak.p
 @pytest.mark.parametrize('mode', ['sam2', 'sam3'])
 def test_quick_soak_accounts_for_every_frame_and_call(mode, tmp_path):
     out = tmp_path / 'soak.json'
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
     result = subprocess.run(
         [sys.executable, str(SCRIPT), '--quick', '--mode', mode, '--json', str(out),
          '--progress-period', '10'],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, 'PYTHONUNBUFFERED': '1'})
+        env={**os.environ, 'PYTHONUNBUFFERED': '1', 'TMPDIR': str(scratch)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Its model folder goes with the run; torch's shared compile cache may stay.
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith('torchinductor')] == []
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith('node_soak rss_mib_per_hour=')
     headline = dict(item.split('=') for item in last.split()[1:])

@@ -4,7 +4,7 @@ import math
 import threading
 import time
 
-from diagnostic_msgs.msg import DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Point32, PointStamped, PolygonStamped, PoseArray
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
@@ -320,6 +320,31 @@ def test_images_without_depth_warn_in_diagnostics(ros, sam2_dir):
     feed(0.3, depth=make_depth())
     status = node.diagnostics().status[0]
     assert (status.level, status.message) == (DiagnosticStatus.OK, 'processing')
+
+
+def test_sim_time_standing_still_keeps_diagnostics_and_the_depth_wait(ros, sam2_dir):
+    """use_sim_time before the first /clock (or a paused bag): the node clock reads 0.
+
+    /diagnostics and the depth wait run on steady time all the same. On the node's clock
+    they stood still with it: the node was missing from /diagnostics, and a frame waiting
+    for its depth waited until the bag played on. latency_ms against a clock at 0 is left
+    out.
+    """
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=0.1,
+                              diagnostics_period_s=0.1, use_sim_time=True)
+    assert node.get_clock().now().nanoseconds == 0  # nobody publishes /clock here
+    diagnostics = ros.subscribe(DiagnosticArray, '/diagnostics')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+
+    def mine():
+        return [d for d in diagnostics if d.status[0].name.startswith(f'{ros.ns}/segmenter')]
+
+    assert ros.spin_until(lambda: len(mine()) >= 2), 'no /diagnostics on a sim clock at 0'
+    ros.publish_frame(0, 10**9)  # no depth: released unpaired after depth_wait_s
+    assert ros.spin_until(lambda: len(docs) >= 1), 'frame held while the sim clock stood'
+    assert node.stats()['unpaired_depth'] == 1
+    assert 'latency_ms' not in instances_json.loads(docs[0].data)
 
 
 def test_engine_path_not_in_use_warns_in_diagnostics(ros, sam2_dir, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PointStamped, PolygonStamped, Pose, PoseArray
+from rclpy.clock import Clock, ClockType
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rcl_interfaces.msg import SetParametersResult
@@ -171,9 +172,14 @@ class SegmenterNode(LifecycleNode):
         # Ctrl-C/SIGTERM shut the context down under a running inference: stop the worker
         # so it does not publish into a dead context.
         self.context.on_shutdown(self._on_context_shutdown)
+        # Periodic work runs on steady time, not the node's clock: with use_sim_time that
+        # clock stands still before the first /clock and while a bag is paused, and
+        # /diagnostics (which then reports 'no image') and the depth wait must go on.
+        self._steady_clock = Clock(clock_type=ClockType.STEADY_TIME)
         self._diag_pub = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
         self._diag_timer = self.create_timer(
-            self.get_parameter('diagnostics_period_s').value, self._publish_diagnostics)
+            self.get_parameter('diagnostics_period_s').value, self._publish_diagnostics,
+            clock=self._steady_clock)
         if self.get_parameter('autostart').value:
             if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
                 self.trigger_activate()
@@ -384,7 +390,8 @@ class SegmenterNode(LifecycleNode):
             self._depth_subscription = sub(Image, 'depth', self._on_depth, qos)
             self._entities.append(self._depth_subscription)
             self._entities.append(sub(CameraInfo, 'camera_info', self._on_camera_info, qos))
-            self._timers.append(self.create_timer(0.02, self._poll_pairer))
+            self._timers.append(self.create_timer(0.02, self._poll_pairer,
+                                                  clock=self._steady_clock))
         self._entities.append(sub(PolygonStamped, '~/prompt_box', self._on_prompt_box, 10))
         self._entities.append(sub(PointStamped, '~/prompt_point', self._on_prompt_point, 10))
         self._entities.append(sub(UInt32, '~/remove_object', self._on_remove_object, 10))
@@ -578,14 +585,17 @@ class SegmenterNode(LifecycleNode):
         # Stamp in -> masks out, on the node's clock (the camera's stamps share it on a robot
         # with synchronised clocks; with use_sim_time both are the bag's time), read as soon
         # as the publish call returns.
-        masks_out_ns = self.get_clock().now().nanoseconds - stamp_to_ns(header.stamp)
+        # Left out where either time is unset: a sim clock before the first /clock reads 0,
+        # as does an unstamped frame, and their difference is the time since 1970.
+        now_ns, stamp_ns = self.get_clock().now().nanoseconds, stamp_to_ns(header.stamp)
+        latency_ms = (now_ns - stamp_ns) / 1e6 if now_ns and stamp_ns else None
         if pubs['instances'].get_subscription_count() > 0:
             document = instances_json.build_document(
                 result.records, stamp_sec=header.stamp.sec, stamp_nanosec=header.stamp.nanosec,
                 frame_id=header.frame_id, width=width, height=height,
                 mode=pipeline.config.mode, model=pipeline.model_name,
                 frame_index=result.frame_index, concepts=result.concepts,
-                inference_ms=result.inference_s * 1e3, latency_ms=masks_out_ns / 1e6)
+                inference_ms=result.inference_s * 1e3, latency_ms=latency_ms)
             pubs['instances'].publish(String(data=instances_json.dumps(document)))
         if pubs['poses'].get_subscription_count() > 0:
             poses = PoseArray(header=header)

@@ -425,7 +425,7 @@ def test_hybrid_engine_gets_the_artifact_of_each_family(sam2_onnx, tmp_path):
 
 
 def test_engine_input_is_copied_only_when_not_contiguous_or_misaligned():
-    """TensorRT needs 256-byte aligned I/O addresses; a view into a batch may start anywhere."""
+    """Engine I/O addresses must be 256-byte aligned; a view into a batch may start anywhere."""
     size = 3 * 8 * 8
     buffer = torch.randn(size + TRT_IO_ALIGNMENT)
     # CPU allocations are only 64-byte aligned: pick the aligned start by hand.

@@ -18,6 +18,7 @@ the close-range scene they were trained on. The segmenter configures and activat
 """
 
 import os
+import re
 import tempfile
 
 from ament_index_python.packages import get_package_share_directory
@@ -73,12 +74,36 @@ def _shipped_model(name):
     return path if os.path.isdir(path) else ''
 
 
-def _file_params(params_file):
-    """Return the segmenter parameters a params file sets, as far as the launch needs them.
+def _key_matches(key, full_name):
+    """Return whether params-file ``key`` names the node ``full_name``, as rcl matches it.
 
-    Read from ``/**`` and from every key naming a node ``segmenter`` (``/**/segmenter``,
-    ``/segmenter`` as ``ros2 param dump`` writes it, ``/front/segmenter``), the more
-    specific ones last, so that their values win as they do in rcl.
+    ``/**`` stands for any number of namespace tokens, ``*`` for one; a key without the
+    leading ``/`` is absolute (``segmenter`` is ``/segmenter``).
+    """
+    pattern = ''
+    for token in str(key).strip('/').split('/'):
+        pattern += {'**': '(/[^/]+)*', '*': '/[^/]+'}.get(token, '/' + re.escape(token))
+    return re.fullmatch(pattern, full_name) is not None
+
+
+def _full_name(namespace, base_namespace=None, name='segmenter'):
+    """Return the full name launch_ros gives node ``name`` in ``namespace``.
+
+    A relative namespace goes below ``base_namespace``, the one an including launch file
+    pushed (``PushRosNamespace``), as launch_ros puts it.
+    """
+    if not namespace.startswith('/'):
+        namespace = f"{base_namespace or ''}/{namespace}"
+    return '/' + '/'.join(token for token in f'{namespace}/{name}'.split('/') if token)
+
+
+def _file_params(params_file, full_name):
+    """Return what a params file sets for the node ``full_name``, as far as the launch needs it.
+
+    Read from every key that names the node (``/**``, ``/**/segmenter``, ``/segmenter`` as
+    ``ros2 param dump`` writes it, ``/front/segmenter``), ``/**`` first, so that the more
+    specific ones win as they do in rcl. Keys of other nodes are left out: a file with
+    ``/front/segmenter`` and ``/rear/segmenter`` sections sets each camera its own mode.
     """
     try:
         with open(params_file) as stream:
@@ -87,8 +112,7 @@ def _file_params(params_file):
         return {}
     if not isinstance(content, dict):
         return {}
-    keys = [key for key in content
-            if key == '/**' or str(key).rstrip('/').split('/')[-1] == 'segmenter']
+    keys = [key for key in content if _key_matches(key, full_name)]
     merged = {}
     for key in sorted(keys, key=lambda k: k != '/**'):
         params = (content.get(key) or {}).get('ros__parameters') or {}
@@ -151,13 +175,12 @@ def _camera_topics(camera, value, several):
             ('depth', topics['depth']), ('camera_info', topics['camera_info'])]
 
 
-def _setup(context, *args, **kwargs):
-    value = {name: LaunchConfiguration(name).perform(context).strip()
-             for name, _, _ in ARGUMENTS}
-    params_file = LaunchConfiguration('params_file').perform(context)
-    from_file = _file_params(params_file)
-    mode = value['mode'] or str(from_file.get('mode') or 'hybrid')
+def _shipped_defaults(value, from_file):
+    """Return (defaults below the params file, whether the shipped tiny models run).
 
+    ``from_file``: what the params file sets for this node (``_file_params``).
+    """
+    mode = value['mode'] or str(from_file.get('mode') or 'hybrid')
     # Defaults below the params file: the tiny orchard models installed with the package,
     # with the operating point the tiny SAM3 was tuned for when it is the detector.
     defaults = {}
@@ -170,11 +193,13 @@ def _setup(context, *args, **kwargs):
         defaults.update(TINY_SAM3_THRESHOLDS)
     if sam2:
         defaults['tracker_model_dir'] = sam2
-    defaults_file = _defaults_file(defaults) if defaults else None
-    # The synthetic camera shows the shipped models the close-range scene they were trained
-    # on (its default 69 deg view makes apples too small for them); a params file may differ.
-    camera_defaults = _defaults_file({'scene': TINY_MODEL_SCENE}) \
-        if shipped and _truthy(value['synthetic']) else None
+    return defaults, shipped
+
+
+def _setup(context, *args, **kwargs):
+    value = {name: LaunchConfiguration(name).perform(context).strip()
+             for name, _, _ in ARGUMENTS}
+    params_file = LaunchConfiguration('params_file').perform(context)
 
     overrides = {'autostart': True}
     for name in ('mode', 'model_dir', 'tracker_model_dir', 'engine_path', 'device',
@@ -190,10 +215,23 @@ def _setup(context, *args, **kwargs):
     dds_env = _dds_environment(value['dds_profile'])
     actions = []
     for camera in cameras:
-        # One node per camera; with several cameras each gets its own sub-namespace.
+        # One node per camera; with several cameras each gets its own sub-namespace,
+        # relative without a namespace argument, so that it stays below the namespace of
+        # an including launch file (PushRosNamespace) as a single camera's node does.
         namespace = value['namespace']
         if len(cameras) > 1:
-            namespace = f"{namespace.rstrip('/')}/{camera.strip('/').replace('/', '_')}"
+            sub_namespace = camera.strip('/').replace('/', '_')
+            namespace = f"{namespace.rstrip('/')}/{sub_namespace}" if namespace else sub_namespace
+        # Per node: a params file may give each camera's segmenter its own mode/model_dir.
+        defaults, shipped = _shipped_defaults(value, _file_params(
+            params_file, _full_name(namespace, context.launch_configurations.get(
+                'ros_namespace'))))
+        defaults_file = _defaults_file(defaults) if defaults else None
+        # The synthetic camera shows the shipped models the close-range scene they were
+        # trained on (its default 69 deg view makes apples too small for them); a params
+        # file may differ.
+        camera_defaults = _defaults_file({'scene': TINY_MODEL_SCENE}) \
+            if shipped and _truthy(value['synthetic']) else None
         remappings = _camera_topics(camera, value, len(cameras) > 1)
         actions.append(LifecycleNode(
             package=PACKAGE, executable='segmenter', name='segmenter', namespace=namespace,

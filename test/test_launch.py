@@ -114,7 +114,7 @@ def _launch_actions(configurations):
 
     description = _load_launch_file().generate_launch_description()
     context = LaunchContext()
-    context.launch_configurations.update(dict(configurations, params_file=str(CONFIG)))
+    context.launch_configurations.update(dict({'params_file': str(CONFIG)}, **configurations))
     for action in description.entities:
         if isinstance(action, DeclareLaunchArgument):
             action.visit(context)
@@ -165,7 +165,7 @@ def test_shipped_models_run_at_their_operating_point_on_their_scene():
 
 
 @NEEDS_LAUNCH_ROS
-def test_mode_and_model_dir_are_read_from_any_segmenter_key_of_the_params_file(tmp_path):
+def test_mode_and_model_dir_are_read_from_the_keys_naming_the_segmenter(tmp_path):
     module = _load_launch_file()
     params_file = tmp_path / 'dumped.yaml'
     # What `ros2 param dump /segmenter` writes, next to a wildcard section.
@@ -173,9 +173,40 @@ def test_mode_and_model_dir_are_read_from_any_segmenter_key_of_the_params_file(t
                            '/segmenter:\n  ros__parameters:\n    mode: sam2\n'
                            '    model_dir: /opt/models/sam2\n'
                            '/other_node:\n  ros__parameters:\n    mode: hybrid\n')
-    assert module._file_params(str(params_file)) == {'mode': 'sam2',
-                                                     'model_dir': '/opt/models/sam2'}
-    assert module._file_params(str(tmp_path / 'missing.yaml')) == {}
+    assert module._file_params(str(params_file), '/segmenter') == {
+        'mode': 'sam2', 'model_dir': '/opt/models/sam2'}
+    assert module._file_params(str(tmp_path / 'missing.yaml'), '/segmenter') == {}
+
+
+@NEEDS_LAUNCH_ROS
+def test_each_camera_reads_its_own_section_of_the_params_file(tmp_path):
+    from launch_ros.actions import LifecycleNode
+
+    module = _load_launch_file()
+    params_file = tmp_path / 'two_cameras.yaml'
+    params_file.write_text('/**:\n  ros__parameters:\n    device: cpu\n'
+                           '/front/segmenter:\n  ros__parameters:\n    mode: sam2\n'
+                           '/rear/segmenter:\n  ros__parameters:\n    mode: sam3\n'
+                           '/*/segmenter:\n  ros__parameters:\n    use_depth: false\n')
+    assert module._file_params(str(params_file), '/front/segmenter') == {
+        'device': 'cpu', 'mode': 'sam2', 'use_depth': False}
+    assert module._file_params(str(params_file), '/rear/segmenter')['mode'] == 'sam3'
+    assert module._file_params(str(params_file), '/segmenter') == {'device': 'cpu'}
+    # The shipped model of each node's own mode: the rear's SAM3 directory would leave the
+    # front's SAM2 unconfigured (rcl gives it mode sam2 from the same file).
+    actions, context = _launch_actions({'camera': '/front,/rear',
+                                        'params_file': str(params_file)})
+    front, rear = [a for a in actions if isinstance(a, LifecycleNode)]
+    assert _parameter_files(front, context)[0]['model_dir'].endswith('tiny-orchard-sam2')
+    assert _parameter_files(rear, context)[0]['model_dir'].endswith('tiny-orchard-sam3')
+    # Under an including launch file's namespace the keys name the nodes' full names.
+    actions, context = _launch_actions({'camera': '/front,/rear', 'ros_namespace': '/robot1',
+                                        'params_file': str(params_file)})
+    front, rear = [a for a in actions if isinstance(a, LifecycleNode)]
+    assert all(_parameter_files(node, context)[0]['model_dir'].endswith('tiny-orchard-sam3')
+               for node in (front, rear))
+    assert [node.expanded_node_namespace for node in (front, rear)] == [
+        '/robot1/front', '/robot1/rear']
 
 
 @NEEDS_LAUNCH_ROS

@@ -424,7 +424,7 @@ class SegmenterNode(LifecycleNode):
         stamp = msg.header.stamp
         if stamp.sec == 0 and stamp.nanosec == 0:
             # Processed all the same, but its outputs cannot be placed in time (TF lookups
-            # fail) and depth pairs by arrival rather than by capture time.
+            # fail); depth stamped 0 too pairs by arrival, stamped depth never pairs.
             self._warn('zero_stamps', 'image header stamp is 0: the camera driver does not '
                        'stamp its frames; outputs carry the same stamp')
         pairer = self._pairer  # read once: cleanup may reset it from another thread

@@ -142,3 +142,21 @@ def test_video_source_caps_a_high_speed_video_rate(ros, tmp_path):
 
     assert node.reader.fps == pytest.approx(1000.0)
     assert node.timer.timer_period_ns == 5_000_000  # 200 Hz, not a 1 ms busy loop
+
+
+def test_video_source_refuses_a_principal_point_off_any_image(ros, tmp_path):
+    """cx/cy have a range like fx/fy: inf or NaN would go out in every camera_info."""
+    from rclpy.exceptions import InvalidParameterValueException
+    _write_png(tmp_path / 'a.png', 0)
+    for name in ('cx', 'cy'):
+        for value in (float('inf'), float('nan'), -2.0):
+            with pytest.raises(InvalidParameterValueException, match=name):
+                VideoSourceNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+                    Parameter('path', value=str(tmp_path)), Parameter('fx', value=50.0),
+                    Parameter(name, value=value)])
+    node = ros.add(VideoSourceNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+        Parameter('path', value=str(tmp_path)), Parameter('fx', value=50.0),
+        Parameter('cx', value=4.5), Parameter('cy', value=-1.0)]))
+    assert node.describe_parameter('cx').floating_point_range
+    info = node._camera_info(Image(width=10, height=8), 50.0)
+    assert (info.k[2], info.k[5]) == (4.5, 3.5)

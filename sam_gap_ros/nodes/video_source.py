@@ -128,8 +128,11 @@ class VideoSourceNode(Node):
                 ('fx', 0.0, 'focal length x (px) for camera_info; 0 = no camera_info',
                  dict(float_range=(0.0, 1e6))),
                 ('fy', 0.0, 'focal length y (px); 0 = fx', dict(float_range=(0.0, 1e6))),
-                ('cx', -1.0, 'principal point x (px); < 0 = image centre', {}),
-                ('cy', -1.0, 'principal point y (px); < 0 = image centre', {})):
+                # Ranged like fx: inf or NaN would go out in every camera_info.
+                ('cx', -1.0, 'principal point x (px); < 0 = image centre',
+                 dict(float_range=(-1.0, 1e6))),
+                ('cy', -1.0, 'principal point y (px); < 0 = image centre',
+                 dict(float_range=(-1.0, 1e6)))):
             self.declare_parameter(name, default, describe(text, default, read_only=True,
                                                            **extra))
         self.reader = FrameReader(self.get_parameter('path').value,

@@ -49,7 +49,9 @@ DEVICES_HELP = 'auto, cpu, cuda or cuda:N'
 
 def _declare_all(node: LifecycleNode) -> None:
     """Declare every parameter with a descriptor (description, range, read-only)."""
-    ro = True  # read-only: changing these needs a model reload (cleanup + configure)
+    # Read-only: a change needs a model reload, new subscriptions or a new timer. rclpy
+    # refuses them in every state: cleanup + configure reloads with the starting values.
+    ro = True
     params: List[Tuple[str, Any, Dict[str, Any]]] = [
         ('mode', 'hybrid', dict(description='sam2 = prompt tracking, sam3 = per-frame concept '
                                 'segmentation, hybrid = concept detection + SAM2 tracking',

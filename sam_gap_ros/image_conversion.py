@@ -15,6 +15,7 @@ view (``copy=False``).
 from __future__ import annotations
 
 import array
+import re
 import struct
 from types import MappingProxyType
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, TYPE_CHECKING
@@ -113,6 +114,14 @@ COMPRESSIBLE_ENCODINGS = frozenset(
 # practice).
 _DEPTH_HEADER = struct.Struct('<iff')
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_JPEG_SIGNATURE = b'\xff\xd8'
+# A JPEG marker is 0xFF, any number of 0xFF fill bytes, then the marker's code.
+_JPEG_MARKER_PREFIX = re.compile(rb'\xff+')
+# Start-of-frame codes (they hold the image size): 0xC0-0xCF but DHT, JPG and DAC.
+_JPEG_FRAME_CODES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Codes of markers without a length field: stuffed 0x00, TEM, RST0-7 and SOI.
+_JPEG_BARE_CODES = frozenset((0x00, 0x01, *range(0xD0, 0xD9)))
+_JPEG_EOI, _JPEG_SOS = 0xD9, 0xDA
 
 
 class CompressedFormat(NamedTuple):
@@ -349,22 +358,61 @@ def parse_compressed_format(fmt: str) -> CompressedFormat:
     return CompressedFormat(encoding, codec, 'compressed bgr' in tail, False)
 
 
-def _check_png_header(data: np.ndarray, fmt: str, max_side: int) -> None:
-    # Read the size from the PNG header so that a corrupt or hostile message cannot make
-    # the decoder allocate a huge image first (JPEG has no fixed-offset header).
-    if data.size >= 24 and bytes(data[:8]) == _PNG_SIGNATURE:
-        width, height = struct.unpack('>II', bytes(data[16:24]))
-        try:
-            _check_side_lengths(height, width, max_side)
-        except ValueError as error:
-            raise ValueError(f'compressed image ({fmt!r}): {error}') from None
+def _jpeg_size(data: memoryview) -> Optional[Tuple[int, int]]:
+    """Return ``(width, height)`` from a JPEG's frame header, None if there is none.
+
+    Walks the marker segments from the start of the image to its first start-of-frame
+    marker, skipping stray bytes between segments as libjpeg does.
+    """
+    position = len(_JPEG_SIGNATURE)
+    while True:
+        prefix = _JPEG_MARKER_PREFIX.search(data, position)
+        if prefix is None or prefix.end() >= len(data):
+            return None
+        code, position = data[prefix.end()], prefix.end() + 1
+        if code in _JPEG_BARE_CODES:
+            continue
+        if code in (_JPEG_EOI, _JPEG_SOS) or position + 2 > len(data):
+            return None  # no frame header before the scan data: libjpeg refuses it too
+        if code in _JPEG_FRAME_CODES:
+            # length (2 bytes), sample precision (1), height (2), width (2)
+            if position + 7 > len(data):
+                return None
+            height, width = struct.unpack_from('>HH', data, position + 3)
+            return width, height
+        position += struct.unpack_from('>H', data, position)[0]
+
+
+def _header_size(data: np.ndarray) -> Optional[Tuple[int, int]]:
+    """Return ``(width, height)`` from a PNG or JPEG header, None if it names none."""
+    if bytes(data[:8]) == _PNG_SIGNATURE:
+        return struct.unpack('>II', bytes(data[16:24])) if data.size >= 24 else None
+    if bytes(data[:2]) == _JPEG_SIGNATURE:
+        return _jpeg_size(memoryview(data))
+    return None
 
 
 def _check_compressed_data(data: np.ndarray, fmt: str, max_side: int) -> None:
-    """Refuse empty data, and a PNG whose header names an image over ``max_side``."""
+    """Refuse empty data, and data whose header names no size or one over ``max_side``.
+
+    The size is read from the header so that a corrupt or hostile message cannot make the
+    decoder allocate and fill a huge image first (a 600-byte JPEG naming 20000x20000
+    pixels took 2.3 GB and 7 s to decode). Only PNG and JPEG, which image_transport
+    writes for colour, are read; other formats OpenCV would decode (a 6 kB WebP holds
+    12000x12000 pixels) are refused, as their size is not checked.
+    """
     if data.size == 0:
         raise ValueError(f'compressed image ({fmt!r}) has no data')
-    _check_png_header(data, fmt, max_side)
+    size = _header_size(data)
+    if size is None:
+        raise ValueError(
+            f'compressed image ({fmt!r}) is not a PNG or JPEG with a readable header '
+            f'(starts with {bytes(data[:8])!r}); its size cannot be checked before decoding')
+    width, height = size
+    try:
+        _check_side_lengths(height, width, max_side)
+    except ValueError as error:
+        raise ValueError(f'compressed image ({fmt!r}): {error}') from None
 
 
 def _decode(data: np.ndarray, fmt: str, max_side: int) -> np.ndarray:
@@ -444,6 +492,11 @@ def _decode_compressed(msg: Any, max_side: int) -> Tuple[np.ndarray, str]:
             # compressed_image_transport converts YUV sources to bgr8 before compressing
             # (format 'yuyv; jpeg compressed bgr8'): the pixels are colour already.
             encoding = 'bgr8' if parsed.compressed_bgr else 'rgb8'
+        elif layout in _RAW_TO_RGB and channels == 1 and 'compressed mono8' in fmt:
+            # JPEG holds grey or colour only: compressed_image_transport has cv_bridge turn
+            # other sources (a Bayer mosaic) into grey ('bayer_rggb8; jpeg compressed
+            # mono8'). Demosaicing that grey would paint false colour on every edge.
+            encoding = 'mono8'
         elif layout is not None and layout != 'GRAY' and channels in (3, 4):
             source = ('BGR' if parsed.compressed_bgr else 'RGB') + ('A' if channels == 4 else '')
             decoded = _convert_layout(decoded, source, layout)
@@ -460,10 +513,10 @@ def compressed_msg_to_numpy(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndar
 
     The result is in the encoding named before the ``;`` of ``msg.format`` (as
     image_transport's subscriber restores it), or, for a bare ``'jpeg'``/``'png'``
-    format, in OpenCV's layout (mono8, bgr8, bgra8, mono16); a YUV source that the
-    publisher converted to colour before compressing comes back in that colour layout.
-    compressedDepth PNG (16UC1 and 32FC1) is decoded too. Raises ValueError on
-    undecodable data.
+    format, in OpenCV's layout (mono8, bgr8, bgra8, mono16); a YUV or Bayer source that
+    the publisher converted to colour or grey before compressing comes back in that
+    layout. compressedDepth PNG (16UC1 and 32FC1) is decoded too. Raises ValueError on
+    undecodable data and on data other than PNG or JPEG.
     """
     return _decode_compressed(msg, max_side)[0]
 
@@ -477,7 +530,7 @@ def compressed_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarra
 def check_rgb_compressed_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> None:
     """Raise ValueError where compressed_msg_to_rgb would refuse ``msg`` before decoding.
 
-    The format, encoding, emptiness and PNG header size checks, in microseconds (see
+    The format, encoding, emptiness and PNG/JPEG header size checks, in microseconds (see
     check_rgb_image_msg); data that passes can still fail to decode.
     """
     parsed = parse_compressed_format(msg.format)

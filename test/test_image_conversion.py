@@ -434,7 +434,7 @@ def test_check_rgb_compressed_msg_passes_decodable_colour(fmt):
 
 
 def test_check_rgb_compressed_msg_leaves_undecodable_data_to_the_decoder():
-    msg = _compressed(b'not an image at all', 'png')
+    msg = _compressed(_png(_smooth_rgb())[:60], 'png')  # a whole header, a cut-off image
 
     check_rgb_compressed_msg(msg)  # the check reads no pixel data...
     with pytest.raises(ValueError, match='could not decode'):
@@ -671,8 +671,10 @@ def test_compressed_depth_rvl_and_truncated_data_rejected():
 
 
 @pytest.mark.parametrize('data, fmt, message', [
-    (b'not an image at all', 'png', "could not decode 19 bytes .*format 'png'"),
-    (b'\xff\xd8\xff\xe0 truncated jpeg', 'rgb8; jpeg compressed bgr8', 'could not decode'),
+    (_png(np.zeros((4, 4), np.uint8))[:48], 'png', "could not decode 48 bytes .*format 'png'"),
+    (b'not an image at all', 'png', "'png'.* not a PNG or JPEG .*starts with b'not an i'"),
+    (b'\xff\xd8\xff\xe0 truncated jpeg', 'rgb8; jpeg compressed bgr8',
+     'not a PNG or JPEG with a readable header'),
     (b'', 'rgb8; jpeg compressed bgr8', 'has no data'),
 ])
 def test_undecodable_compressed_data(data, fmt, message):
@@ -694,6 +696,86 @@ def test_compressed_side_limit_is_a_parameter():
 
     with pytest.raises(ValueError, match='20x12 pixels exceeds the 16-pixel side limit'):
         compressed_msg_to_rgb(msg, max_side=16)
+
+
+def _jpeg(pixels, *params):
+    return cv2.imencode('.jpg', pixels, list(params))[1].tobytes()
+
+
+def _jpeg_claiming_size(width, height):
+    data = bytearray(_jpeg(np.zeros((16, 16, 3), np.uint8)))
+    frame = data.index(b'\xff\xc0')  # baseline start of frame: length, precision, height, width
+    data[frame + 5:frame + 9] = struct.pack('>HH', height, width)
+    return bytes(data)
+
+
+def _refuse_decoding(monkeypatch):
+    def imdecode(*args):
+        raise AssertionError('decoded data that the size check should have refused')
+    monkeypatch.setattr(cv2, 'imdecode', imdecode)
+
+
+@pytest.mark.parametrize('width', [MAX_IMAGE_SIDE + 1, 65535])
+def test_oversized_jpeg_refused_before_decoding(monkeypatch, width):
+    # A 600-byte JPEG can name 20000x20000 pixels: decoding it first costs gigabytes and
+    # seconds, and the callback's check would let it take the frame slot.
+    msg = _compressed(_jpeg_claiming_size(width, 2), 'rgb8; jpeg compressed bgr8')
+    _refuse_decoding(monkeypatch)
+
+    for convert in (check_rgb_compressed_msg, compressed_msg_to_rgb, compressed_msg_to_numpy):
+        with pytest.raises(ValueError, match=f'{width}x2 pixels exceeds the 8192-pixel side'):
+            convert(msg)
+
+
+@pytest.mark.parametrize('extra', [
+    b'',
+    # An EXIF thumbnail in APP1 has a start of frame of its own, naming 65535x65535 here.
+    b'\xff\xe1\x00\x0fExif\xff\xc0\x00\x11\x08\xff\xff\xff\xff',
+    b'\xff\xff',  # fill bytes before the next marker
+    b'\x12\x34',  # stray bytes between segments, which libjpeg skips with a warning
+])
+@pytest.mark.parametrize('params', [(), (cv2.IMWRITE_JPEG_PROGRESSIVE, 1),
+                                    (cv2.IMWRITE_JPEG_RST_INTERVAL, 2),
+                                    (cv2.IMWRITE_JPEG_OPTIMIZE, 1)])
+def test_jpeg_size_is_read_from_its_frame_header(extra, params):
+    jpeg = _jpeg(_smooth_rgb(12, 20), *params)
+    assert jpeg[2:6] == b'\xff\xe0\x00\x10'  # SOI, then a 16-byte APP0 (JFIF) segment
+    msg = _compressed(jpeg[:20] + extra + jpeg[20:], 'bgr8; jpeg compressed bgr8')
+
+    for convert in (check_rgb_compressed_msg, compressed_msg_to_rgb):
+        with pytest.raises(ValueError, match='20x12 pixels exceeds the 16-pixel side limit'):
+            convert(msg, max_side=16)
+    check_rgb_compressed_msg(msg, max_side=20)
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(compressed_msg_to_rgb(msg, max_side=20), bgr[:, :, ::-1])
+
+
+@pytest.mark.parametrize('extension', ['.webp', '.tiff', '.bmp', '.ppm'])
+def test_data_other_than_png_or_jpeg_refused_before_decoding(monkeypatch, extension):
+    # OpenCV decodes these too, but their size is not read first: a 6 kB lossless WebP
+    # decodes to 12000x12000 pixels. compressed_image_transport writes png and jpeg (and
+    # tiff, meant for float depth).
+    msg = _compressed(cv2.imencode(extension, _smooth_rgb())[1], 'rgb8; jpeg compressed bgr8')
+    _refuse_decoding(monkeypatch)
+
+    for convert in (check_rgb_compressed_msg, compressed_msg_to_rgb):
+        with pytest.raises(ValueError, match='not a PNG or JPEG with a readable header'):
+            convert(msg)
+
+
+@pytest.mark.parametrize('encoding', [*sorted(BAYER_TILES), 'yuv422', 'yuv422_yuy2'])
+def test_grey_jpeg_of_a_raw_sensor_layout_is_not_demosaiced(encoding):
+    # JPEG holds grey or colour only, so compressed_image_transport has cv_bridge turn a
+    # Bayer mosaic (and, in Humble, YUV) into mono8 first: the pixels are grey.
+    grey = np.zeros((24, 33), np.uint8)
+    grey[5:15, 7:20] = 200  # edges, where demosaicing grey paints false colour
+    jpeg = _jpeg(grey, cv2.IMWRITE_JPEG_QUALITY, 100)
+    msg = _compressed(jpeg, f'{encoding}; jpeg compressed mono8')
+
+    check_rgb_compressed_msg(msg)
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(compressed_msg_to_rgb(msg),
+                                  cv2.cvtColor(decoded, cv2.COLOR_GRAY2RGB))
 
 
 @pytest.mark.parametrize('pixels, fmt, encoding, message', [

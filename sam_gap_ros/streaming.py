@@ -43,8 +43,11 @@ class StampPairer:
     newest held secondary means time went back (a bag played in a loop, a simulator
     restarted): the held secondaries are forgotten and the jump counted. They could never
     pair with later frames, and left in place they would make every new colour frame look
-    late (released unpaired at once) until they aged out. Colour frames pending from
-    before the jump time out as usual.
+    late (released unpaired at once) until they aged out. Colour frames still waiting from
+    before the jump are dropped (newer frames exist), and for ``max_wait`` seconds items
+    stamped from before the jump (depth lagging colour at a bag's loop point) are stale:
+    a late depth frame would make the new frames look late, a late colour frame would
+    come after them.
     """
 
     def __init__(self, tolerance: float, max_wait: float, max_pending: int = 4,
@@ -60,6 +63,9 @@ class StampPairer:
         self.unpaired = 0
         self.dropped = 0
         self.time_jumps = 0
+        # After a jump back: stamps above _stale_above are from before it, until _stale_until.
+        self._stale_above = float('inf')
+        self._stale_until = float('-inf')
 
     def add_primary(self, stamp: float, item: Any, now: float) -> List[Paired]:
         """Offer a colour item received at ``now``; return the pairs that became ready.
@@ -67,7 +73,10 @@ class StampPairer:
         Like every method here, returns them in stamp order: a consumer that keeps only the
         newest (``LatestSlot``) then keeps the newest frame.
         """
-        self._forget_secondaries_after_jump(stamp)
+        if self._stale(stamp, now):
+            self.dropped += 1
+            return self._expire(now)
+        self._forget_secondaries_after_jump(stamp, now)
         match = self._best_secondary(stamp)
         if match is not None:
             return _in_stamp_order(self._expire(now) + [Paired(stamp, item, match)])
@@ -79,7 +88,9 @@ class StampPairer:
 
     def add_secondary(self, stamp: float, item: Any, now: float) -> List[Paired]:
         """Offer a depth item; return the pending colour items it completes or expires."""
-        self._forget_secondaries_after_jump(stamp)
+        if self._stale(stamp, now):
+            return self._expire(now)
+        self._forget_secondaries_after_jump(stamp, now)
         self._secondary.append((stamp, item))
         ready: List[Paired] = []
         still: Deque[Tuple[float, float, Any]] = deque()
@@ -103,18 +114,26 @@ class StampPairer:
         self.dropped += len(self._pending)
         self._pending.clear()
         self._secondary.clear()
+        self._stale_until = float('-inf')
 
     @property
     def pending(self) -> int:
         """Return the number of colour items waiting for depth."""
         return len(self._pending)
 
-    def _forget_secondaries_after_jump(self, stamp: float) -> None:
+    def _forget_secondaries_after_jump(self, stamp: float, now: float) -> None:
         """Drop the held secondaries when ``stamp`` is ``max_jump`` older than the newest."""
         newest = self._newest_secondary()
         if newest is not None and stamp < newest - self.max_jump:
             self.time_jumps += 1
             self._secondary.clear()
+            self._stale_above, self._stale_until = newest - self.max_jump, now + self.max_wait
+            before = len(self._pending)
+            self._pending = deque(p for p in self._pending if not self._stale(p[0], now))
+            self.dropped += before - len(self._pending)
+
+    def _stale(self, stamp: float, now: float) -> bool:
+        return now < self._stale_until and stamp > self._stale_above
 
     def _newest_secondary(self) -> Optional[float]:
         return max((s for s, _ in self._secondary), default=None)

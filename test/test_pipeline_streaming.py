@@ -152,6 +152,35 @@ def test_stamps_going_back_start_pairing_over(depth_first):
     assert pairer.time_jumps == 1
 
 
+@pytest.mark.parametrize('lag', [1, 2])
+def test_depth_lagging_colour_at_a_loop_point(lag):
+    """Depth frames from before the loop arrive after the first colour frames after it.
+
+    They used to be held: the new frames looked late (released without depth), came out
+    before the older frame they had overtaken (which then took the latest-frame slot), and
+    the jump was counted twice.
+    """
+    pairer = StampPairer(tolerance=0.01, max_wait=1.0)
+    stamps = [100.0 + i / 10 for i in range(6)] + [i / 10 for i in range(6)]
+    events = sorted([(i, 'colour', s) for i, s in enumerate(stamps)]
+                    + [(i + lag, 'depth', s) for i, s in enumerate(stamps)])
+    released = []
+    for index, kind, stamp in events:
+        now = index / 10
+        add = pairer.add_primary if kind == 'colour' else pairer.add_secondary
+        released += add(stamp, f'{kind[0]}{stamp:g}', now)
+        released += pairer.poll(now)
+    released += pairer.poll(100.0)
+    after = [(p.primary, p.secondary) for p in released if p.stamp < 50]
+    assert after == [(f'c{s:g}', f'd{s:g}') for s in stamps[6:]]
+    # Released in arrival order across the jump: nothing from before it comes after.
+    first_after = next(i for i, p in enumerate(released) if p.stamp < 50)
+    assert all(p.stamp < 50 for p in released[first_after:])
+    # The colour frames still waiting for depth at the jump are dropped, not paired late.
+    assert len(released) + pairer.dropped == len(stamps) and pairer.dropped == lag
+    assert pairer.unpaired == 0 and pairer.time_jumps == 1
+
+
 def test_small_steps_back_are_not_jumps():
     # Out-of-order stamps within a second (a driver's jitter) keep the held depth.
     pairer = StampPairer(tolerance=0.01, max_wait=10.0)

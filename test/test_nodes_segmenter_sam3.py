@@ -2,7 +2,7 @@
 
 import math
 
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseArray
 import numpy as np
 import pytest
@@ -191,6 +191,32 @@ def test_depth_pairing_after_stamps_go_back_and_zero_stamps(ros, sam3_dir):
     stats = node.stats()
     assert stats['zero_stamps'] == 1 and stats['frames_processed'] == 4
     assert stats['bad_input'] == 0 and stats['errors'] == 0
+
+
+def test_depth_without_valid_pixels_in_the_masks_is_counted_and_warned(ros, sam3_dir):
+    """All-zero depth (out of range, laser off) leaves every fruit without a 3D position."""
+    node = _depth_segmenter(ros, sam3_dir)
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    for index in range(2):  # one at a time: a burst would drop all but the newest
+        ros.publish_frame(index, (index + 1) * 10**9, depth=make_depth(2000))
+        assert ros.spin_until(lambda index=index: len(docs) > index)
+    with_position = node.stats()['instances_with_position']
+    assert with_position >= 1 and node.stats()['instances_without_position'] == 0
+    assert node.diagnostics().status[0].message == 'processing'
+    ros.publish_frame(2, 3 * 10**9, depth=np.zeros((H, W), np.uint16))
+    assert ros.spin_until(lambda: len(docs) >= 3)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['instances'] and all(i['position'] is None for i in doc['instances'])
+    stats = node.stats()
+    assert stats['instances_without_position'] == len(doc['instances'])
+    assert stats['bad_depth'] == 0 and stats['errors'] == 0
+    # Poses came lately too, so not yet WARN; only missing ones from now on would be.
+    assert node.diagnostics().status[0].message == 'processing'
+    node._last_counted.pop('instances_with_position')
+    status = node.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.WARN and 'valid depth' in status.message
+    values = {kv.key: kv.value for kv in status.values}
+    assert values['instances_without_position'] == str(len(doc['instances']))
 
 
 def test_atomic_parameter_set_is_all_or_none(ros, sam3_dir):

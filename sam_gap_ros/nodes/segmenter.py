@@ -192,7 +192,8 @@ class SegmenterNode(LifecycleNode):
             self.counters = {key: 0 for key in (
                 'frames_in', 'frames_processed', 'frames_dropped', 'bad_input', 'bad_depth',
                 'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips',
-                'frames_aborted', 'zero_stamps')}
+                'frames_aborted', 'zero_stamps', 'instances_with_position',
+                'instances_without_position')}
         self._slot = LatestSlot()
         self._in_rate = RateMeter()
         self._out_rate = RateMeter()
@@ -533,6 +534,8 @@ class SegmenterNode(LifecycleNode):
         result = pipeline.process(rgb, depth, encoding, intrinsics)
         for reason in result.refused_prompts:
             self._warn('bad_prompts', f'prompt sent before the first frame refused: {reason}')
+        if depth is not None:
+            self._count_positions(result)
         with self._output_lock:
             if not self._active or self._session != session:
                 # Deactivated, shutting down or reset during inference: publish nothing (a
@@ -549,6 +552,20 @@ class SegmenterNode(LifecycleNode):
             height, width = rgb.shape[:2]
             self._recent.append((stamp_to_ns(msg.header.stamp), result.frame_index, width,
                                  height))
+
+    def _count_positions(self, result: FrameResult) -> None:
+        """Count the instances of a frame with depth that did or did not get a 3D position."""
+        without = sum(1 for record in result.records if record.position is None)
+        if len(result.records) > without:
+            self._count('instances_with_position', len(result.records) - without)
+        if without:
+            # Holes (0, NaN) are normal in depth images; a fruit with too few valid pixels
+            # (out of range, sunlight, a depth image not aligned to colour) has no pose.
+            self._count('instances_without_position', without)
+            self.get_logger().warning(
+                f'{without} of {len(result.records)} instances had fewer than '
+                f"{self._param('min_depth_pixels')} valid depth pixels (not 0/NaN) in their "
+                'mask: no 3D position', throttle_duration_sec=THROTTLE_S)
 
     def _depth_inputs(self, depth_msg: Optional[Image], shape: Tuple[int, int]
                       ) -> Tuple[Any, str, Optional[CameraIntrinsics]]:
@@ -878,6 +895,12 @@ class SegmenterNode(LifecycleNode):
                 level = DiagnosticStatus.WARN
                 message = (f'every image of the last {RECENT_S:g} s was refused (bad_input): '
                            'see the log for why')
+            elif (self._counted_lately('instances_without_position', now)
+                  and not self._counted_lately('instances_with_position', now)):
+                # Depth arrives, but no fruit gets a 3D position: the planner has no poses.
+                level = DiagnosticStatus.WARN
+                message = (f'no instance of the last {RECENT_S:g} s had valid depth in its '
+                           'mask (0/NaN: out of range, or depth not aligned to colour)')
             elif (str(pipeline.config.engine_path).strip()
                   and pipeline.tensorrt_status.startswith('pytorch')):
                 # Running, but at PyTorch speed where an engine was asked for: the frame

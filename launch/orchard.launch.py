@@ -41,7 +41,8 @@ ARGUMENTS = (
      '<image_topic>/compressed'),
     ('depth_topic', 'depth/image_raw', 'depth image aligned to the colour camera (16UC1 mm or '
      '32FC1 m), relative to each camera namespace or absolute, e.g. '
-     'aligned_depth_to_color/image_raw (RealSense)'),
+     'aligned_depth_to_color/image_raw (RealSense); the compressedDepth transport is '
+     '<depth_topic>/compressedDepth'),
     ('camera_info_topic', 'camera_info', 'colour camera_info, relative to each camera '
      'namespace or absolute'),
     ('model_dir', '', 'local model directory (empty = params_file value or the shipped tiny '
@@ -54,6 +55,7 @@ ARGUMENTS = (
     ('namespace', '', 'namespace of the segmenter node(s)'),
     ('use_depth', '', 'true/false: pair depth + camera_info for 3D poses (empty = params_file)'),
     ('image_transport', '', 'raw | compressed (empty = params_file value)'),
+    ('depth_transport', '', 'raw | compressedDepth (empty = params_file value)'),
     ('synthetic', 'false', 'also start a synthetic orchard camera (robot-less run)'),
     ('executor', 'events', 'rclpy executor of the segmenter: events (faster; falls back to '
      'single_threaded where rclpy lacks it) | single_threaded'),
@@ -172,7 +174,9 @@ def _camera_topics(camera, value, several):
                              'it: give it relative to the camera namespaces')
         topics[key] = name if name.startswith('/') else f"{camera}/{name.strip('/')}"
     return [('image', topics['image']), ('image/compressed', f"{topics['image']}/compressed"),
-            ('depth', topics['depth']), ('camera_info', topics['camera_info'])]
+            ('depth', topics['depth']),
+            ('depth/compressedDepth', f"{topics['depth']}/compressedDepth"),
+            ('camera_info', topics['camera_info'])]
 
 
 def _shipped_defaults(value, from_file):
@@ -203,7 +207,7 @@ def _setup(context, *args, **kwargs):
 
     overrides = {'autostart': True}
     for name in ('mode', 'model_dir', 'tracker_model_dir', 'engine_path', 'device',
-                 'image_transport'):
+                 'image_transport', 'depth_transport'):
         if value[name]:
             overrides[name] = value[name]
     if value['concepts']:

@@ -470,8 +470,8 @@ def _inferred_encoding(decoded: np.ndarray) -> str:
     return encoding
 
 
-def _decode_compressed(msg: Any, max_side: int) -> Tuple[np.ndarray, str]:
-    """Return ``(array, encoding)`` for a CompressedImage."""
+def decode_compressed_msg(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> Tuple[np.ndarray, str]:
+    """Return ``(array, encoding)`` for a CompressedImage (see compressed_msg_to_numpy)."""
     fmt = msg.format
     parsed = parse_compressed_format(fmt)
     data = _message_bytes(msg.data)
@@ -518,12 +518,12 @@ def compressed_msg_to_numpy(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndar
     layout. compressedDepth PNG (16UC1 and 32FC1) is decoded too. Raises ValueError on
     undecodable data and on data other than PNG or JPEG.
     """
-    return _decode_compressed(msg, max_side)[0]
+    return decode_compressed_msg(msg, max_side)[0]
 
 
 def compressed_msg_to_rgb(msg: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     """Return a ``sensor_msgs/CompressedImage`` as an ``(H, W, 3)`` uint8 RGB array."""
-    decoded, encoding = _decode_compressed(msg, max_side)
+    decoded, encoding = decode_compressed_msg(msg, max_side)
     return _convert_layout(decoded, _rgb_layout(encoding), 'RGB')
 
 

@@ -1,14 +1,16 @@
 """Shared helpers for the in-process node tests: isolated rclpy context + probe node."""
 
+import struct
 import time
 import uuid
 
+import cv2
 import numpy as np
 import rclpy
 from rclpy.context import Context
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from sam_gap_ros.image_conversion import numpy_to_image_msg
 from sam_gap_ros.nodes.ros_utils import DEFAULT_EXECUTOR, make_executor
@@ -33,6 +35,14 @@ def make_depth(mm=1500):
     depth = np.full((H, W), mm, dtype=np.uint16)
     depth[:, :8] = 0  # a strip without returns
     return depth
+
+
+def compressed_depth_msg(depth_mm, header):
+    """Return 16UC1 depth as compressed_depth_image_transport publishes it (PNG)."""
+    _, png = cv2.imencode('.png', depth_mm)
+    # Its 12-byte ConfigHeader (format, depthParam[2]) comes first; unused for 16UC1.
+    data = struct.pack('<iff', 0, 0.0, 0.0) + png.tobytes()
+    return CompressedImage(header=header, format='16UC1; compressedDepth png', data=data)
 
 
 class Harness:
@@ -75,7 +85,8 @@ class Harness:
             self._pubs[topic] = self.probe.create_publisher(msg_type, topic, qos)
         return self._pubs[topic]
 
-    def publish_frame(self, index, stamp_ns, depth=None, encoding='rgb8', frame=None):
+    def publish_frame(self, index, stamp_ns, depth=None, encoding='rgb8', frame=None,
+                      depth_transport='raw'):
         frame = make_frame(index) if frame is None else frame
         msg = numpy_to_image_msg(frame, encoding)
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
@@ -90,7 +101,10 @@ class Harness:
             # such a frame gets no 3D poses; these tests check the steady state.
             self.spin_until(self._intrinsics_known, timeout=5.0)
         self.publisher(Image, f'{self.ns}/image').publish(msg)
-        if depth is not None:
+        if depth is not None and depth_transport == 'compressedDepth':
+            self.publisher(CompressedImage, f'{self.ns}/depth/compressedDepth').publish(
+                compressed_depth_msg(depth, msg.header))
+        elif depth is not None:
             depth_msg = numpy_to_image_msg(depth, '16UC1' if depth.dtype == np.uint16 else '32FC1',
                                            msg.header)
             self.publisher(Image, f'{self.ns}/depth').publish(depth_msg)

@@ -104,7 +104,9 @@ def test_launch_description_starts_one_segmenter_per_camera():
             assert _remappings(node, context) == {
                 'image': f'{camera}/image_raw',
                 'image/compressed': f'{camera}/image_raw/compressed',
-                'depth': f'{camera}/depth/image_raw', 'camera_info': f'{camera}/camera_info'}
+                'depth': f'{camera}/depth/image_raw',
+                'depth/compressedDepth': f'{camera}/depth/image_raw/compressedDepth',
+                'camera_info': f'{camera}/camera_info'}
 
 
 def _launch_actions(configurations):
@@ -217,13 +219,18 @@ def test_camera_topic_arguments_remap_the_inputs():
     actions, context = _launch_actions({
         'camera': '/camera/camera', 'image_topic': 'color/image_raw',
         'depth_topic': 'aligned_depth_to_color/image_raw',
-        'camera_info_topic': '/camera/camera/color/camera_info'})
+        'camera_info_topic': '/camera/camera/color/camera_info',
+        'depth_transport': 'compressedDepth'})
     segmenter, = [a for a in actions if isinstance(a, LifecycleNode)]
     assert _remappings(segmenter, context) == {
         'image': '/camera/camera/color/image_raw',
         'image/compressed': '/camera/camera/color/image_raw/compressed',
         'depth': '/camera/camera/aligned_depth_to_color/image_raw',
+        'depth/compressedDepth':
+            '/camera/camera/aligned_depth_to_color/image_raw/compressedDepth',
         'camera_info': '/camera/camera/color/camera_info'}
+    # The launch arguments rank highest: last of the node's parameter files.
+    assert _parameter_files(segmenter, context)[-1]['depth_transport'] == 'compressedDepth'
     # An absolute topic would be shared by every camera: refused with the reason.
     with pytest.raises(ValueError, match='depth_topic'):
         _launch_actions({'camera': '/front,/rear', 'depth_topic': '/front/depth'})

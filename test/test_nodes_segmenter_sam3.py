@@ -9,14 +9,14 @@ import pytest
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 import torch  # imported first, so conftest runs every test on 1 thread
 from visualization_msgs.msg import Marker, MarkerArray
 
-from node_harness import H, K, make_depth, W
+from node_harness import H, K, make_depth, make_frame, W
 from sam_gap_ros import instances_json
-from sam_gap_ros.image_conversion import image_msg_to_numpy
+from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_compressed_msg
 
 
 @pytest.fixture(scope='module')
@@ -217,6 +217,32 @@ def test_depth_without_valid_pixels_in_the_masks_is_counted_and_warned(ros, sam3
     assert status.level == DiagnosticStatus.WARN and 'valid depth' in status.message
     values = {kv.key: kv.value for kv in status.values}
     assert values['instances_without_position'] == str(len(doc['instances']))
+
+
+def test_compressed_depth_gives_3d_positions(ros, sam3_dir):
+    """depth_transport compressedDepth: a recorded bag's depth/compressedDepth, read as is."""
+    node = ros.make_segmenter(mode='sam3', model_dir=sam3_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', score_threshold=0.0, max_instances=4,
+                              depth_wait_s=1.0, concepts=['apple'],
+                              depth_transport='compressedDepth')
+    docs = ros.subscribe(String, f'{ros.ns}/segmenter/instances')
+    for index in range(2):
+        ros.publish_frame(index, (index + 1) * 10**9, depth=make_depth(2000),
+                          depth_transport='compressedDepth')
+        assert ros.spin_until(lambda index=index: len(docs) > index)
+    doc = instances_json.loads(docs[-1].data)
+    assert doc['instances']
+    for inst in doc['instances']:
+        assert inst['position'] is not None and inst['position'][2] == pytest.approx(2.0)
+    stats = node.stats()
+    assert stats['unpaired_depth'] == 0 and stats['bad_depth'] == 0
+    # Colour on the depth topic (a wrong remap) is refused as depth, the frame still goes out.
+    header = ros.publish_frame(2, 3 * 10**9).header
+    ros.publisher(CompressedImage, f'{ros.ns}/depth/compressedDepth').publish(
+        numpy_to_compressed_msg(make_frame(2), 'png', header, encoding='rgb8'))
+    assert ros.spin_until(lambda: len(docs) >= 3)
+    assert instances_json.loads(docs[-1].data)['instances'][0]['position'] is None
+    assert node.stats()['bad_depth'] == 1
 
 
 def test_atomic_parameter_set_is_all_or_none(ros, sam3_dir):

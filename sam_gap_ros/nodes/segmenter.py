@@ -45,6 +45,7 @@ THROTTLE_S = 2.0
 RECENT_S = 10.0
 """How long skipped or refused frames keep /diagnostics at WARN after the last one."""
 DEVICES_HELP = 'auto, cpu, cuda or cuda:N'
+DEPTH_TRANSPORTS = ('raw', 'compressedDepth')
 
 
 def _declare_all(node: LifecycleNode) -> None:
@@ -111,6 +112,10 @@ def _declare_all(node: LifecycleNode) -> None:
                                         choices=('raw', 'compressed'))),
         ('use_depth', False, dict(description='subscribe to depth (16UC1 mm / 32FC1 m) and '
                                   'camera_info to publish 3D fruit poses', read_only=ro)),
+        ('depth_transport', 'raw', dict(description='raw = depth (sensor_msgs/Image), '
+                                        'compressedDepth = depth/compressedDepth (PNG, as '
+                                        'compressed_depth_image_transport writes it)',
+                                        read_only=ro, choices=DEPTH_TRANSPORTS)),
         ('sync_tolerance_s', 0.03, dict(description='max |stamp difference| of a colour/depth '
                                         'pair', float_range=(0.0, 1.0), read_only=ro)),
         ('depth_wait_s', 0.1, dict(description='how long a colour frame waits for its depth '
@@ -256,6 +261,9 @@ class SegmenterNode(LifecycleNode):
             if param('image_transport') not in ('raw', 'compressed'):
                 raise ValueError(f"image_transport '{param('image_transport')}' is not raw or "
                                  'compressed')
+            if param('depth_transport') not in DEPTH_TRANSPORTS:
+                raise ValueError(f"depth_transport '{param('depth_transport')}' is not one of "
+                                 f'{", ".join(DEPTH_TRANSPORTS)}')
             pipeline = SegmentationPipeline(config, logger=self.get_logger())
             pipeline.load()
         except Exception as exc:  # noqa: BLE001 - every load failure must leave us unconfigured
@@ -390,7 +398,11 @@ class SegmenterNode(LifecycleNode):
         if self._param('use_depth'):
             self._pairer = StampPairer(self._param('sync_tolerance_s'),
                                        self._param('depth_wait_s'))
-            self._depth_subscription = sub(Image, 'depth', self._on_depth, qos)
+            # Recorded bags often hold only compressedDepth: read it without a republisher.
+            self._depth_subscription = (
+                sub(CompressedImage, 'depth/compressedDepth', self._on_depth, qos)
+                if self._param('depth_transport') == 'compressedDepth'
+                else sub(Image, 'depth', self._on_depth, qos))
             self._entities.append(self._depth_subscription)
             self._entities.append(sub(CameraInfo, 'camera_info', self._on_camera_info, qos))
             self._timers.append(self.create_timer(0.02, self._poll_pairer,
@@ -436,7 +448,7 @@ class SegmenterNode(LifecycleNode):
             return
         self._pair(pairer, True, stamp_to_sec(stamp), (msg, now), now)
 
-    def _on_depth(self, msg: Image) -> None:
+    def _on_depth(self, msg: Any) -> None:
         pairer = self._pairer
         if not self._active or pairer is None:
             return
@@ -567,7 +579,7 @@ class SegmenterNode(LifecycleNode):
                 f"{self._param('min_depth_pixels')} valid depth pixels (not 0/NaN) in their "
                 'mask: no 3D position', throttle_duration_sec=THROTTLE_S)
 
-    def _depth_inputs(self, depth_msg: Optional[Image], shape: Tuple[int, int]
+    def _depth_inputs(self, depth_msg: Any, shape: Tuple[int, int]
                       ) -> Tuple[Any, str, Optional[CameraIntrinsics]]:
         if depth_msg is None:
             return None, '16UC1', None
@@ -576,10 +588,14 @@ class SegmenterNode(LifecycleNode):
             self._warn('bad_depth', 'depth received but no camera_info yet: no 3D poses')
             return None, '16UC1', None
         try:
-            depth = image_conversion.image_msg_to_numpy(
-                depth_msg, max_side=int(self._param('max_image_side')))
-            if depth_msg.encoding not in ('16UC1', 'mono16', '32FC1'):
-                raise ValueError(f"depth encoding '{depth_msg.encoding}' is not 16UC1 or 32FC1")
+            max_side = int(self._param('max_image_side'))
+            if isinstance(depth_msg, CompressedImage):
+                depth, encoding = image_conversion.decode_compressed_msg(depth_msg, max_side)
+            else:
+                depth = image_conversion.image_msg_to_numpy(depth_msg, max_side=max_side)
+                encoding = depth_msg.encoding
+            if encoding not in ('16UC1', 'mono16', '32FC1'):
+                raise ValueError(f"depth encoding '{encoding}' is not 16UC1 or 32FC1")
             intrinsics = _camera_intrinsics(info, shape)
             image_size = (shape[1], shape[0])
             check_same_view('depth', (depth.shape[1], depth.shape[0]), image_size)
@@ -587,7 +603,7 @@ class SegmenterNode(LifecycleNode):
         except (ValueError, TypeError) as exc:
             self._warn('bad_depth', f'ignoring bad depth/camera_info: {exc}')
             return None, '16UC1', None
-        return depth, depth_msg.encoding, intrinsics
+        return depth, encoding, intrinsics
 
     # -- outputs ---------------------------------------------------------------------------
     def _publish(self, header: Any, rgb: Any, result: FrameResult,

@@ -16,6 +16,7 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String, UInt32
 from std_srvs.srv import SetBool, Trigger
 import torch
+from visualization_msgs.msg import Marker, MarkerArray
 
 from node_harness import H, make_depth, save_present_sam2, TIMEOUT_S, W
 from sam_gap_ros import instances_json
@@ -109,6 +110,55 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     seen_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
     doc = _document_for(docs, stamp_ns)
     assert doc['inference_ms'] < doc['latency_ms'] < seen_ms
+
+
+def test_markers_are_deleted_when_reset_deactivate_or_cleanup_ends_their_instances(
+        ros, sam2_dir):
+    # RViz keeps a marker until it is deleted: after these no frame replaces the last one's.
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=1.0, **NO_MOTION_GATE)
+    markers = ros.subscribe(MarkerArray, f'{ros.ns}/segmenter/markers')
+    reset = ros.probe.create_client(Trigger, f'{ros.ns}/segmenter/reset')
+
+    def show_fruit(index):
+        if not node.pipeline.object_ids:  # a deactivate keeps the tracked objects
+            _box(ros, 20, 30, 50, 60)
+            assert ros.spin_until(lambda: len(node.pipeline.object_ids) == 1)
+        count = len(markers)
+        ros.publish_frame(index, (index + 1) * 10**9, depth=make_depth())
+        assert ros.spin_until(lambda: len(markers) > count)
+        shown = markers[-1].markers
+        assert shown[0].action == Marker.DELETEALL
+        assert [(m.ns, m.action) for m in shown[1:]] == [('fruit', Marker.ADD),
+                                                         ('labels', Marker.ADD)]
+
+    def deleted_all(step):
+        count = len(markers)
+        step()
+        assert ros.spin_until(lambda: len(markers) > count), 'markers left in RViz'
+        assert [m.action for m in markers[-1].markers] == [Marker.DELETEALL]
+
+    ros.publish_frame(0, 10**9, depth=make_depth())
+    assert ros.spin_until(lambda: node.stats()['frames_processed'] >= 1)
+    show_fruit(1)
+    deleted_all(lambda: ros.call(reset, Trigger.Request()))
+    show_fruit(2)
+    deleted_all(node.trigger_deactivate)
+    node.trigger_activate()
+    show_fruit(3)
+    deleted_all(node.trigger_shutdown)  # active -> finalized, no deactivate on the way
+
+
+def test_frames_dropped_at_deactivate_stay_counted_after_cleanup(ros, sam2_dir):
+    # /diagnostics goes on showing the counters until the next activate restarts them.
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=2.0)
+    ros.publish_frame(0, 10**9)  # waits for depth that never comes
+    assert ros.spin_until(lambda: node.stats()['frames_in'] == 1)
+    node.trigger_deactivate()
+    assert node.stats()['frames_dropped'] == 1
+    node.trigger_cleanup()
+    assert node.stats()['frames_in'] == node.stats()['frames_dropped'] == 1
 
 
 def test_prompts_remove_reset_enable_and_refused_concepts(ros, sam2_dir):

@@ -198,7 +198,7 @@ class SegmenterNode(LifecycleNode):
                 'frames_in', 'frames_processed', 'frames_dropped', 'bad_input', 'bad_depth',
                 'bad_prompts', 'oom_skips', 'errors', 'unpaired_depth', 'disabled_skips',
                 'frames_aborted', 'zero_stamps', 'instances_with_position',
-                'instances_without_position')}
+                'instances_without_position', 'stamp_jumps_back')}
         self._slot = LatestSlot()
         self._in_rate = RateMeter()
         self._out_rate = RateMeter()
@@ -222,11 +222,12 @@ class SegmenterNode(LifecycleNode):
         now = time.monotonic()
         with self._stats_lock:
             snapshot: Dict[str, Any] = dict(self.counters)
-        pairer = self._pairer  # may be cleared by cleanup meanwhile
-        snapshot['frames_dropped'] = (self._slot.dropped + (pairer.dropped if pairer else 0)
-                                      + snapshot['frames_aborted'])
-        snapshot['unpaired_depth'] = pairer.unpaired if pairer else 0
-        snapshot['stamp_jumps_back'] = pairer.time_jumps if pairer else 0
+            pairer = self._pairer  # cleanup folds its counts in and clears it under the lock
+        # The counters hold what a cleaned-up pairer had counted (see _teardown).
+        snapshot['frames_dropped'] += (self._slot.dropped + (pairer.dropped if pairer else 0)
+                                       + snapshot['frames_aborted'])
+        snapshot['unpaired_depth'] += pairer.unpaired if pairer else 0
+        snapshot['stamp_jumps_back'] += pairer.time_jumps if pairer else 0
         snapshot['input_rate_hz'] = self._in_rate.rate(now)
         snapshot['processed_rate_hz'] = self._out_rate.rate(now)
         snapshot['latency_ms_p50'] = self.latency.percentile_ms(50)
@@ -298,6 +299,7 @@ class SegmenterNode(LifecycleNode):
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         """Pause processing and free cached accelerator memory."""
         self._pause_worker()
+        self._clear_markers()
         release_cached_memory()
         self.get_logger().info('inactive: processing paused')
         return TransitionCallbackReturn.SUCCESS
@@ -320,12 +322,21 @@ class SegmenterNode(LifecycleNode):
 
     def _teardown(self) -> None:
         self._stop_worker()
+        self._clear_markers()
         for entity in self._entities:
             self._destroy(entity)
         for timer in self._timers:
             self.destroy_timer(timer)
         self._entities, self._timers, self._pubs = [], [], {}
-        self._pairer = None
+        with self._stats_lock:
+            # Kept until the next activate restarts the counters: /diagnostics goes on
+            # showing them, and frames_dropped must not fall (nor the accounting break).
+            pairer = self._pairer
+            if pairer is not None:
+                self.counters['frames_dropped'] += pairer.dropped
+                self.counters['unpaired_depth'] += pairer.unpaired
+                self.counters['stamp_jumps_back'] += pairer.time_jumps
+            self._pairer = None
         self._depth_subscription = None
         self._camera_info = None
         if self.pipeline is not None:
@@ -681,6 +692,21 @@ class SegmenterNode(LifecycleNode):
             markers.markers.extend([sphere, text])
         return markers
 
+    def _clear_markers(self) -> None:
+        """Delete every marker in RViz: its instances end here, and no frame may follow.
+
+        RViz keeps a marker until it is deleted (they have no lifetime: a slow model would
+        make them flicker), and each frame's array begins with DELETEALL; but after a
+        reset, a deactivate or a cleanup no frame comes to replace the last one's fruit.
+        """
+        publisher = self._pubs.get('markers')
+        if (publisher is None or not self.context.ok()
+                or publisher.get_subscription_count() == 0):
+            return
+        clear = Marker(action=Marker.DELETEALL)
+        clear.header.stamp = self.get_clock().now().to_msg()
+        publisher.publish(MarkerArray(markers=[clear]))
+
     def _focal_length_px(self, shape: Tuple[int, int]) -> Optional[float]:
         """Return fx at the colour image's resolution (camera_info may have another)."""
         info = self._camera_info
@@ -779,6 +805,7 @@ class SegmenterNode(LifecycleNode):
                 self._session += 1
                 self._slot.clear()
                 self._recent.clear()
+                self._clear_markers()
         except Exception as exc:  # noqa: BLE001 - report every failure to the caller
             response.success, response.message = False, str(exc)
             return response

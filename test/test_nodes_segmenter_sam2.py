@@ -149,6 +149,41 @@ def test_markers_are_deleted_when_reset_deactivate_or_cleanup_ends_their_instanc
     deleted_all(node.trigger_shutdown)  # active -> finalized, no deactivate on the way
 
 
+def test_enable_false_deletes_markers_and_publishes_no_frame_after_it(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=1.0, **NO_MOTION_GATE)
+    markers = ros.subscribe(MarkerArray, f'{ros.ns}/segmenter/markers')
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    enable = ros.probe.create_client(SetBool, f'{ros.ns}/segmenter/enable')
+    ros.publish_frame(0, 10**9, depth=make_depth())
+    assert ros.spin_until(lambda: node.stats()['frames_processed'] == 1)
+    _box(ros, 20, 30, 50, 60)
+    assert ros.spin_until(lambda: len(node.pipeline.object_ids) == 1)
+    ros.publish_frame(1, 2 * 10**9, depth=make_depth())
+    assert ros.spin_until(lambda: len(markers) == 2 and len(markers[-1].markers) == 3)
+    assert ros.call(enable, SetBool.Request(data=False)).success
+    assert ros.spin_until(lambda: len(markers) == 3), 'markers left in RViz'
+    assert [m.action for m in markers[-1].markers] == [Marker.DELETEALL]
+
+    # ~/enable false landing while a frame is in inference: that frame is not published.
+    assert ros.call(enable, SetBool.Request(data=True)).success
+    process = node.pipeline.process
+
+    def disabled_during_inference(*args, **kwargs):
+        result = process(*args, **kwargs)
+        node._on_enable(SetBool.Request(data=False), SetBool.Response())
+        return result
+
+    node.pipeline.process = disabled_during_inference
+    published = len(masks)
+    ros.publish_frame(2, 3 * 10**9, depth=make_depth())
+    assert ros.spin_until(lambda: node.stats()['disabled_skips'] == 1)
+    ros.spin_until(lambda: False, timeout=0.3)
+    assert len(masks) == published and len(markers) == 4  # only the DELETEALL
+    stats = node.stats()
+    assert stats['frames_in'] == 3 and stats['frames_processed'] == 2
+
+
 def test_frames_dropped_at_deactivate_stay_counted_after_cleanup(ros, sam2_dir):
     # /diagnostics goes on showing the counters until the next activate restarts them.
     node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,

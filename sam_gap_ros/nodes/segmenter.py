@@ -566,6 +566,9 @@ class SegmenterNode(LifecycleNode):
                 # account for the frame so frames_in == processed + dropped still holds.
                 self._count('frames_aborted')
                 return
+            if not self._enabled:  # ~/enable false during inference
+                self._count('disabled_skips')
+                return
             self._publish(msg.header, rgb, result, pipeline)
             done = time.monotonic()
             self._count('frames_processed')
@@ -813,7 +816,12 @@ class SegmenterNode(LifecycleNode):
         return response
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> Any:
-        self._enabled = bool(request.data)
+        with self._output_lock:
+            # Under the lock: a frame in inference now is not published after this returns,
+            # and its markers would outlive the ones deleted here.
+            self._enabled = bool(request.data)
+            if not self._enabled:
+                self._clear_markers()
         response.success = True
         response.message = 'processing enabled' if self._enabled else 'processing disabled'
         self.get_logger().info(response.message)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -17,6 +17,29 @@ def id_color(instance_id: int) -> Tuple[int, int, int]:
     hsv = np.array([[[hue, 220, 255]]], dtype=np.uint8)
     r, g, b = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]
     return int(r), int(g), int(b)
+
+
+def _place_label(parts: Sequence[str], corner: Tuple[int, int], shape: Tuple[int, int],
+                 font_scale: float, thickness: int) -> Optional[Tuple[str, Tuple[int, int]]]:
+    """Return the longest label of leading ``parts`` that fits the image, and its origin.
+
+    The label goes just above the box corner, moved inside where it would run off the image
+    (fruit at the border). Where the whole label is too wide (small images: the font keeps a
+    legible minimum size), trailing parts are left off, down to the ID alone, which still
+    links the mask to ``~/instances``; None where not even that fits.
+    """
+    height, width = shape
+    for count in range(len(parts), 0, -1):
+        text = ' '.join(parts[:count])
+        # Measured with the outline's thickness: the drawn text lies within
+        # [x, x + text_width) and [y - text_height, y + baseline) of its origin (x, y).
+        (text_width, text_height), baseline = cv2.getTextSize(
+            text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        if text_width <= width and text_height + baseline <= height:
+            x = max(0, min(corner[0], width - text_width))
+            y = max(text_height, min(corner[1] - 3, height - baseline))
+            return text, (x, y)
+    return None
 
 
 def render_overlay(rgb: np.ndarray, labels: np.ndarray, records: Sequence[InstanceRecord],
@@ -48,14 +71,13 @@ def render_overlay(rgb: np.ndarray, labels: np.ndarray, records: Sequence[Instan
         colour = id_color(int(record.instance_id))
         x0, y0, x1, y1 = (int(round(v)) for v in record.bbox)
         cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), colour, thickness)
-        text = f'{record.instance_id} {record.label} {record.score:.2f}'
+        parts = [str(record.instance_id), str(record.label), f'{record.score:.2f}']
         if record.position is not None:
-            text += f' {record.position[2]:.2f}m'
-        # Shifted left where it would run off the right edge (fruit at the border).
-        (text_width, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale,
-                                             thickness + 2)
-        origin = (max(0, min(x0, out.shape[1] - text_width)),
-                  max(y0 - 3, int(25 * font_scale) + 1))
+            parts.append(f'{record.position[2]:.2f}m')
+        placed = _place_label(parts, (x0, y0), out.shape[:2], font_scale, thickness + 2)
+        if placed is None:
+            continue
+        text, origin = placed
         # A dark outline keeps the label readable on bright leaves and sky.
         cv2.putText(out, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale,
                     (0, 0, 0), thickness + 2, cv2.LINE_AA)

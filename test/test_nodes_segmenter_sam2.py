@@ -1,6 +1,7 @@
 """Segmenter node end to end in sam2 mode: outputs, prompts, services, bad input, lifecycle."""
 
 import math
+import shutil
 import threading
 import time
 
@@ -11,6 +12,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 import numpy as np
 import pytest
 from rcl_interfaces.srv import SetParameters
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image
 from std_msgs.msg import String, UInt32
@@ -20,7 +22,8 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from node_harness import H, make_depth, save_present_sam2, TIMEOUT_S, W
 from sam_gap_ros import instances_json
-from sam_gap_ros.image_conversion import image_msg_to_numpy, numpy_to_image_msg
+from sam_gap_ros.image_conversion import (image_msg_to_numpy, image_msg_to_rgb,
+                                          numpy_to_image_msg)
 from sam_gap_ros.nodes import segmenter as segmenter_module
 
 
@@ -110,6 +113,23 @@ def test_prompted_object_is_tracked_with_stamped_outputs_and_3d_pose(ros, sam2_d
     seen_ms = (node.get_clock().now().nanoseconds - stamp_ns) / 1e6
     doc = _document_for(docs, stamp_ns)
     assert doc['inference_ms'] < doc['latency_ms'] < seen_ms
+
+
+def test_overlay_shows_the_input_in_rgb_whatever_its_encoding(ros, sam2_dir):
+    # No prompt, so no instance: every overlay pixel is the input frame's, in RGB.
+    ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', input_qos='reliable')
+    overlay = ros.subscribe(Image, f'{ros.ns}/segmenter/overlay')
+    rng = np.random.default_rng(3)
+    channels = {'bgr8': 3, 'rgba8': 4, 'bgra8': 4, 'mono8': 1, 'bayer_grbg8': 1, 'yuyv': 2,
+                'uyvy': 2}
+    for second, (encoding, count) in enumerate(channels.items(), start=1):
+        frame = rng.integers(0, 256, (H, W, count)[:2 if count == 1 else 3], dtype=np.uint8)
+        sent = ros.publish_frame(0, second * 10**9, encoding=encoding, frame=frame)
+        assert ros.spin_until(lambda s=second: any(o.header.stamp.sec == s for o in overlay))
+        shown = next(o for o in overlay if o.header.stamp.sec == second)
+        assert shown.encoding == 'rgb8', encoding
+        np.testing.assert_array_equal(image_msg_to_numpy(shown), image_msg_to_rgb(sent),
+                                      err_msg=encoding)
 
 
 def test_markers_are_deleted_when_reset_deactivate_or_cleanup_ends_their_instances(
@@ -339,6 +359,23 @@ def test_lifecycle_via_change_state_service(ros, sam2_dir, tmp_path):
     assert broken._state_machine.current_state[1] == 'unconfigured'
     assert 'does not exist' in broken.last_error
     assert broken.diagnostics().status[0].level == DiagnosticStatus.ERROR
+    # A later failure (after a success and a cleanup) reports its own error, not the first
+    # one; a success clears it.
+    shutil.copytree(sam2_dir, tmp_path / 'missing')
+    assert broken.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert broken.last_error == ''
+    assert broken.diagnostics().status[0].level == DiagnosticStatus.OK
+    assert broken.trigger_cleanup() == TransitionCallbackReturn.SUCCESS
+    weights = next((tmp_path / 'missing').glob('*.safetensors'))
+    weights.rename(tmp_path / 'weights')
+    assert broken.trigger_configure() == TransitionCallbackReturn.FAILURE
+    status = broken.diagnostics().status[0]
+    assert status.level == DiagnosticStatus.ERROR and 'safetensors' in status.message
+    assert 'does not exist' not in status.message
+    (tmp_path / 'weights').rename(weights)
+    assert broken.trigger_configure() == TransitionCallbackReturn.SUCCESS
+    assert broken.last_error == ''
+    assert broken.diagnostics().status[0].level == DiagnosticStatus.OK
 
     node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', autostart=False,
                               stale_image_s=0.1)

@@ -2,6 +2,7 @@
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -139,6 +140,40 @@ def test_overlay_label_of_a_fruit_at_the_right_edge_stays_in_the_image():
     # The label (~50 px wide) ends at the right edge instead of running off the image.
     columns = np.flatnonzero(out[:30].any(axis=(0, 2)))
     assert columns.min() < 160 and columns.max() >= 195
+
+
+@pytest.mark.parametrize('height, width', [(16, 16), (24, 32), (96, 128), (1080, 8192)])
+def test_overlay_labels_are_drawn_whole_inside_the_image_at_any_size(monkeypatch, height,
+                                                                     width):
+    drawn = []
+    put_text = cv2.putText
+
+    def recording_put_text(image, text, origin, font, scale, colour, thickness, line_type):
+        drawn.append((text, origin, font, scale, thickness, line_type))
+        return put_text(image, text, origin, font, scale, colour, thickness, line_type)
+
+    monkeypatch.setattr(cv2, 'putText', recording_put_text)
+    # One-pixel fruit in the corners and the middle.
+    corners = [(0, 0), (width - 1, 0), (0, height - 1), (width - 1, height - 1),
+               (width // 2, height // 2)]
+    records = [InstanceRecord(i + 1, 'apple', 0.87, (x, y, x + 1, y + 1), 1,
+                              (float(x), float(y)), (0.0, 0.0, 1.5))
+               for i, (x, y) in enumerate(corners)]
+    render_overlay(np.zeros((height, width, 3), dtype=np.uint8),
+                   np.zeros((height, width), dtype=np.uint16), records)
+    texts = {text for text, *_ in drawn}
+    # Too narrow for '1 apple 0.87 1.50m' (74 px at the smallest font): shortened.
+    label = {16: '{}', 32: '{} apple'}.get(width, '{} apple 0.87 1.50m')
+    assert texts == {label.format(i) for i in range(1, 6)}
+    margin = 300
+    for text, (x, y), font, scale, thickness, line_type in drawn:
+        # Drawn again on a larger canvas: what the image edge would have cut off shows.
+        canvas = np.zeros((height + 2 * margin, width + 2 * margin), dtype=np.uint8)
+        put_text(canvas, text, (x + margin, y + margin), font, scale, 255, thickness,
+                 line_type)
+        rows, columns = np.nonzero(canvas)
+        assert margin <= rows.min() and rows.max() < margin + height, (text, (x, y))
+        assert margin <= columns.min() and columns.max() < margin + width, (text, (x, y))
 
 
 def test_overlay_colours_exactly_the_labelled_pixels():

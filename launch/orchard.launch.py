@@ -61,8 +61,9 @@ ARGUMENTS = (
      'single_threaded where rclpy lacks it) | single_threaded'),
     ('log_level', 'info', 'ROS log level'),
     ('dds_profile', 'large_images', 'Fast DDS profile of the started nodes: large_images (the '
-     'shipped config/fastdds_large_images.xml, unless FASTDDS_DEFAULT_PROFILES_FILE is set '
-     'already), a file path, or none (leave the middleware settings alone)'),
+     'shipped config/fastdds_large_images.xml, unless FASTDDS_DEFAULT_PROFILES_FILE or '
+     'FASTRTPS_DEFAULT_PROFILES_FILE is set already), a file path, or none (leave the '
+     'middleware settings alone)'),
 )
 
 # Fast DDS 3 (Kilted and newer) reads the first; Fast DDS 2 (Humble to Jazzy) only the

@@ -45,6 +45,7 @@ THROTTLE_S = 2.0
 RECENT_S = 10.0
 """How long skipped or refused frames keep /diagnostics at WARN after the last one."""
 DEVICES_HELP = 'auto, cpu, cuda or cuda:N'
+IMAGE_TRANSPORTS = ('raw', 'compressed')
 DEPTH_TRANSPORTS = ('raw', 'compressedDepth')
 
 
@@ -109,7 +110,7 @@ def _declare_all(node: LifecycleNode) -> None:
                                           read_only=ro, choices=INPUT_QOS)),
         ('image_transport', 'raw', dict(description='raw = image (sensor_msgs/Image), '
                                         'compressed = image/compressed', read_only=ro,
-                                        choices=('raw', 'compressed'))),
+                                        choices=IMAGE_TRANSPORTS)),
         ('use_depth', False, dict(description='subscribe to depth (16UC1 mm / 32FC1 m) and '
                                   'camera_info to publish 3D fruit poses', read_only=ro)),
         ('depth_transport', 'raw', dict(description='raw = depth (sensor_msgs/Image), '
@@ -259,12 +260,11 @@ class SegmenterNode(LifecycleNode):
             prompt_mirror_union=param('prompt_mirror_union'))
         try:
             input_qos(param('input_qos'))
-            if param('image_transport') not in ('raw', 'compressed'):
-                raise ValueError(f"image_transport '{param('image_transport')}' is not raw or "
-                                 'compressed')
-            if param('depth_transport') not in DEPTH_TRANSPORTS:
-                raise ValueError(f"depth_transport '{param('depth_transport')}' is not one of "
-                                 f'{", ".join(DEPTH_TRANSPORTS)}')
+            for name, allowed in (('image_transport', IMAGE_TRANSPORTS),
+                                  ('depth_transport', DEPTH_TRANSPORTS)):
+                if param(name) not in allowed:
+                    raise ValueError(f"{name} '{param(name)}' is not one of "
+                                     f'{", ".join(allowed)}')
             pipeline = SegmentationPipeline(config, logger=self.get_logger())
             pipeline.load()
         except Exception as exc:  # noqa: BLE001 - every load failure must leave us unconfigured

@@ -42,13 +42,19 @@ def import_tensorrt() -> Any:
         raise BuildError('the tensorrt Python package is not installed: on Jetson it comes '
                          'with JetPack (python3-libnvinfer), on x86 `pip install tensorrt` '
                          f'matching the CUDA version ({exc})') from exc
-    if _major(trt) < 10:
-        raise BuildError(f'TensorRT {trt.__version__} found, >= 10 required')
+    problem = precision_problem(trt.__version__, 'fp32')  # the version alone
+    if problem:
+        raise BuildError(problem)
     return trt
 
 
-def _major(trt: Any) -> int:
-    return int(trt.__version__.split('.')[0])
+def _major(version: str) -> int:
+    return int(version.split('.')[0])
+
+
+_NO_AUTOCAST = ('TensorRT >= 11 has no fp16/bf16 builder flags: install NVIDIA ModelOpt '
+                '(pip install nvidia-modelopt[onnx]) to convert the graph to mixed precision, '
+                'or use TensorRT 10.x')
 
 
 def precision_problem(trt_version: str, precision: str) -> Optional[str]:
@@ -57,13 +63,11 @@ def precision_problem(trt_version: str, precision: str) -> Optional[str]:
     TensorRT >= 11 builds fp16/bf16 only with NVIDIA ModelOpt AutoCast installed; tests and
     benchmarks ask first instead of failing minutes into a build.
     """
-    major = int(trt_version.split('.')[0])
+    major = _major(trt_version)
     if major < 10:
         return f'TensorRT {trt_version} found, >= 10 required'
     if major >= 11 and precision != 'fp32' and not _have_autocast():
-        return (f'TensorRT {trt_version} has no fp16/bf16 builder flags: install NVIDIA '
-                'ModelOpt (pip install nvidia-modelopt[onnx]) to convert the graph to mixed '
-                'precision, or use TensorRT 10.x')
+        return f'TensorRT {trt_version} found. {_NO_AUTOCAST}'
     return None
 
 
@@ -134,7 +138,7 @@ def build_engine(onnx_path: Union[str, Path], engine_path: Union[str, Path],
     parser = trt.OnnxParser(network, logger)
     # TensorRT >= 11 only builds strongly typed networks (no fp16/bf16 builder flags): the
     # precision has to be in the ONNX graph itself, converted with ModelOpt AutoCast.
-    strongly_typed = _major(trt) >= 11
+    strongly_typed = _major(trt.__version__) >= 11
     parse_path = onnx_path
     if precision != 'fp32' and strongly_typed:
         parse_path = _autocast(onnx_path, engine_path, precision, fp32_norm)
@@ -180,9 +184,7 @@ def _autocast(onnx_path: Path, engine_path: Path, precision: str, fp32_norm: boo
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as exc:
-        raise BuildError('TensorRT >= 11 has no fp16/bf16 builder flags: install NVIDIA ModelOpt '
-                         '(pip install nvidia-modelopt[onnx]) to convert the graph to mixed '
-                         f'precision, or use TensorRT 10.x ({exc})') from exc
+        raise BuildError(f'{_NO_AUTOCAST} ({exc})') from exc
     import onnx
 
     model = convert_to_mixed_precision(

@@ -352,6 +352,32 @@ def test_bad_input_is_counted_and_the_node_keeps_running(ros, sam2_dir):
     assert diag.level == DiagnosticStatus.OK
 
 
+def test_max_image_side_changes_at_runtime_for_colour_and_depth(ros, sam2_dir):
+    node = ros.make_segmenter(mode='sam2', model_dir=sam2_dir, device='cpu', use_depth=True,
+                              input_qos='reliable', depth_wait_s=0.5, **NO_MOTION_GATE)
+    masks = ros.subscribe(Image, f'{ros.ns}/segmenter/masks')
+    client = ros.probe.create_client(SetParameters, f'{ros.ns}/segmenter/set_parameters')
+
+    def set_max_side(value):
+        request = SetParameters.Request(
+            parameters=[Parameter('max_image_side', value=value).to_parameter_msg()])
+        return ros.call(client, request).results[0]
+
+    # Below the colour width (W = 128): the next frame is refused as it arrives.
+    assert set_max_side(W - 1).successful
+    ros.publish_frame(0, 10**9)
+    assert ros.spin_until(lambda: node.stats()['bad_input'] == 1), node.stats()
+    # Between the colour and the depth width: the frame goes out, its depth is refused.
+    assert set_max_side(W).successful
+    ros.publish_frame(1, 2 * 10**9, depth=np.full((H, 2 * W), 800, np.uint16))
+    assert ros.spin_until(lambda: len(masks) == 1 and node.stats()['bad_depth'] == 1), \
+        node.stats()
+    assert not set_max_side(8).successful  # below its range
+    assert node.get_parameter('max_image_side').value == W
+    stats = node.stats()
+    assert stats['bad_input'] == 1 and stats['errors'] == 0, stats
+
+
 def test_lifecycle_via_change_state_service(ros, sam2_dir, tmp_path):
     broken = ros.make_segmenter('broken', mode='sam2', model_dir=str(tmp_path / 'missing'),
                                 device='cpu')

@@ -130,8 +130,8 @@ def _declare_all(node: LifecycleNode) -> None:
         ('overlay_alpha', 0.5, dict(description='mask opacity in ~/overlay',
                                     float_range=(0.0, 1.0))),
         ('max_image_side', image_conversion.MAX_IMAGE_SIDE,
-         dict(description='frames with a longer side are refused as malformed',
-              int_range=(16, image_conversion.MAX_IMAGE_SIDE), read_only=ro)),
+         dict(description='frames (and depth images) with a longer side are refused as '
+              'malformed; settable at runtime', int_range=(16, image_conversion.MAX_IMAGE_SIDE))),
         ('stale_image_s', 2.0, dict(description='diagnostics WARN when no image arrived for '
                                     'this long', float_range=(0.1, 60.0))),
         ('diagnostics_period_s', 1.0, dict(description='period of /diagnostics',

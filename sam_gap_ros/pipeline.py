@@ -161,6 +161,26 @@ def memory_stats(device: Optional[str]) -> Dict[str, float]:
     return stats
 
 
+_NO_CONCEPTS_IN_SAM2 = 'concepts are not used in sam2 mode (prompt objects instead)'
+
+
+def check_concepts(mode: str, model_dir: str, concepts: Sequence[str]) -> List[str]:
+    """Check ``concepts`` for a pipeline whose model is not loaded; return them canonical.
+
+    Raises ConceptError as the loaded pipeline would: the grammar, and each phrase against
+    the tokenizer of the SAM3 directory ``model_dir`` (too many tokens for its text
+    encoder). Where that directory is unusable only the grammar is checked: ``load`` reports
+    the directory.
+    """
+    if mode == 'sam2':
+        raise ConceptError(_NO_CONCEPTS_IN_SAM2)
+    from sam_gap_ros.engines.sam3_concepts import check_concepts_for_model
+    try:
+        return check_concepts_for_model(model_dir, concepts)
+    except ModelLoadError:
+        return [query.text for query in parse_concepts(concepts)]
+
+
 def _id_grid(mask: np.ndarray) -> np.ndarray:
     """Return ``mask`` on the 4x coarser grid the ID matching compares.
 
@@ -374,13 +394,12 @@ class SegmentationPipeline:
         """Replace the concept set; raise ConceptError and keep the old set when invalid."""
         concepts = [str(c) for c in concepts]
         with self._lock:
-            if self.config.mode == 'sam2':
-                raise ConceptError('concepts are not used in sam2 mode (prompt objects instead)')
             if self._engine is None:
-                # Same grammar check the engine applies; the model is not needed for it.
-                accepted = [query.text for query in parse_concepts(concepts)]
+                accepted = check_concepts(self.config.mode, self.config.model_dir, concepts)
                 self.config.concepts = accepted
                 return accepted
+            if self.config.mode == 'sam2':
+                raise ConceptError(_NO_CONCEPTS_IN_SAM2)
             accepted = list(self._engine.set_concepts(concepts))
             self.config.concepts = accepted
             return accepted
@@ -671,4 +690,5 @@ def _check_in_image(points: Sequence[Tuple[float, float]],
 
 
 __all__ = ['FrameResult', 'IouIdAssigner', 'MODES', 'ModelLoadError', 'PipelineConfig',
-           'SegmentationPipeline', 'is_out_of_memory', 'memory_stats', 'release_cached_memory']
+           'SegmentationPipeline', 'check_concepts', 'is_out_of_memory', 'memory_stats',
+           'release_cached_memory']

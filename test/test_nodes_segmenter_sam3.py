@@ -143,6 +143,10 @@ def test_concepts_set_while_unconfigured_are_validated_and_used(ros, sam3_dir):
     assert node.pipeline is None
     bad = node.set_parameters([Parameter('concepts', value=['apple ('])])[0]
     assert not bad.successful
+    # Within the grammar's 128 characters but 42 tokens: too long for the text encoder,
+    # refused now rather than failing configure later.
+    long = node.set_parameters([Parameter('concepts', value=['leaf near ' + 'z' * 40])])[0]
+    assert not long.successful and 'tokens long' in long.reason, long.reason
     good = node.set_parameters([Parameter('concepts', value=['yellow apple'])])[0]
     assert good.successful
     assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS

@@ -182,6 +182,24 @@ def test_sam2_background_point_corrects_the_object_under_it(models):
         pipeline.add_point(float(xs[0]), float(ys[0]), False)
 
 
+def test_concepts_set_before_load_are_checked_against_the_model_tokenizer(models, tmp_path):
+    too_long = ['leaf near ' + 'z' * 40]  # 128 characters allow it, 32 tokens do not
+    pipeline = SegmentationPipeline(PipelineConfig(mode='hybrid', model_dir=models['sam3'],
+                                                   tracker_model_dir=models['sam2_plain'],
+                                                   device='cpu'))
+    with pytest.raises(ConceptError, match='tokens long'):
+        pipeline.set_concepts(too_long)
+    assert pipeline.set_concepts(['Red  apple']) == ['red apple']
+    pipeline.load()  # would fail on the refused set
+    assert pipeline.concepts == ['red apple']
+    # A directory that is not there yet: the grammar alone, load() reports the directory.
+    missing = SegmentationPipeline(PipelineConfig(mode='sam3', model_dir=str(tmp_path / 'x')))
+    assert missing.set_concepts(too_long) == too_long
+    with pytest.raises(ConceptError, match='sam2 mode'):
+        SegmentationPipeline(PipelineConfig(mode='sam2', model_dir=models['sam2'])
+                             ).set_concepts(['apple'])
+
+
 def test_sam3_ids_persist_on_a_static_scene_and_concepts_are_validated(models):
     pipeline = _pipeline('sam3', models, score_threshold=0.0, max_instances=3)
     first = pipeline.process(make_frame(0))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer, Sam3Processor, Sam3VideoConfig
 
-from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
+from sam_gap_ros.engines.sam3_concepts import check_concepts_for_model, Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
 from sam_gap_ros.engines.tiny_sam3 import (
     build_tiny_sam3,
@@ -21,7 +21,7 @@ from sam_gap_ros.engines.tiny_sam3 import (
     tiny_sam3_config,
     tiny_vocab_size,
 )
-from sam_gap_ros.engines.types import ModelLoadError
+from sam_gap_ros.engines.types import ConceptError, ModelLoadError
 
 
 @pytest.fixture(scope='module')
@@ -178,6 +178,9 @@ def test_loads_sam3_video_layout(tiny_dir, tmp_path):
     for name in ('tokenizer.json', 'tokenizer_config.json', 'processor_config.json'):
         shutil.copy(tiny_dir / name, video_dir)
     assert json.loads((video_dir / 'config.json').read_text())['model_type'] == 'sam3_video'
+    assert check_concepts_for_model(video_dir, ['Apple']) == ['apple']
+    with pytest.raises(ConceptError, match='reads at most 32'):
+        check_concepts_for_model(video_dir, ['z' * 40])
     frame = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     results = []
     for directory in (video_dir, tiny_dir):
@@ -187,6 +190,30 @@ def test_loads_sam3_video_layout(tiny_dir, tmp_path):
     assert len(results[0]) == len(results[1]) > 0
     for a, b in zip(*results, strict=True):
         assert np.array_equal(a.mask, b.mask) and a.score == pytest.approx(b.score, abs=1e-6)
+
+
+def test_concepts_checked_from_the_text_files_as_the_loaded_engine_checks_them(tiny_dir,
+                                                                               tmp_path):
+    engine = Sam3ConceptEngine.load(tiny_dir, device='cpu')
+    # 'z' * 40 is within the grammar's character limit but 42 tokens long.
+    for concepts in (['Apple', ' apple', 'red apple but not leaf'], ['apple', 'z' * 40],
+                     ['leaf near ' + 'z' * 40], []):
+        outcomes = []
+        for check in (engine.set_concepts, lambda c: check_concepts_for_model(tiny_dir, c)):
+            try:
+                outcomes.append(check(concepts))
+            except ConceptError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[0] == outcomes[1], concepts
+    assert check_concepts_for_model(tiny_dir, ['Apple']) == ['apple']
+    with pytest.raises(ConceptError, match='42 tokens long'):
+        check_concepts_for_model(tiny_dir, ['leaf near ' + 'z' * 40])
+    no_tokenizer = _copy_dir(tiny_dir, tmp_path / 'no_tokenizer')
+    (no_tokenizer / 'tokenizer_config.json').write_text('{')
+    with pytest.raises(ModelLoadError, match='config/tokenizer'):
+        check_concepts_for_model(no_tokenizer, ['apple'])
+    with pytest.raises(ModelLoadError):
+        check_concepts_for_model(tmp_path / 'missing', ['apple'])
 
 
 def test_anchor_init_puts_queries_on_a_grid_each_attending_to_its_own_box():

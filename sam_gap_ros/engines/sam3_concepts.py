@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,38 @@ _SLOW_TOKENIZER_FILES = ('vocab.json', 'merges.txt')
 _TEXT_CACHE_SIZE = 64
 # Queries upsampled at once when a phrase is not capped (bounds the float masks in memory).
 _UPSAMPLE_CHUNK = 32
+
+
+def _check_phrase_tokens(tokenizer: Any, phrases: Sequence[str], max_tokens: int) -> None:
+    """Raise ConceptError for a phrase longer than the text encoder reads."""
+    # verbose=False: the tokenizer's own over-length warning would only repeat this error.
+    for phrase, ids in zip(phrases, tokenizer(list(phrases), verbose=False)['input_ids'],
+                           strict=True):
+        if len(ids) > max_tokens:
+            raise ConceptError(f"phrase '{phrase}' is {len(ids)} tokens long; the SAM3 text "
+                               f'encoder reads at most {max_tokens} (including start/end)')
+
+
+def check_concepts_for_model(model_dir: Union[str, Path], concepts: Sequence[str]
+                             ) -> List[str]:
+    """Check ``concepts`` as ``set_concepts`` would, reading only a SAM3 directory's text files.
+
+    For a caller that has not loaded the model (an unconfigured node): the grammar, and every
+    phrase against the directory's tokenizer and text-encoder length. Returns the concepts in
+    canonical form; raises ConceptError, or ModelLoadError when the directory has no usable
+    config or tokenizer.
+    """
+    queries = parse_concepts(concepts)
+    path = check_model_dir(model_dir, _MODEL_TYPES)
+    try:
+        tokenizer = Sam3Processor.from_pretrained(path, local_files_only=True).tokenizer
+        config = Sam3Config.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # malformed JSON, unknown classes, missing fields
+        raise ModelLoadError(f"'{path}' has no usable SAM3 config/tokenizer files: "
+                             f'{exc}') from exc
+    _check_phrase_tokens(tokenizer, base_phrases(queries),
+                         int(config.text_config.max_position_embeddings))
+    return [q.text for q in queries]
 
 
 class Sam3ConceptEngine:
@@ -239,12 +271,7 @@ class Sam3ConceptEngine:
         """Run the text encoder once over ``phrases``; return per-phrase features and masks."""
         # Checked before the processor call: it pads to the CLIP context but never truncates,
         # so an over-long phrase would fail there with an opaque ragged-tensor error.
-        for phrase, ids in zip(phrases, self._processor.tokenizer(phrases)['input_ids'],
-                               strict=True):
-            if len(ids) > self._max_text_tokens:
-                raise ConceptError(f"phrase '{phrase}' is {len(ids)} tokens long; the SAM3 text "
-                                   f'encoder reads at most {self._max_text_tokens} (including '
-                                   'start/end)')
+        _check_phrase_tokens(self._processor.tokenizer, phrases, self._max_text_tokens)
         tokens = self._processor(text=phrases, return_tensors='pt')
         input_ids = tokens['input_ids'].to(self._device)
         attention_mask = tokens['attention_mask'].to(self._device)
@@ -373,4 +400,4 @@ class Sam3ConceptEngine:
         return instances
 
 
-__all__ = ['Sam3ConceptEngine']
+__all__ = ['check_concepts_for_model', 'Sam3ConceptEngine']

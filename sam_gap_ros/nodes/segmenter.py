@@ -28,7 +28,6 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from sam_gap_ros import image_conversion
 from sam_gap_ros import instances_json
-from sam_gap_ros.engines.concept_query import parse_concepts
 from sam_gap_ros.engines.types import ConceptError, PromptError
 from sam_gap_ros.geometry import CameraIntrinsics, check_same_view
 from sam_gap_ros.nodes.ros_utils import describe, executor_arg, init_node_process, input_qos
@@ -37,7 +36,8 @@ from sam_gap_ros.nodes.ros_utils import create_node_or_exit, make_executor, spin
 from sam_gap_ros.nodes.ros_utils import stamp_to_ns
 from sam_gap_ros.nodes.ros_utils import stamp_to_sec
 from sam_gap_ros.overlay import id_color, render_overlay
-from sam_gap_ros.pipeline import FrameResult, is_out_of_memory, memory_stats, MODES
+from sam_gap_ros.pipeline import check_concepts, FrameResult, is_out_of_memory, memory_stats
+from sam_gap_ros.pipeline import MODES
 from sam_gap_ros.pipeline import PipelineConfig, release_cached_memory, SegmentationPipeline
 from sam_gap_ros.streaming import LatencyWindow, LatestSlot, Paired, RateMeter, StampPairer
 
@@ -869,10 +869,10 @@ class SegmenterNode(LifecycleNode):
             if pipeline is not None:
                 accepted = pipeline.set_concepts(concepts)
                 self.get_logger().info(f'concepts set to {accepted}')
-            elif self._param('mode') == 'sam2':
-                raise ConceptError('concepts are not used in sam2 mode')
             else:
-                parse_concepts(concepts)
+                # Checked now against the model directory's tokenizer, so configure does not
+                # fail later on a phrase too long for the text encoder.
+                check_concepts(self._param('mode'), self._param('model_dir'), concepts)
         elif pipeline is None:
             return
         elif name == 'score_threshold':

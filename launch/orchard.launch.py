@@ -160,6 +160,12 @@ def _dds_environment(choice, environ=os.environ):
     return {PROFILE_VARIABLES[1] if fast_dds_2 else PROFILE_VARIABLES[0]: choice}
 
 
+def _optical_frame(camera):
+    """Return the colour optical frame of ``camera`` as drivers name it (``/front``: front_...)."""
+    name = '_'.join(token for token in camera.split('/') if token) or 'camera'
+    return f'{name}_color_optical_frame'
+
+
 def _truthy(text):
     return str(text).strip().lower() in ('1', 'true', 'yes', 'on')
 
@@ -232,11 +238,6 @@ def _setup(context, *args, **kwargs):
             params_file, _full_name(namespace, context.launch_configurations.get(
                 'ros_namespace'))))
         defaults_file = _defaults_file(defaults) if defaults else None
-        # The synthetic camera shows the shipped models the close-range scene they were
-        # trained on (its default 69 deg view makes apples too small for them); a params
-        # file may differ.
-        camera_defaults = _defaults_file({'scene': TINY_MODEL_SCENE}) \
-            if shipped and _truthy(value['synthetic']) else None
         remappings = _camera_topics(camera, value, len(cameras) > 1)
         actions.append(LifecycleNode(
             package=PACKAGE, executable='segmenter', name='segmenter', namespace=namespace,
@@ -250,10 +251,17 @@ def _setup(context, *args, **kwargs):
             # competing with torch for the cores is many times slower there.
             additional_env={'OPENBLAS_NUM_THREADS': '1', **dds_env}))
         if _truthy(value['synthetic']):
+            # The synthetic camera shows the shipped models the close-range scene they were
+            # trained on (its default 69 deg view makes apples too small for them), in a
+            # frame named after its camera as camera drivers name theirs, so that several
+            # cameras do not share one; a params file may set both.
+            camera_defaults = {'frame_id': _optical_frame(camera)}
+            if shipped:
+                camera_defaults['scene'] = TINY_MODEL_SCENE
             actions.append(Node(
                 package=PACKAGE, executable='synthetic_camera', name='synthetic_camera',
                 namespace=namespace, output='screen',
-                parameters=[p for p in (camera_defaults, params_file) if p],
+                parameters=[p for p in (_defaults_file(camera_defaults), params_file) if p],
                 additional_env=dds_env,
                 remappings=remappings))
     return actions

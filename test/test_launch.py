@@ -107,6 +107,10 @@ def test_launch_description_starts_one_segmenter_per_camera():
                 'depth': f'{camera}/depth/image_raw',
                 'depth/compressedDepth': f'{camera}/depth/image_raw/compressedDepth',
                 'camera_info': f'{camera}/camera_info'}
+        # Each camera's images in its own frame (the shipped orchard.yaml sets none).
+        files = _parameter_files(synthetic, context)
+        assert files[0]['frame_id'] == f'{camera[1:]}_color_optical_frame'
+        assert all('frame_id' not in values for values in files[1:])
 
 
 def _launch_actions(configurations):
@@ -154,7 +158,8 @@ def test_shipped_models_run_at_their_operating_point_on_their_scene():
     shipped = _parameter_files(segmenter, context)[0]  # lowest rank: below params_file
     assert shipped['model_dir'].endswith('tiny-orchard-sam3')
     assert {k: shipped[k] for k in TINY_SAM3_THRESHOLDS} == TINY_SAM3_THRESHOLDS
-    assert _parameter_files(camera, context)[0] == {'scene': TINY_MODEL_SCENE}
+    assert _parameter_files(camera, context)[0] == {
+        'scene': TINY_MODEL_SCENE, 'frame_id': 'camera_color_optical_frame'}
     # The shipped orchard.yaml leaves thresholds to the model, so these apply.
     yaml_values = _parameter_files(segmenter, context)[1]
     assert 'score_threshold' not in yaml_values and 'mask_threshold' not in yaml_values

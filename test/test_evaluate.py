@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam2 import save_tiny_sam2
 from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
 from sam_gap_ros.synthetic import OrchardSceneConfig, write_coco_dataset
@@ -161,3 +162,54 @@ def test_predictions_on_a_crowd_region_are_neither_true_nor_false(coco_dir, tmp_
     assert table['apple']['instances'] == sum('apple' in n for n in sample.phrases) >= 1
     assert table['overall']['precision'] == 1.0 and table['overall']['recall'] == 1.0
     assert table['overall']['ap'] == pytest.approx(1.0)
+
+
+def _rewrite_phrases(src, dst, rewrite):
+    shutil.copytree(src, dst)
+    annotations = json.loads((dst / 'annotations.json').read_text())
+    for ann in annotations['annotations']:
+        rewrite(ann)
+    (dst / 'annotations.json').write_text(json.dumps(annotations))
+    return CocoInstances(dst)
+
+
+@pytest.fixture(scope='module')
+def sam3_engine(tmp_path_factory):
+    return Sam3ConceptEngine.load(save_tiny_sam3(tmp_path_factory.mktemp('sam3')), device='cpu')
+
+
+def test_sam3_finds_phrases_written_with_capitals(coco_dir, tmp_path, sam3_engine):
+    """The engine reports detections under canonical (lower-case) text, as the data is."""
+    def title(ann):
+        ann['noun_phrase'] = ann['noun_phrase'].title()
+        ann['phrases'] = [p.title() for p in ann['phrases']]
+
+    dataset = _rewrite_phrases(coco_dir, tmp_path / 'capitals', title)
+    plain = CocoInstances(coco_dir)
+    run = evaluate.run_sam3(sam3_engine, dataset, dataset.noun_phrases, 0.0)
+    expected = evaluate.run_sam3(sam3_engine, plain, plain.noun_phrases, 0.0)
+    assert len(expected.predictions[0]) > 0
+    assert [(p.phrase, p.score) for p in run.predictions[0]] == \
+        [(p.phrase, p.score) for p in expected.predictions[0]]
+
+
+def test_sam3_evaluates_more_phrases_than_one_concept_set_holds(coco_dir, tmp_path,
+                                                                sam3_engine):
+    words = ['red', 'green', 'yellow', 'brown', 'dark', 'pale', 'small', 'large', 'round',
+             'young', 'old', 'ripe', 'unripe', 'rotten', 'bruised', 'cracked', 'healthy']
+
+    def many(ann):
+        ann['phrases'] = ann['phrases'] + [f'{w} fruit' for w in words]
+
+    dataset = _rewrite_phrases(coco_dir, tmp_path / 'many', many)
+    phrases = dataset.vocabulary
+    assert len(phrases) > 20
+    run = evaluate.run_sam3(sam3_engine, dataset, phrases, 0.0)
+    assert run.prompts == len(phrases)
+    assert {p.phrase for p in run.predictions[0]} == set(phrases)
+    # Each group's detections are those of the phrases asked on their own.
+    alone = evaluate.run_sam3(sam3_engine, dataset, phrases[-2:], 0.0)
+    grouped = [p for p in run.predictions[0] if p.phrase in phrases[-2:]]
+    assert [p.phrase for p in grouped] == [p.phrase for p in alone.predictions[0]]
+    assert [p.score for p in grouped] == pytest.approx([p.score for p in alone.predictions[0]],
+                                                       abs=1e-5)

@@ -140,6 +140,20 @@ def test_video_folder_matches_the_generator(tmp_path):
         assert np.array_equal(clips[0].masks[2, k], labels == track_id)
 
 
+def test_video_folder_frame_of_another_size_is_named(tmp_path):
+    import cv2
+
+    from sam_gap_ros.synthetic import OrchardSceneConfig, write_video_dataset
+    write_video_dataset(tmp_path, 1, 3, seed=1, config=OrchardSceneConfig(width=64, height=48))
+    entry = json.loads((tmp_path / 'index.json').read_text())['videos'][0]['frames'][2]
+    # A re-exported frame (and its mask) at another resolution, as real datasets have.
+    cv2.imwrite(str(tmp_path / entry['image']), np.zeros((40, 64, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / entry['mask']), np.zeros((40, 64), np.uint16))
+    with pytest.raises(ValueError, match=r"video 'video_000' frame 2: image .*000002\.png' "
+                       r'is 64x40 .* must be 64x48'):
+        sam2_data.load_video_folder(tmp_path)
+
+
 def test_forward_clip_trains_the_memory_path():
     model = build_tiny_sam2(image_size=64).train()
     processor = build_sam2_video_processor(64)

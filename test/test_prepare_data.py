@@ -11,6 +11,7 @@ import pytest
 
 from training.coco_data import (CocoInstances, compressed_rle_counts, decode_segmentation,
                                 noun_phrase_of)
+from training.finetune_sam3 import choose_phrases
 from training.prepare_data import ISSUE_KINDS, main, split_dataset, validate_dataset
 
 SIZE = 32
@@ -240,6 +241,66 @@ def test_reader_raises_on_broken_annotations(tmp_path):
         CocoInstances(tmp_path)[0]
     with pytest.raises(IndexError):
         CocoInstances(tmp_path)[6]
+
+
+def test_phrases_are_canonical_so_case_variants_are_one_prompt(tmp_path):
+    """Spellings 'Ripe Red Apple' and 'ripe red apple' are one prompt (CLIP lower-cases)."""
+    data = _good_dataset()
+    data['annotations'][0]['noun_phrase'] = 'Ripe  Red Apple'
+    data['annotations'][1]['phrases'] = ['LEAF', 'Green Leaf']
+    data['categories'][1]['name'] = 'Leaf'
+    data['images'][1]['absent_noun_phrases'] = ['Unripe Green Apple']
+    _write(tmp_path, data)
+    dataset = CocoInstances(tmp_path)
+    assert dataset.vocabulary == ['green leaf', 'leaf', 'ripe red apple']
+    assert dataset[0].noun_phrases == ['ripe red apple', 'leaf']
+    assert dataset.absent_phrases(1) == ['unripe green apple']
+    # No spelling of a phrase on the image is ever drawn as a negative for it.
+    present = dataset.present_phrases(0)
+    for seed in range(20):
+        phrases = choose_phrases(dataset[0].noun_phrases, present, dataset.vocabulary, 3, None,
+                                 np.random.default_rng(seed))
+        assert phrases == present, phrases
+    _, filled = validate_dataset(str(tmp_path))
+    assert filled['annotations'][0]['noun_phrase'] == 'ripe red apple'
+
+
+def test_reader_refuses_duplicate_image_and_category_ids(tmp_path):
+    """Duplicates would merge silently: annotations on another image's pixels, renamed."""
+    data = _good_dataset()
+    data['images'].append(dict(data['images'][0], file_name='im1.png'))
+    _write(tmp_path, data)
+    with pytest.raises(ValueError, match=r'image ids \[1\] appear more than once'):
+        CocoInstances(tmp_path)
+    data = _good_dataset()
+    data['categories'].append({'id': 1, 'name': 'pear'})
+    _write(tmp_path, data)
+    with pytest.raises(ValueError, match=r'category ids \[1\] appear more than once'):
+        CocoInstances(tmp_path)
+
+
+def test_drop_invalid_drops_exactly_the_listed_items(tmp_path, capsys):
+    data = _good_dataset()
+    anns = data['annotations']
+    anns[3]['id'] = anns[0]['id']         # merged datasets: a valid twin of a bad one
+    anns[0]['segmentation'] = [[1, 1, 5, 5]]
+    del anns[5]['id']                     # a bad annotation without an id
+    anns[5]['segmentation'] = {'size': [SIZE, SIZE], 'counts': [5, 7]}
+    data['categories'].append({'id': 3, 'name': 'pear'})
+    data['categories'].append({'id': 3, 'name': 'plum'})
+    anns.append(dict(anns[1], id=99, category_id=3))
+    _write(tmp_path, data)
+    assert main([str(tmp_path), '--drop-invalid']) == 0
+    out = json.loads((tmp_path / 'annotations_prepared.json').read_text())
+    kept = [a for a in data['annotations']
+            if a is not anns[0] and a is not anns[5] and a['category_id'] != 3]
+    assert [a.get('id') for a in out['annotations']] == [a.get('id') for a in kept]
+    assert [c['id'] for c in out['categories']] == [1, 2]
+    assert 'dropped 0 image(s), 3 annotation(s) and 2 category(ies)' in capsys.readouterr().out
+    # What was written passes the check the trainer runs at startup.
+    report, _ = validate_dataset(str(tmp_path), 'annotations_prepared.json')
+    assert report.ok, report.summary()
+    assert len(CocoInstances(tmp_path, 'annotations_prepared.json')) == 6
 
 
 def test_noun_phrase_resolution_order():

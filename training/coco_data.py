@@ -11,6 +11,11 @@ apple answers "apple", "ripe red apple" and "damaged apple"); the primary noun p
 always one of them. An image may list ``absent_noun_phrases``: phrases with no instance at
 all, the only safe negatives when tiny instances were left unannotated.
 
+Phrases are kept in the canonical form the concept engine uses (``normalize_text``:
+NFKC, lower-case, single spaces): SAM3's CLIP tokenizer lower-cases anyway, so "Red Apple"
+and "red apple" are one prompt, and ``Sam3ConceptEngine`` reports detections under the
+canonical text.
+
 Crowd annotations (``iscrowd: 1``) are COCO *ignore* regions: a group of objects annotated as
 one region. They are never instance targets, and neither their phrases nor the other phrases
 of their category are negatives for that image (the region may well contain them).
@@ -18,6 +23,7 @@ of their category are negatives for that image (the region may well contain them
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 import json
 from pathlib import Path
@@ -28,6 +34,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from sam_gap_ros.engines.concept_query import normalize_text
 from sam_gap_ros.mask_ops import mask_to_box
 
 PathLike = Union[str, Path]
@@ -59,17 +66,25 @@ def load_coco_json(path: PathLike) -> Dict[str, Any]:
     return data
 
 
+def canonical_phrase(phrase: str) -> str:
+    """Return a phrase as the concept engine and the text encoder see it (see module doc)."""
+    # One spelling per prompt: otherwise "Apple" could be drawn as a negative on an image of
+    # "apple" instances (the same tokens), and the evaluator would look up SAM3's
+    # detections, keyed by the canonical text, under a spelling that never matches.
+    return normalize_text(phrase)
+
+
 def noun_phrase_of(annotation: Mapping[str, Any],
                    categories: Mapping[int, Mapping[str, Any]],
                    fallback_to_category: bool = True) -> Optional[str]:
     """Return an annotation's noun phrase, or None when none can be resolved.
 
     Order: the annotation's own ``noun_phrase``, then (with ``fallback_to_category``) the
-    category's ``noun_phrase`` and finally the category ``name``.
+    category's ``noun_phrase`` and finally the category ``name``; in canonical form.
     """
     phrase = annotation.get('noun_phrase')
     if isinstance(phrase, str) and phrase.strip():
-        return ' '.join(phrase.split())
+        return canonical_phrase(phrase)
     if not fallback_to_category:
         return None
     category = categories.get(annotation.get('category_id'))
@@ -78,7 +93,7 @@ def noun_phrase_of(annotation: Mapping[str, Any],
     for key in ('noun_phrase', 'name'):
         value = category.get(key)
         if isinstance(value, str) and value.strip():
-            return ' '.join(value.split())
+            return canonical_phrase(value)
     return None
 
 
@@ -274,6 +289,15 @@ class CocoInstances:
         self.ann_path = resolve_ann_file(self.root, ann_file)
         self.image_dir = image_dir
         data = load_coco_json(self.ann_path)
+        # A repeated id would be merged silently: one image's annotations drawn on another
+        # image's pixels, or a category renamed by its twin. The evaluator reads files that
+        # prepare_data never saw, so the reader checks this itself.
+        for kind, entries in (('category', data['categories']), ('image', data['images'])):
+            counts = Counter(entry.get('id') for entry in entries)
+            repeated = sorted((i for i, n in counts.items() if n > 1), key=str)
+            if repeated:
+                raise ValueError(f"{kind} ids {repeated} appear more than once in "
+                                 f"'{self.ann_path}' (run python -m training.prepare_data)")
         self.categories: Dict[int, Dict[str, Any]] = {
             int(c['id']): c for c in data['categories']}
         self.images: List[Dict[str, Any]] = sorted(data['images'], key=lambda im: im['id'])
@@ -306,7 +330,7 @@ class CocoInstances:
                 ann['phrases'] = tuple(ann['phrases']) + tuple(extra)
         self.fallback_to_category = fallback_to_category
         listed = data.get('noun_phrases')
-        self._listed_phrases = sorted(' '.join(str(p).split()) for p in listed) \
+        self._listed_phrases = sorted({canonical_phrase(str(p)) for p in listed}) \
             if isinstance(listed, list) else []
 
     def __len__(self) -> int:
@@ -340,7 +364,7 @@ class CocoInstances:
     def absent_phrases(self, index: int) -> Optional[List[str]]:
         """Return the image's recorded ``absent_noun_phrases`` (None when not recorded)."""
         absent = self.images[index].get('absent_noun_phrases')
-        return None if absent is None else sorted(' '.join(str(p).split()) for p in absent)
+        return None if absent is None else sorted({canonical_phrase(str(p)) for p in absent})
 
     def phrases_by_category(self) -> Dict[int, List[str]]:
         """Return, per category id, the sorted distinct noun phrases of its annotations."""
@@ -414,7 +438,7 @@ def _phrase_set(annotation: Mapping[str, Any], primary: str) -> Tuple[str, ...]:
     if isinstance(extra, (list, tuple)):
         for phrase in extra:
             if isinstance(phrase, str) and phrase.strip():
-                clean = ' '.join(phrase.split())
+                clean = canonical_phrase(phrase)
                 if clean not in names:
                     names.append(clean)
     return tuple(names)

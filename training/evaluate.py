@@ -50,8 +50,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 import torch
 
+from sam_gap_ros.engines.concept_query import MAX_CONCEPTS
 from sam_gap_ros.mask_ops import mask_iou_matrix
-from training.coco_data import CocoInstances, CocoSample
+from training.coco_data import canonical_phrase, CocoInstances, CocoSample
 from training.matching import hungarian_match
 from training.metrics import mostly_inside
 from training.sam2_data import center_click
@@ -131,12 +132,20 @@ def run_sam3(engine: Any, dataset: CocoInstances, phrases: Sequence[str],
     """Segment all instances of every phrase with SAM3 given only the phrases."""
     run = FamilyRun('SAM3')
     started = time.time()
-    engine.set_concepts(list(phrases))
     run.prompts = len(phrases)  # each noun phrase is typed once for the whole dataset
-    for index in range(_count(dataset, max_images)):
-        detections = engine.detect(dataset[index].image, score_threshold=score_threshold)
-        run.predictions.append([Prediction(phrase, inst.mask, float(inst.score))
-                                for phrase in phrases for inst in detections.get(phrase, [])])
+    count = _count(dataset, max_images)
+    run.predictions = [[] for _ in range(count)]
+    # The engine takes at most MAX_CONCEPTS concepts at once: a dataset with more phrases
+    # is run in groups (one backbone pass per group and image).
+    for start in range(0, len(phrases), MAX_CONCEPTS):
+        group = list(phrases[start:start + MAX_CONCEPTS])
+        engine.set_concepts(group)
+        for index in range(count):
+            detections = engine.detect(dataset[index].image, score_threshold=score_threshold)
+            # Detections are keyed by the engine's canonical text of each phrase.
+            run.predictions[index] += [
+                Prediction(phrase, inst.mask, float(inst.score)) for phrase in group
+                for inst in detections.get(canonical_phrase(phrase), [])]
     run.seconds = time.time() - started
     return run
 
@@ -350,7 +359,9 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
     Returns the report dict that is also written as ``evaluation.json``.
     """
     dataset = CocoInstances(coco_root, ann_file)
-    phrases = sorted(set(phrases)) if phrases else dataset.noun_phrases
+    # The dataset's phrases are canonical (coco_data.canonical_phrase): so are the asked ones.
+    phrases = sorted({canonical_phrase(p) for p in phrases}) if phrases \
+        else dataset.noun_phrases
     unknown = sorted(set(phrases) - set(dataset.vocabulary))
     if unknown:
         raise ValueError(f'phrases {unknown} do not occur in the dataset '

@@ -55,7 +55,7 @@ from transformers.models.sam3.modeling_sam3 import (inverse_sigmoid, Sam3DetrDec
 from sam_gap_ros.engines.loading import check_loading_info, check_model_dir
 from sam_gap_ros.mask_ops import mask_iou_matrix
 from training import common
-from training.coco_data import CocoInstances, CocoSample
+from training.coco_data import canonical_phrase, CocoInstances, CocoSample
 from training.losses import (box_cxcywh_to_xyxy, box_iou, box_l1_loss, box_xyxy_to_cxcywh,
                              detach_terms, dice_loss, giou_loss, object_score_loss,
                              sigmoid_focal_loss, weighted_sum)
@@ -895,7 +895,8 @@ class Sam3FineTuner:
         logger = common.ScalarLogger(self.output_dir / 'tensorboard'
                                      if self.cfg.get('tensorboard', True) else None)
         retention = self.ecfg.get('retention_phrases') or []
-        retention_set = set(retention)
+        # Compared with the data's phrases, which are canonical (coco_data.canonical_phrase).
+        retention_set = {canonical_phrase(str(p)) for p in retention}
         unknown = sorted(retention_set - set(self.all_phrases))
         if unknown:
             print(f'note: retention phrases {unknown} never occur in the data: they are '

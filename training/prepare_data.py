@@ -33,8 +33,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 import yaml
 
-from training.coco_data import (load_coco_json, noun_phrase_of, resolve_ann_file,
-                                segmentation_to_rle)
+from training.coco_data import (canonical_phrase, load_coco_json, noun_phrase_of,
+                                resolve_ann_file, segmentation_to_rle)
 
 ISSUE_KINDS = (
     'duplicate_image_id', 'duplicate_category_id', 'missing_image', 'unreadable_image',
@@ -58,17 +58,26 @@ class ValidationReport:
     issues: Dict[str, List[str]] = field(default_factory=dict)
     bad_image_ids: Set[Any] = field(default_factory=set)
     bad_annotation_ids: Set[Any] = field(default_factory=set)
+    bad_annotation_indices: Set[int] = field(default_factory=set)
+    """Positions in the ``annotations`` list: what ``drop_invalid`` drops (ids may repeat
+    or be missing, so they cannot say which annotation was meant)."""
+    bad_category_ids: Set[Any] = field(default_factory=set)
     warnings: Dict[str, List[str]] = field(default_factory=dict)
 
     def add(self, kind: str, message: str, image_id: Any = None,
-            annotation_id: Any = None) -> None:
-        """Record one problem of ``kind`` (one of ISSUE_KINDS)."""
+            annotation_id: Any = None, annotation_index: Optional[int] = None,
+            category_id: Any = None) -> None:
+        """Record one problem of ``kind`` (one of ISSUE_KINDS) and what it makes invalid."""
         if kind not in ISSUE_KINDS:
             raise ValueError(f"unknown issue kind '{kind}'")
         self.issues.setdefault(kind, []).append(message)
+        if annotation_index is not None:
+            self.bad_annotation_indices.add(annotation_index)
+        if category_id is not None:
+            self.bad_category_ids.add(category_id)
         if annotation_id is not None:
             self.bad_annotation_ids.add(annotation_id)
-        elif image_id is not None:
+        elif image_id is not None and annotation_index is None:
             self.bad_image_ids.add(image_id)
 
     def warn(self, kind: str, message: str) -> None:
@@ -136,7 +145,7 @@ def _template_phrase(template: str, annotation: Mapping[str, Any]) -> Tuple[Opti
         if value is None or not str(value).strip():
             return None, f"attribute '{name}' needed by template '{template}' is missing"
         values[name] = str(value).strip()
-    return ' '.join(template.format(**values).split()), ''
+    return canonical_phrase(template.format(**values)), ''
 
 
 def fill_noun_phrases(data: Dict[str, Any], attribute_map: Mapping[str, str],
@@ -148,17 +157,18 @@ def fill_noun_phrases(data: Dict[str, Any], attribute_map: Mapping[str, str],
     """
     data = copy.deepcopy(data)
     categories = {c.get('id'): c for c in data['categories']}
-    for ann in data['annotations']:
+    for position, ann in enumerate(data['annotations']):
         if ann.get('iscrowd', 0):
             continue
         has_own = isinstance(ann.get('noun_phrase'), str) and ann['noun_phrase'].strip()
         if has_own and not overwrite:
-            ann['noun_phrase'] = ' '.join(ann['noun_phrase'].split())
+            ann['noun_phrase'] = canonical_phrase(ann['noun_phrase'])
             continue
         where = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
         if strict:
             report.add('missing_noun_phrase', f'{where}: no noun_phrase field',
-                       annotation_id=ann.get('id'))
+                       annotation_id=ann.get('id'),
+                       annotation_index=position)
             continue
         category = categories.get(ann.get('category_id'))
         phrase, why = None, 'its category has no name'
@@ -170,7 +180,8 @@ def fill_noun_phrases(data: Dict[str, Any], attribute_map: Mapping[str, str],
         else:
             why = f"category_id {ann.get('category_id')} is unknown"
         if phrase is None:
-            report.add('missing_noun_phrase', f'{where}: {why}', annotation_id=ann.get('id'))
+            report.add('missing_noun_phrase', f'{where}: {why}', annotation_id=ann.get('id'),
+                       annotation_index=position)
         else:
             ann['noun_phrase'] = phrase
     return data
@@ -231,18 +242,21 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
     for category in data['categories']:
         if category.get('id') in category_ids:
             report.add('duplicate_category_id',
-                       f"category id {category.get('id')} appears twice")
+                       f"category id {category.get('id')} appears twice",
+                       category_id=category.get('id'))
         category_ids.add(category.get('id'))
-    for ann in data['annotations']:
+    for position, ann in enumerate(data['annotations']):
         where = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
         info = images.get(ann.get('image_id'))
         if info is None:
             report.add('unknown_image_id', f'{where}: no such image',
-                       annotation_id=ann.get('id'))
+                       annotation_id=ann.get('id'),
+                       annotation_index=position)
             continue
         if ann.get('category_id') not in category_ids:
             report.add('unknown_category', f"{where}: category_id {ann.get('category_id')} "
-                       'is not in categories', annotation_id=ann.get('id'))
+                       'is not in categories', annotation_id=ann.get('id'),
+                       annotation_index=position)
         crowd = bool(ann.get('iscrowd', 0))
         if crowd:
             where = f"crowd {where}"
@@ -253,7 +267,8 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
             # Validated as RLE, not decoded: cheap enough to run at every training start.
             rle = segmentation_to_rle(segmentation, height, width)
         except (KeyError, TypeError, ValueError) as exc:
-            report.add(kind, f'{where}: {exc}', annotation_id=ann.get('id'))
+            report.add(kind, f'{where}: {exc}', annotation_id=ann.get('id'),
+                       annotation_index=position)
             continue
         if crowd:
             continue  # an ignore region: may be empty, needs no phrase of its own
@@ -263,18 +278,22 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
             # One pixel of slack: polygon vertices often sit on the image border.
             if xs.min() < -1 or ys.min() < -1 or xs.max() > width + 1 or ys.max() > height + 1:
                 report.add('bad_polygon', f'{where}: polygon lies outside the {width}x{height} '
-                           'image', annotation_id=ann.get('id'))
+                           'image', annotation_id=ann.get('id'), annotation_index=position)
                 continue
         if not int(mask_utils.area(rle)):
             report.add('empty_mask', f'{where}: mask has no pixels',
-                       annotation_id=ann.get('id'))
+                       annotation_id=ann.get('id'), annotation_index=position)
     filled = fill_noun_phrases(data, attribute_map or {}, report, strict=strict_noun_phrases,
                                overwrite=overwrite_noun_phrases)
     return report, filled
 
 
 def drop_invalid(data: Dict[str, Any], report: ValidationReport) -> Dict[str, Any]:
-    """Return a copy without the images and annotations the report lists as bad."""
+    """Return a copy without the images, annotations and categories the report lists as bad.
+
+    Annotations go by position, not id: ids may repeat (merged datasets) or be missing. A
+    duplicated category id is ambiguous, so both entries and its annotations go.
+    """
     data = copy.deepcopy(data)
     seen: Set[Any] = set()
     images = []
@@ -284,9 +303,12 @@ def drop_invalid(data: Dict[str, Any], report: ValidationReport) -> Dict[str, An
         seen.add(info.get('id'))
         images.append(info)
     data['images'] = images
+    data['categories'] = [c for c in data['categories']
+                          if c.get('id') not in report.bad_category_ids]
     data['annotations'] = [
-        ann for ann in data['annotations']
-        if ann.get('id') not in report.bad_annotation_ids and ann.get('image_id') in seen]
+        ann for position, ann in enumerate(data['annotations'])
+        if position not in report.bad_annotation_indices and ann.get('image_id') in seen
+        and ann.get('category_id') not in report.bad_category_ids]
     return data
 
 
@@ -358,10 +380,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               '(fix them, or pass --drop-invalid to drop the listed items)', file=sys.stderr)
         return 1
     if not report.ok:
-        before_images, before_anns = len(data['images']), len(data['annotations'])
+        before = {key: len(data[key]) for key in ('images', 'annotations', 'categories')}
         data = drop_invalid(data, report)
-        print(f"dropped {before_images - len(data['images'])} image(s) and "
-              f"{before_anns - len(data['annotations'])} annotation(s) as requested")
+        print(f"dropped {before['images'] - len(data['images'])} image(s), "
+              f"{before['annotations'] - len(data['annotations'])} annotation(s) and "
+              f"{before['categories'] - len(data['categories'])} category(ies) as requested")
     if args.check_only:
         return 0
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.root)

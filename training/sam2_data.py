@@ -463,6 +463,16 @@ def load_video_folder(root: PathLike,
         frames, id_masks = [], []
         for frame_index in range(len(video['frames'])):
             rgb, labels, _depth = read_video_frame(root, video, frame_index)
+            # Checked per frame, naming it: np.stack would only say 'all input arrays must
+            # have the same shape' for a resized frame or a mask of another size.
+            size = frames[0].shape[:2] if frames else rgb.shape[:2]
+            if rgb.shape[:2] != size or labels.shape != size:
+                entry = video['frames'][frame_index]
+                raise ValueError(
+                    f"video '{video.get('name')}' frame {frame_index}: image "
+                    f"'{entry.get('image')}' is {rgb.shape[1]}x{rgb.shape[0]} and mask "
+                    f"'{entry.get('mask')}' {labels.shape[1]}x{labels.shape[0]}, but every "
+                    f'frame and mask of a video must be {size[1]}x{size[0]}')
             frames.append(rgb)
             id_masks.append(labels)
         clips.append(LabelledVideo(np.stack(frames), np.stack(id_masks), wanted,

@@ -138,6 +138,14 @@ def test_video_folder_matches_the_generator(tmp_path):
     assert np.array_equal(clips[0].frames[2], rgb)
     for k, track_id in enumerate(apples):
         assert np.array_equal(clips[0].masks[2, k], labels == track_id)
+    # Training needs images and masks only: a dataset without depth reads the same.
+    for frame in video['frames']:
+        (tmp_path / frame.pop('depth')).unlink()
+    (tmp_path / 'index.json').write_text(json.dumps(index))
+    without_depth = sam2_data.load_video_folder(tmp_path)[0]
+    assert np.array_equal(without_depth.frames, clips[0].frames)
+    assert np.array_equal(without_depth.masks, clips[0].masks)
+    assert read_video_frame(tmp_path, video, 2)[2] is None
 
 
 def test_video_folder_frame_of_another_size_is_named(tmp_path):

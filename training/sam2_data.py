@@ -445,7 +445,8 @@ def load_video_folder(root: PathLike,
 
     Layout: ``index.json`` (videos, tracks with categories, frames) plus per video
     ``frames/*.png`` and ``masks/*.png`` (uint16 track-ID images), read with the
-    generator's own ``read_video_frame``. Tracks of other categories are left out.
+    generator's own ``read_video_frame``; depth images are not needed. Tracks of other
+    categories are left out.
     """
     from sam_gap_ros.synthetic import read_video_frame
 

@@ -198,16 +198,24 @@ def write_video_dataset(out_dir: PathLike, n_videos: int, n_frames: int, seed: i
     return path
 
 
-def read_video_frame(dataset_dir: PathLike, video: Dict[str, object],
-                     frame_index: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(rgb uint8, labels uint16, depth_mm uint16)`` of one frame of ``index.json``."""
+def read_video_frame(dataset_dir: PathLike, video: Dict[str, object], frame_index: int
+                     ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Return ``(rgb uint8, labels uint16, depth_mm uint16)`` of one frame of ``index.json``.
+
+    Depth is None for a frame that lists none: a dataset of another source (or converted
+    without depth) needs only images and masks for training.
+    """
     frames = video['frames']
     if not 0 <= frame_index < len(frames):
         raise IndexError(f'frame {frame_index} outside 0..{len(frames) - 1} of {video["name"]}')
     entry = frames[frame_index]
     root = Path(dataset_dir)
     labels = _read_png(root / entry['mask'], rgb=False)
-    depth = _read_png(root / entry['depth'], rgb=False)
-    if labels.dtype != np.uint16 or depth.dtype != np.uint16:
-        raise ValueError(f'{entry["mask"]} / {entry["depth"]} must be 16-bit PNGs')
+    if labels.dtype != np.uint16:
+        raise ValueError(f'{entry["mask"]} must be a 16-bit PNG (track IDs)')
+    depth = None
+    if entry.get('depth') is not None:
+        depth = _read_png(root / entry['depth'], rgb=False)
+        if depth.dtype != np.uint16:
+            raise ValueError(f'{entry["depth"]} must be a 16-bit PNG (millimetres)')
     return _read_png(root / entry['image'], rgb=True), labels, depth

@@ -14,6 +14,7 @@ import yaml
 
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
 from sam_gap_ros.engines.tiny_sam3 import save_tiny_sam3
+from sam_gap_ros.engines.types import ConceptError
 from training import common
 from training.coco_data import CocoInstances
 from training.finetune_sam3 import (_count_matches, apply_sam3_freezing, build_targets,
@@ -473,6 +474,20 @@ def test_missing_image_fails_at_startup_not_mid_run(assets, tmp_path):
     assert 'missing_image: 1' in message and Path(missing).name in message
     assert 'annotations_train.json' in message and '--drop-invalid' in message
     assert not (tmp_path / 'out').exists()
+
+
+def test_phrase_too_long_for_the_text_encoder_fails_at_startup(assets, tmp_path):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(assets['cfg']['data']['root'], root)
+    val = json.loads((root / 'annotations_val.json').read_text())
+    # 47 characters of words the tiny tokenizer splits into bytes: over its 32 tokens.
+    val['annotations'][0]['noun_phrase'] = 'apple near xylophone quixotic zephyr juxtaposed'
+    (root / 'annotations_val.json').write_text(json.dumps(val))
+    with pytest.raises(ConceptError, match="'apple near xylophone quixotic zephyr "
+                       "juxtaposed' is 33 tokens long"):
+        Sam3FineTuner(_cfg(assets, **{'data.root': str(root)}), str(tmp_path / 'out'))
+    assert not any((tmp_path / 'out').iterdir())  # stopped before anything was written
 
 
 def _crowd_dataset(root):

@@ -53,6 +53,7 @@ from transformers.models.sam3.modeling_sam3 import (inverse_sigmoid, Sam3DetrDec
                                                     Sam3VisionEncoderOutput)
 
 from sam_gap_ros.engines.loading import check_loading_info, check_model_dir
+from sam_gap_ros.engines.sam3_concepts import check_phrase_tokens
 from sam_gap_ros.mask_ops import mask_iou_matrix
 from training import common
 from training.coco_data import canonical_phrase, CocoInstances, CocoSample
@@ -450,6 +451,11 @@ class Sam3FineTuner:
         self.all_phrases = sorted(set(self.train_set.vocabulary) | set(self.val_set.vocabulary))
         if not self.all_phrases:
             raise ValueError('the dataset has no noun phrases at all: nothing to prompt with')
+        # Checked before the first step: the processor pads but never truncates, so a phrase
+        # longer than the text encoder reads would stop the run at the first batch drawing
+        # it, with an opaque 'activate truncation' error.
+        check_phrase_tokens(self.processor.tokenizer, self.all_phrases,
+                            int(self.model.config.text_config.max_position_embeddings))
         lcfg = self.cfg.get('loss', {})
         self.loss_weights = dict(LOSS_WEIGHTS)
         self.loss_weights.update({k: float(v) for k, v in (lcfg.get('weights') or {}).items()})

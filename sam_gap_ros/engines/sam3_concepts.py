@@ -55,7 +55,7 @@ _TEXT_CACHE_SIZE = 64
 _UPSAMPLE_CHUNK = 32
 
 
-def _check_phrase_tokens(tokenizer: Any, phrases: Sequence[str], max_tokens: int) -> None:
+def check_phrase_tokens(tokenizer: Any, phrases: Sequence[str], max_tokens: int) -> None:
     """Raise ConceptError for a phrase longer than the text encoder reads."""
     # verbose=False: the tokenizer's own over-length warning would only repeat this error.
     for phrase, ids in zip(phrases, tokenizer(list(phrases), verbose=False)['input_ids'],
@@ -82,7 +82,7 @@ def check_concepts_for_model(model_dir: Union[str, Path], concepts: Sequence[str
     except Exception as exc:  # malformed JSON, unknown classes, missing fields
         raise ModelLoadError(f"'{path}' has no usable SAM3 config/tokenizer files: "
                              f'{exc}') from exc
-    _check_phrase_tokens(tokenizer, base_phrases(queries),
+    check_phrase_tokens(tokenizer, base_phrases(queries),
                          int(config.text_config.max_position_embeddings))
     return [q.text for q in queries]
 
@@ -271,7 +271,7 @@ class Sam3ConceptEngine:
         """Run the text encoder once over ``phrases``; return per-phrase features and masks."""
         # Checked before the processor call: it pads to the CLIP context but never truncates,
         # so an over-long phrase would fail there with an opaque ragged-tensor error.
-        _check_phrase_tokens(self._processor.tokenizer, phrases, self._max_text_tokens)
+        check_phrase_tokens(self._processor.tokenizer, phrases, self._max_text_tokens)
         tokens = self._processor(text=phrases, return_tensors='pt')
         input_ids = tokens['input_ids'].to(self._device)
         attention_mask = tokens['attention_mask'].to(self._device)
@@ -400,4 +400,4 @@ class Sam3ConceptEngine:
         return instances
 
 
-__all__ = ['check_concepts_for_model', 'Sam3ConceptEngine']
+__all__ = ['check_concepts_for_model', 'check_phrase_tokens', 'Sam3ConceptEngine']

@@ -391,6 +391,27 @@ def test_crowd_regions_are_validated_but_may_be_empty_and_phraseless(tmp_path):
     assert report.issues['bad_rle'][0].startswith('crowd annotation 901 (image 2)')
 
 
+def test_phrases_the_concept_grammar_cannot_ask_for_are_warned(tmp_path, capsys):
+    data = _good_dataset()
+    data['annotations'][0]['noun_phrase'] = 'apple, ripe'              # refused
+    data['annotations'][2]['phrases'] = ['apple near trunk']            # a composition
+    data['images'][3]['absent_noun_phrases'] = ['pear but not apple']   # a composition
+    _write(tmp_path, data)
+    report, _ = validate_dataset(str(tmp_path))
+    assert report.ok, report.summary()  # trainable as they are
+    warned = report.warnings['not_a_concept']
+    assert len(warned) == 3
+    assert "phrase 'apple near trunk': 'apple near trunk' is read as a composition of " \
+        "['apple', 'trunk']" in warned[0]
+    assert "phrase 'apple, ripe': concept 'apple, ripe': unsupported character ','" in warned[1]
+    assert warned[2].startswith("phrase 'pear but not apple'")
+    assert main([str(tmp_path)]) == 0
+    assert 'warning not_a_concept: 3' in capsys.readouterr().out
+    # The plain phrases of a clean dataset give no warning.
+    _write(tmp_path, _good_dataset())
+    assert validate_dataset(str(tmp_path))[0].warnings == {}
+
+
 def test_exif_orientation_is_ignored_when_reading_and_reported(tmp_path):
     # A phone photo: 40x24 pixels stored, EXIF says "rotate 90 degrees to display".
     from PIL import Image

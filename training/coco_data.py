@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from sam_gap_ros.engines.concept_query import normalize_text
+from sam_gap_ros.engines.concept_query import normalize_text, parse_query
+from sam_gap_ros.engines.types import ConceptError
 from sam_gap_ros.mask_ops import mask_to_box
 
 PathLike = Union[str, Path]
@@ -72,6 +73,23 @@ def canonical_phrase(phrase: str) -> str:
     # "apple" instances (the same tokens), and the evaluator would look up SAM3's
     # detections, keyed by the canonical text, under a spelling that never matches.
     return normalize_text(phrase)
+
+
+def concept_problem(phrase: str) -> Optional[str]:
+    """Return why SAM3 cannot be asked for ``phrase`` as one noun phrase, or None.
+
+    The node and ``evaluate`` ask through the concept grammar: a phrase it refuses cannot be
+    asked at all, and one with an operator word (``near``, ``but not``) is read as a
+    composition of other phrases, not as the phrase the model was trained on.
+    """
+    try:
+        query = parse_query(phrase)
+    except ConceptError as exc:
+        return str(exc)
+    if not query.is_plain:
+        return (f"'{query.text}' is read as a composition of {list(query.phrases)}, not as "
+                'one noun phrase')
+    return None
 
 
 def noun_phrase_of(annotation: Mapping[str, Any],

@@ -33,8 +33,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 import yaml
 
-from training.coco_data import (canonical_phrase, load_coco_json, noun_phrase_of,
-                                resolve_ann_file, segmentation_to_rle)
+from training.coco_data import (canonical_phrase, concept_problem, load_coco_json,
+                                noun_phrase_of, resolve_ann_file, segmentation_to_rle)
 
 ISSUE_KINDS = (
     'duplicate_image_id', 'duplicate_category_id', 'missing_image', 'unreadable_image',
@@ -43,7 +43,7 @@ ISSUE_KINDS = (
 )
 """Every defect class the validator reports, in report order."""
 
-WARNING_KINDS = ('exif_orientation',)
+WARNING_KINDS = ('exif_orientation', 'not_a_concept')
 """Things worth knowing that do not make the dataset invalid (listed, exit status 0)."""
 
 EXIF_ORIENTATION_TAG = 0x0112
@@ -285,7 +285,26 @@ def validate_dataset(root: str, ann_file: Optional[str] = None,
                        annotation_id=ann.get('id'), annotation_index=position)
     filled = fill_noun_phrases(data, attribute_map or {}, report, strict=strict_noun_phrases,
                                overwrite=overwrite_noun_phrases)
+    for phrase in _phrases(filled):
+        problem = concept_problem(phrase)
+        if problem:
+            # Trainable as it is; only asking for it afterwards goes through the grammar.
+            report.warn('not_a_concept', f"phrase '{phrase}': {problem}; the segmenter node "
+                        'and evaluate cannot ask for it as trained: rephrase it')
     return report, filled
+
+
+def _phrases(data: Mapping[str, Any]) -> List[str]:
+    """Return the distinct phrases of the annotations, absent lists and file list, sorted."""
+    phrases: Set[str] = set()
+    for ann in data['annotations']:
+        for phrase in [ann.get('noun_phrase')] + list(ann.get('phrases') or []):
+            if isinstance(phrase, str) and phrase.strip():
+                phrases.add(canonical_phrase(phrase))
+    for info in data['images']:
+        phrases.update(canonical_phrase(str(p)) for p in info.get('absent_noun_phrases') or [])
+    phrases.update(canonical_phrase(str(p)) for p in data.get('noun_phrases') or [])
+    return sorted(phrases)
 
 
 def drop_invalid(data: Dict[str, Any], report: ValidationReport) -> Dict[str, Any]:

@@ -1,5 +1,12 @@
 """synthetic_camera and video_source nodes publish well-formed, consistently stamped frames."""
 
+import os
+from pathlib import Path
+import select
+import subprocess
+import sys
+import time
+
 import cv2
 import numpy as np
 import pytest
@@ -160,3 +167,65 @@ def test_video_source_refuses_a_principal_point_off_any_image(ros, tmp_path):
     assert node.describe_parameter('cx').floating_point_range
     info = node._camera_info(Image(width=10, height=8), 50.0)
     assert (info.k[2], info.k[5]) == (4.5, 3.5)
+
+
+def test_natural_key_takes_names_with_superscript_or_circled_digits(tmp_path):
+    """isdigit() accepts '²' and '①' but int() refuses them: the folder could not start."""
+    for name in ('²1.png', '①.png', 'a.png'):
+        _write_png(tmp_path / name, 0)
+
+    reader = FrameReader(str(tmp_path), loop=False)
+
+    assert [p.name for p in reader._files] == ['a.png', '²1.png', '①.png']
+
+
+def test_video_source_refuses_a_rate_that_would_never_publish(ros, tmp_path, monkeypatch):
+    """rate_hz admits 0 (the video's rate), but 1e-6 Hz waits 11 days for its first frame
+    and 1e-11 Hz overflows the timer period (an unreadable TypeError from rclpy)."""
+    _write_png(tmp_path / 'a.png', 0)
+    for rate in (1e-11, 1e-6, 0.05):
+        with pytest.raises(ValueError, match='rate_hz .* is below 0.1 Hz'):
+            VideoSourceNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+                Parameter('path', value=str(tmp_path)), Parameter('rate_hz', value=rate)])
+    node = ros.add(VideoSourceNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+        Parameter('path', value=str(tmp_path)), Parameter('rate_hz', value=0.1)]))
+    assert node.timer.timer_period_ns == 10_000_000_000
+    # A video whose header claims a rate near 0 plays at the lowest rate, with a warning.
+    monkeypatch.setattr(FrameReader, 'fps', property(lambda self: 1e-4))
+    slow = ros.add(VideoSourceNode(context=ros.context, namespace=ros.ns, parameter_overrides=[
+        Parameter('path', value=str(tmp_path))]))
+    assert slow.timer.timer_period_ns == 10_000_000_000
+
+
+def test_video_source_plays_file_names_that_are_not_utf8(tmp_path):
+    """A Latin-1 name (FAT stick, old archive) crashed the node: cv2.imread segfaults on it
+    and rclpy's logger raises on the lone surrogates Python holds such a name as."""
+    folder = os.fsencode(tmp_path)
+    for name, grey in ((b'a_1.png', 1), (b'\xc4pfel_2.png', 2)):
+        _, png = cv2.imencode('.png', np.full((8, 10, 3), grey, dtype=np.uint8))
+        with open(os.path.join(folder, name), 'wb') as file:
+            file.write(png.tobytes())
+    with open(os.path.join(folder, b'\xc4pfel_3.png'), 'wb') as file:
+        file.write(b'junk')  # an undecodable one is named in the warning
+    # In a process of its own: the old reader took pytest down with it.
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parents[1])
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'sam_gap_ros.nodes.video_source', '--ros-args',
+         '-p', f'path:={tmp_path}', '-p', 'loop:=false', '-p', 'rate_hz:=50.0'],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, deadline = b'', time.monotonic() + 60
+    try:
+        while b'end of' not in output and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 1.0)[0]:
+                chunk = os.read(process.stdout.fileno(), 65536)  # unbuffered, unlike readline
+                if not chunk:  # the process died
+                    break
+                output += chunk
+    finally:
+        process.terminate()
+        output = (output + process.communicate(timeout=30)[0]).decode(errors='replace')
+    assert 'after 2 frames' in output, output
+    assert "cannot decode '" in output and '\\xc4pfel_3.png' in output, output
+    assert 'Traceback' not in output and 'Segmentation fault' not in output, output

@@ -23,6 +23,9 @@ from sam_gap_ros.allocator import keep_freed_buffers
 INPUT_QOS = ('sensor_data', 'reliable')
 MAX_RATE_HZ = 200.0
 """Highest publish rate of the source nodes: beyond it a timer is a busy loop."""
+MIN_RATE_HZ = 0.1
+"""Lowest publish rate of the source nodes: the first frame comes one period after start,
+and a period beyond int64 nanoseconds (below ~1e-10 Hz) cannot make a timer at all."""
 EXECUTORS = ('events', 'single_threaded')
 DEFAULT_EXECUTOR = 'events'
 

@@ -8,6 +8,7 @@ with a warning.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 import re
 import sys
@@ -20,15 +21,45 @@ from sensor_msgs.msg import CameraInfo, Image
 
 from sam_gap_ros import image_conversion
 from sam_gap_ros.nodes.ros_utils import create_node_or_exit, describe, init_node_process
-from sam_gap_ros.nodes.ros_utils import make_executor, MAX_RATE_HZ, spin_node
+from sam_gap_ros.nodes.ros_utils import make_executor, MAX_RATE_HZ, MIN_RATE_HZ, spin_node
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 
 def natural_key(name: str) -> Tuple[Union[int, str], ...]:
     """Sort key that orders digit runs by value: ``frame_2`` before ``frame_10``."""
-    return tuple(int(part) if part.isdigit() else part.lower()
+    # isdecimal, not isdigit: the parts between digit runs may be all superscripts or
+    # circled digits (``²``, ``①``), which isdigit accepts but int() refuses.
+    return tuple(int(part) if part.isdecimal() else part.lower()
                  for part in re.split(r'(\d+)', name))
+
+
+def printable_path(path: Path) -> str:
+    r"""Return ``path`` for a log line; bytes of a non-UTF-8 name as ``\xNN`` escapes.
+
+    Python holds such names (Latin-1 from a FAT stick or an old archive) as lone
+    surrogates, which rclpy's logger refuses with a TypeError.
+    """
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
+def read_image(path: Path) -> Optional[np.ndarray]:
+    """Return the image file ``path`` as 8-bit BGR, or None if it cannot be read or decoded.
+
+    Read by numpy and decoded from memory: ``cv2.imread`` takes the name as UTF-8 and
+    crashes the process (SIGSEGV) on a name that is not. ``imdecode`` applies the EXIF
+    orientation and converts grey, alpha and 16-bit images to BGR as ``imread`` does.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError:  # deleted while playing, a folder named like an image, no permission
+        return None
+    if data.size == 0:  # imdecode raises on an empty buffer
+        return None
+    try:
+        return cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
 
 
 class FrameReader:
@@ -88,7 +119,7 @@ class FrameReader:
             return frame if ok else None
         while self._index < len(self._files):
             path = self._files[self._index]
-            frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            frame = read_image(path)
             if frame is not None:
                 self._index += 1
                 return frame
@@ -120,7 +151,8 @@ class VideoSourceNode(Node):
         super().__init__(node_name, **kwargs)
         for name, default, text, extra in (
                 ('path', '', 'video file (any OpenCV format) or folder of images', {}),
-                ('rate_hz', 0.0, 'publish rate; 0 = the video frame rate (10 Hz for folders)',
+                ('rate_hz', 0.0, 'publish rate; 0 = the video frame rate (10 Hz for folders), '
+                 f'else at least {MIN_RATE_HZ:g}',
                  dict(float_range=(0.0, MAX_RATE_HZ))),
                 ('loop', True, 'restart at the end instead of stopping', {}),
                 ('frame_id', 'camera_color_optical_frame', 'frame_id of the published headers',
@@ -135,10 +167,20 @@ class VideoSourceNode(Node):
                  dict(float_range=(-1.0, 1e6)))):
             self.declare_parameter(name, default, describe(text, default, read_only=True,
                                                            **extra))
+        rate_hz = float(self.get_parameter('rate_hz').value)
+        if 0.0 < rate_hz < MIN_RATE_HZ:
+            # The range must admit 0 (the video's rate); a timer period of days never
+            # publishes, and one beyond int64 ns fails in rclpy with an unreadable TypeError.
+            raise ValueError(f'rate_hz {rate_hz:g} is below {MIN_RATE_HZ:g} Hz; set 0 for the '
+                             "video's own rate")
         self.reader = FrameReader(self.get_parameter('path').value,
                                   bool(self.get_parameter('loop').value),
                                   on_unreadable=self._warn_unreadable)
-        rate = float(self.get_parameter('rate_hz').value) or self.reader.fps or 10.0
+        rate = rate_hz or self.reader.fps or 10.0
+        if rate < MIN_RATE_HZ:  # a time-lapse, or a header claiming a rate near 0
+            self.get_logger().warning(f'{self.reader.path} runs at {rate:g} fps: publishing at '
+                                      f'{MIN_RATE_HZ:g} Hz (set rate_hz to choose)')
+            rate = MIN_RATE_HZ
         if rate > MAX_RATE_HZ:  # a high-speed recording played at its own rate
             self.get_logger().warning(f'{self.reader.path} runs at {rate:g} fps: publishing at '
                                       f'{MAX_RATE_HZ:g} Hz (set rate_hz to choose)')
@@ -151,7 +193,7 @@ class VideoSourceNode(Node):
         self.get_logger().info(f"publishing '{self.reader.path}' at {rate:.1f} Hz")
 
     def _warn_unreadable(self, path: Path) -> None:
-        self.get_logger().warning(f"cannot decode '{path}': skipped")
+        self.get_logger().warning(f"cannot decode '{printable_path(path)}': skipped")
 
     def _tick(self) -> None:
         frame = self.reader.read()

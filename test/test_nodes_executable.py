@@ -8,9 +8,12 @@ import sys
 import uuid
 
 import pytest
+import rclpy
+from rclpy.context import Context
 
 from node_harness import probe_segmenter
 from sam_gap_ros.nodes.ros_utils import EXECUTORS, executor_arg, make_executor
+from sam_gap_ros.nodes.ros_utils import spin_until_shutdown
 
 REPO = Path(__file__).resolve().parents[1]
 SAM3_DIR = REPO / 'models' / 'tiny-orchard-sam3'
@@ -35,6 +38,32 @@ def test_executor_arg_reads_only_the_non_ros_arguments():
         executor_arg(['segmenter', '--executor', 'fast'], 'segmenter')
     with pytest.raises(ValueError, match='not one of'):
         make_executor('fast')
+
+
+@pytest.mark.parametrize('kind', EXECUTORS)
+def test_context_shut_down_inside_spin_once_is_a_clean_stop(kind):
+    """SIGTERM's handler shuts the context down at any moment, also inside ``spin_once``
+    after its check; rclpy then raised an RCLError and the node died with a traceback."""
+    context = Context()
+    rclpy.init(context=context)
+    executor = make_executor(kind, context=context)
+    node = rclpy.create_node('spinner', context=context)
+    executor.add_node(node)
+
+    class ShutDownWithin:
+        """The executor, with the context shut down as its spin_once begins."""
+
+        def spin_once(self, timeout_sec=None):
+            rclpy.try_shutdown(context=context)  # as the signal handler can, mid-call
+            executor.spin_once(timeout_sec)
+
+    try:
+        spin_until_shutdown(ShutDownWithin(), context)
+        assert not context.ok()
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
 
 
 def test_bad_executor_exits_with_usage_before_starting_ros():

@@ -151,7 +151,14 @@ def spin_until_shutdown(executor: Executor, context: Optional[Context] = None) -
     """
     context = context or get_default_context()
     while context.ok():
-        executor.spin_once(timeout_sec=0.1)
+        try:
+            executor.spin_once(timeout_sec=0.1)
+        except Exception:
+            # SIGTERM's handler shuts the context down at any moment, also inside spin_once
+            # after its check (rclpy then fails to create its wait set with an RCLError):
+            # a normal stop, not a crash to print a traceback for.
+            if context.ok():
+                raise
 
 
 def spin_node(node: Node, executor: Executor,

@@ -166,6 +166,17 @@ def test_a_world_too_large_for_memory_is_refused_before_drawing():
         OrchardVideo(0, CONFIG, n_frames=100_000, pan_speed=10.0)
 
 
+def test_the_synthetic_cameras_largest_frame_is_drawn_and_a_larger_one_named():
+    # 4096x4096 is the largest size synthetic_camera declares: it was always refused.
+    largest = OrchardSceneConfig(width=4096, height=4096)
+    assert OrchardVideo(0, largest, n_frames=1, pan_speed=0.0)[0].image.shape == (4096, 4096, 3)
+    with pytest.raises(ValueError, match='4100x4096 layer .* fewer frames, a slower pan'):
+        OrchardVideo(0, largest, n_frames=2, pan_speed=4.0)
+    # A frame over the limit by itself: fewer frames would not help.
+    with pytest.raises(ValueError, match='a 4100x4096 frame is larger .* smaller image'):
+        OrchardVideo(0, OrchardSceneConfig(width=4100, height=4096), n_frames=1, pan_speed=0.0)
+
+
 def test_vertical_pan_moves_apples_up():
     video = OrchardVideo(8, CONFIG, n_frames=4, pan_speed=0.0, pan_speed_y=3.0, sway_px=0.0)
     a, b = _apples(video[0]), _apples(video[3])

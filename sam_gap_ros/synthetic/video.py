@@ -26,7 +26,9 @@ PAN_REFERENCE_DISTANCE_M = 1.0
 """With ``parallax=True``, ``pan_speed`` is the image motion of a point at this distance."""
 
 _MAX_TRACK_ID = int(np.iinfo(np.uint16).max)
-_MAX_LAYER_PIXELS = 16_000_000
+_MAX_LAYER_PIXELS = 4096 * 4096
+"""Largest pan layer: a still 4096x4096 frame, the synthetic camera's largest (building
+it takes ~64 bytes a pixel, 1 GiB here)."""
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,9 @@ class OrchardVideo:
         hi = np.maximum(shifts.max(axis=0), 0)
         width = self.config.width + int(hi[0] - lo[0])
         height = self.config.height + int(hi[1] - lo[1])
+        if self.config.width * self.config.height > _MAX_LAYER_PIXELS:
+            raise ValueError(f'a {self.config.width}x{self.config.height} frame is larger than '
+                             f'{_MAX_LAYER_PIXELS} px: use a smaller image')
         if width * height > _MAX_LAYER_PIXELS:
             raise ValueError(f'the world seen by {self.n_frames} frames at pan '
                              f'{self.pan_speed} px/frame needs a {width}x{height} layer '

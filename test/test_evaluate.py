@@ -5,6 +5,7 @@ import shutil
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 import pytest
 
 from sam_gap_ros.engines.sam3_concepts import Sam3ConceptEngine
@@ -213,3 +214,57 @@ def test_sam3_evaluates_more_phrases_than_one_concept_set_holds(coco_dir, tmp_pa
     assert [p.phrase for p in grouped] == [p.phrase for p in alone.predictions[0]]
     assert [p.score for p in grouped] == pytest.approx([p.score for p in alone.predictions[0]],
                                                        abs=1e-5)
+
+
+def _strip_dataset(root, spans, width=200, height=10):
+    """Write a one-image COCO set of 'apple' instances, each the columns ``[c0, c1)``."""
+    (root / 'images').mkdir(parents=True)
+    cv2.imwrite(str(root / 'images' / 'strips.png'), np.zeros((height, width, 3), np.uint8))
+    anns = []
+    for i, (c0, c1) in enumerate(spans):
+        mask = np.zeros((height, width), np.uint8)
+        mask[:, c0:c1] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        anns.append({'id': i + 1, 'image_id': 1, 'category_id': 1, 'iscrowd': 0,
+                     'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode()},
+                     'area': float(mask.sum()), 'bbox': [c0, 0, c1 - c0, height]})
+    (root / 'annotations.json').write_text(json.dumps({
+        'images': [{'id': 1, 'file_name': 'strips.png', 'width': width, 'height': height}],
+        'annotations': anns, 'categories': [{'id': 1, 'name': 'apple'}]}))
+    return CocoInstances(root)
+
+
+def test_a_hit_is_not_traded_for_two_weak_pairs(tmp_path):
+    """Matching keeps a prediction's hit rather than maximising the raw IoU total."""
+    dataset = _strip_dataset(tmp_path / 'strips', [(0, 100), (100, 200)])  # touching apples
+    wide = np.zeros((10, 200), bool)
+    wide[:, 10:140] = True  # IoU 0.64 with the first apple, 0.21 with the second
+    fragment = np.zeros((10, 200), bool)
+    fragment[:, 0:45] = True  # IoU 0.45 with the first apple
+    run = evaluate.FamilyRun('test')
+    run.predictions.append([evaluate.Prediction('apple', wide, 0.9)])
+    alone = evaluate.score_run(dataset, run, ['apple'], 0.5)['apple']
+    run.predictions[0].append(evaluate.Prediction('apple', fragment, 0.8))
+    both = evaluate.score_run(dataset, run, ['apple'], 0.5)['apple']
+    # The fragment is a false positive; it must not undo the wide mask's hit (recall 0).
+    assert alone['recall'] == both['recall'] == 0.5
+    assert both['precision'] == 0.5
+    assert both['miou'] == pytest.approx(alone['miou']) == pytest.approx(90 / 140 / 2)
+
+
+def test_phrases_sam3_would_read_as_compositions_are_refused_before_any_run(
+        coco_dir, tmp_path, sam3_engine):
+    def near(ann):
+        ann['phrases'] = ann['phrases'] + ['apple near trunk']
+
+    dataset = _rewrite_phrases(coco_dir, tmp_path / 'near', near)
+    with pytest.raises(ValueError, match="'apple near trunk': .* composition of"):
+        evaluate.run_sam3(sam3_engine, dataset, ['apple near trunk'], 0.0)
+
+    class NoSam2:
+        def track(self, *args, **kwargs):
+            raise AssertionError('SAM2 ran before the phrases were checked')
+
+    with pytest.raises(ValueError, match='cannot be asked for these phrases'):
+        evaluate.evaluate(tmp_path / 'near', tmp_path / 'out', phrases=['apple near trunk'],
+                          sam2_tracker=NoSam2(), sam3_engine=sam3_engine)

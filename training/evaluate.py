@@ -20,7 +20,8 @@ phrase-instance pairs) with
 
 * ``miou``: mean over ground-truth instances of the IoU with its matched prediction
   (one-to-one Hungarian matching on mask IoU among predictions of the same phrase above
-  the operating score threshold; unmatched instances count 0);
+  the operating score threshold, the most pairs at IoU >= 0.5 first, then the highest
+  total IoU; unmatched instances count 0);
 * ``recall``: fraction of instances matched with IoU >= 0.5;
 * ``precision``: fraction of kept predictions matched with IoU >= 0.5; a prediction lying
   mostly inside a crowd region (``iscrowd: 1``) of its phrase is neither (COCO's rule);
@@ -52,7 +53,7 @@ import torch
 
 from sam_gap_ros.engines.concept_query import MAX_CONCEPTS
 from sam_gap_ros.mask_ops import mask_iou_matrix
-from training.coco_data import canonical_phrase, CocoInstances, CocoSample
+from training.coco_data import canonical_phrase, CocoInstances, CocoSample, concept_problem
 from training.matching import hungarian_match
 from training.metrics import mostly_inside
 from training.sam2_data import center_click
@@ -127,9 +128,24 @@ def run_sam2(tracker: Any, dataset: CocoInstances, phrases: Sequence[str], promp
     return run
 
 
+def check_sam3_phrases(phrases: Sequence[str]) -> None:
+    """Raise ValueError for phrases SAM3 cannot be asked for as one noun phrase each.
+
+    The engine reads ``near`` / ``but not`` as compositions of other phrases and refuses
+    what its grammar does not know; either would score something else than the phrase the
+    annotations name (``prepare_data`` warns about such phrases as ``not_a_concept``).
+    """
+    problems = [f"'{phrase}': {why}" for phrase in phrases
+                if (why := concept_problem(phrase)) is not None]
+    if problems:
+        raise ValueError('SAM3 cannot be asked for these phrases as noun phrases (rephrase '
+                         'them in the annotations): ' + '; '.join(problems))
+
+
 def run_sam3(engine: Any, dataset: CocoInstances, phrases: Sequence[str],
              score_threshold: float, max_images: Optional[int] = None) -> FamilyRun:
     """Segment all instances of every phrase with SAM3 given only the phrases."""
+    check_sam3_phrases(phrases)
     run = FamilyRun('SAM3')
     started = time.time()
     run.prompts = len(phrases)  # each noun phrase is typed once for the whole dataset
@@ -169,13 +185,21 @@ def _count(dataset: CocoInstances, max_images: Optional[int]) -> int:
 
 
 def _match(gt_masks: List[np.ndarray], preds: List[Prediction]) -> Tuple[List[float], Set[int]]:
-    """Return each GT's matched IoU (0 if unmatched) and the true-positive predictions."""
+    """Return each GT's matched IoU (0 if unmatched) and the true-positive predictions.
+
+    The one-to-one assignment has the most pairs at IoU >= ``MATCH_IOU`` and, among those,
+    the highest total IoU. On raw IoU alone two weak pairs (0.45 + 0.21) outweigh one hit
+    (0.64): a fragment would take a found instance's partner, and adding a prediction
+    could lower recall.
+    """
     if not gt_masks:
         return [], set()
     if not preds:
         return [0.0] * len(gt_masks), set()
     iou = mask_iou_matrix([p.mask for p in preds], gt_masks)
-    pred_idx, gt_idx = hungarian_match(torch.from_numpy(-iou))
+    # A hit is worth more than any total of IoUs (at most min(P, G)): hits first, then IoU.
+    gain = iou + (min(iou.shape) + 1.0) * (iou >= MATCH_IOU)
+    pred_idx, gt_idx = hungarian_match(torch.from_numpy(-gain))
     best = [0.0] * len(gt_masks)
     hits: Set[int] = set()
     for p, g in zip(pred_idx.tolist(), gt_idx.tolist(), strict=True):
@@ -366,6 +390,8 @@ def evaluate(coco_root: PathLike, out_dir: PathLike, *, sam2_dir: Optional[PathL
     if unknown:
         raise ValueError(f'phrases {unknown} do not occur in the dataset '
                          f'(it has {dataset.vocabulary})')
+    if sam3_engine is not None or sam3_dir is not None:
+        check_sam3_phrases(phrases)  # before a SAM2 run of possibly hours
     if sam2_tracker is None and sam2_dir is not None:
         from sam_gap_ros.engines.sam2_tracker import Sam2Tracker
         sam2_tracker = Sam2Tracker.load(sam2_dir, device=device)

@@ -405,3 +405,36 @@ def test_a_partial_checkpoint_is_refused_not_trained_from_random_values(tmp_path
     save_file(weights, str(model_dir / 'model.safetensors'), metadata={'format': 'pt'})
     with pytest.raises(ModelLoadError, match='mask_decoder.conv_s0.bias'):
         finetune_sam2.build_model({'pretrained_dir': str(model_dir)})
+
+
+def test_resume_refuses_a_changed_config_or_another_runs_directory(tmp_path, capsys):
+    base = ['--config', str(SMOKE), '--quiet', '--set', 'train.steps=2',
+            '--set', 'train.eval_every=2']
+    run, other = tmp_path / 'run', tmp_path / 'other'
+    assert finetune_sam2.main(base + ['--output-dir', str(run)]) == 0
+    # A changed lr used to be ignored (the optimizer state brings the saved one back) while
+    # config.json recorded it.
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_sam2.main(base + ['--output-dir', str(run), '--resume', str(run / 'last'),
+                                   '--set', 'optim.lr=0.1'])
+    assert exit_info.value.code == 2
+    assert 'optim.lr: 0.0005 -> 0.1' in capsys.readouterr().err
+    assert json.loads((run / 'config.json').read_text())['optim']['lr'] == 0.0005
+    # Resuming into another run's directory used to replace its last/ and best/.
+    assert finetune_sam2.main(base + ['--output-dir', str(other)]) == 0
+    other_last = (other / 'last' / common.TRAINER_STATE).read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_sam2.main(base + ['--output-dir', str(other), '--resume', str(run / 'last')])
+    assert exit_info.value.code == 2
+    assert 'holds another training run' in capsys.readouterr().err
+    assert (other / 'last' / common.TRAINER_STATE).read_text() == other_last
+
+
+def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
+    cfg = _cfg(tmp_path, 'run', steps=2, eval_every=2)
+    final = finetune_sam2.train(cfg, verbose=False)['metrics']
+    assert final
+    again = finetune_sam2.train(cfg, resume=str(tmp_path / 'run' / 'last'), verbose=False)
+    assert again['steps'] == 2 and again['metrics'] == final
+    summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
+    assert summary['metrics'] == final

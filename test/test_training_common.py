@@ -4,6 +4,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -311,3 +312,50 @@ def test_a_nan_metric_does_not_block_best(tmp_path):
     assert 'best' in manager.save(net, opt, None, step=3, metrics={'val_loss': 1.0})
     best = json.loads((tmp_path / 'run' / 'best' / common.TRAINER_STATE).read_text())
     assert best['step'] == 3
+
+
+def test_resume_refuses_a_changed_config_and_another_runs_output_dir(tmp_path):
+    net = _Net()
+    opt = common.build_optimizer(net, {'lr': 1e-3})
+    cfg = {'output_dir': 'a', 'optim': {'lr': 1e-3}, 'train': {'steps': 10, 'stop_at_step': 0}}
+    run_a, run_b = tmp_path / 'a', tmp_path / 'b'
+    common.CheckpointManager(run_a, 'miou').save(net, opt, None, step=2,
+                                                 extra=common.run_identity('run-a', cfg))
+    # Where and how long it runs may change; what it trains may not (the optimizer state
+    # would bring the saved lr back and the schedule would bend).
+    common.claim_output_dir(run_a, resume=run_a / 'last',
+                            config=dict(cfg, output_dir='x', train={'steps': 10,
+                                                                    'stop_at_step': 5}))
+    changed = dict(cfg, optim={'lr': 0.1}, train={'steps': 20, 'stop_at_step': 0})
+    with pytest.raises(ValueError, match=r'optim\.lr: 0\.001 -> 0\.1; train\.steps: 10 -> 20'):
+        common.claim_output_dir(run_a, resume=run_a / 'last', config=changed)
+    # Resuming run a into the directory of run b would replace b's last/ and best/.
+    common.CheckpointManager(run_b, 'miou').save(net, opt, None, step=1,
+                                                 extra=common.run_identity('run-b', cfg))
+    with pytest.raises(FileExistsError, match='holds another training run'):
+        common.claim_output_dir(run_b, resume=run_a / 'last', config=cfg)
+    # A new directory, or a copy of the run's own last/, is fine.
+    common.claim_output_dir(tmp_path / 'c', resume=run_a / 'last', config=cfg)
+    shutil.copytree(run_a / 'last', tmp_path / 'backup')
+    common.claim_output_dir(run_a, resume=tmp_path / 'backup', config=cfg)
+
+
+def test_rng_restore_skips_gpus_that_are_no_longer_visible(monkeypatch):
+    # Saved with two GPUs visible, resumed with CUDA_VISIBLE_DEVICES=0: the second state has
+    # no device (torch raised IndexError 'tuple index out of range' inside load_checkpoint).
+    state = common.capture_rng_state()
+    state['cuda'] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restored = []
+
+    def set_rng_state(new_state, device='cuda'):
+        index = device if isinstance(device, int) else 0
+        if index >= 1:
+            raise IndexError('tuple index out of range')
+        restored.append((index, int(new_state[0])))
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_rng_state', set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, 'set_rng_state', set_rng_state)
+    common.restore_rng_state(state)
+    assert restored == [(0, 0)]

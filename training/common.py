@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -216,19 +217,111 @@ RUN_ARTEFACTS = ('last', 'best', 'last.tmp', 'last.old', 'best.tmp', 'eval', 'te
 """What a training run writes into its output directory (and ``--overwrite`` deletes)."""
 
 
+RESUME_MAY_CHANGE = ('output_dir', 'device', 'num_threads', 'tensorboard', 'cpu_kernels',
+                     'train.stop_at_step', 'train.eval_every', 'train.checkpoint_every',
+                     'train.log_every', 'train.loss_window', 'train.eval_at_start')
+"""Config keys a resumed run may change: where and how it runs, not what it trains."""
+
+RUN_ID = 'run_id'
+"""``trainer_state.json`` extra: the identity of the run a checkpoint belongs to."""
+
+RUN_CONFIG = 'config'
+"""``trainer_state.json`` extra: the training config of the run (as JSON)."""
+
+
+def new_run_id() -> str:
+    """Return a fresh run identity (saved with every checkpoint of the run)."""
+    return uuid.uuid4().hex
+
+
+def run_identity(run_id: str, cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return the ``extra`` entries :func:`check_resume` reads: run id and config (as JSON)."""
+    return {RUN_ID: run_id, RUN_CONFIG: json.loads(json.dumps(dict(cfg), default=str))}
+
+
+def _checkpoint_extra(directory: Path) -> Optional[Dict[str, Any]]:
+    state = directory / TRAINER_STATE
+    if not state.is_file():
+        return None
+    return dict(json.loads(state.read_text()).get('extra') or {})
+
+
+def _flatten(value: Any, prefix: str = '') -> Dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        flat: Dict[str, Any] = {}
+        for key, sub in value.items():
+            flat.update(_flatten(sub, f'{prefix}.{key}' if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Mapping[str, Any],
+                   may_change: Sequence[str] = RESUME_MAY_CHANGE) -> List[str]:
+    """Return ``'key: saved -> now'`` for every config value that differs, bar ``may_change``."""
+    # Compared as JSON, the form the config is saved in.
+    before = _flatten(json.loads(json.dumps(dict(saved), default=str)))
+    now = _flatten(json.loads(json.dumps(dict(cfg), default=str)))
+    allowed = tuple(may_change)
+    return [f'{key}: {before.get(key)!r} -> {now.get(key)!r}'
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)
+            and not any(key == a or key.startswith(a + '.') for a in allowed)]
+
+
+def check_resume(resume: PathLike, output_dir: PathLike,
+                 config: Optional[Mapping[str, Any]] = None) -> None:
+    """Refuse a resume that would not continue the checkpoint's run as it was configured.
+
+    ``output_dir`` must not hold the
+    checkpoints of another run (they would be replaced, best/ would compete with that run's
+    and TensorBoard would mix both); and ``config`` may differ from the one the run started
+    with only in :data:`RESUME_MAY_CHANGE`: the optimizer state brings back the saved lr and
+    the schedule would silently bend, so a changed lr, step count, batch or model would
+    otherwise be ignored or mixed. A directory that is no training checkpoint is left to
+    :func:`load_checkpoint` to report; checkpoints without a run id or config (older ones)
+    skip those checks.
+    """
+    resume = Path(resume)
+    extra = _checkpoint_extra(resume)
+    if extra is None:  # not a checkpoint: load_checkpoint names what is missing
+        return
+    run_id = extra.get(RUN_ID)
+    for name in ('last', 'best'):
+        other = _checkpoint_extra(Path(output_dir) / name)
+        other_id = (other or {}).get(RUN_ID)
+        if run_id and other_id and other_id != run_id:
+            raise FileExistsError(
+                f"output directory '{output_dir}' holds another training run ({name}/ is not "
+                f"from the run of '{resume}'): resuming there would replace its checkpoints; "
+                'pass the --output-dir of that run, or a new one')
+    if config is not None and extra.get(RUN_CONFIG) is not None:
+        changes = config_changes(extra[RUN_CONFIG], config)
+        if changes:
+            raise ValueError(
+                f"the config differs from the one the run of '{resume}' started with: "
+                f"{'; '.join(changes)}. A resumed run restores the saved optimizer and "
+                'schedule, so these would be ignored or mixed; resume with the original '
+                'values, or start a new run from these weights with '
+                f'--set model.pretrained_dir={resume}')
+
+
 def claim_output_dir(output_dir: PathLike, resume: Optional[PathLike] = None,
                      overwrite: bool = False,
-                     artefacts: Sequence[str] = RUN_ARTEFACTS) -> Path:
+                     artefacts: Sequence[str] = RUN_ARTEFACTS,
+                     config: Optional[Mapping[str, Any]] = None) -> Path:
     """Make ``output_dir`` ready for a run; refuse to mix a fresh run with an earlier one.
 
     A fresh run (no ``resume``) into a directory holding an earlier run's ``artefacts``
     raises FileExistsError, unless ``overwrite``, which deletes exactly those artefacts
-    (other files, e.g. a cached synthetic dataset, stay). Returns the directory.
+    (other files, e.g. a cached synthetic dataset, stay). A resumed run is checked with
+    :func:`check_resume` (``config``: the run's training config). Returns the directory.
     """
     if resume and overwrite:
         raise ValueError('resume and overwrite exclude each other: resuming continues the '
                          'run that overwrite would delete')
     output_dir = Path(output_dir)
+    if resume:
+        check_resume(resume, output_dir, config)
     found = [name for name in artefacts if (output_dir / name).exists()]
     if found and not resume:
         if not overwrite:
@@ -315,7 +408,10 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+        # One state per GPU visible when saved; a resume may see fewer (CUDA_VISIBLE_DEVICES),
+        # and setting a state on a device that is not there fails.
+        for index, cuda_state in enumerate(state['cuda'][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 # ----------------------------------------------------------------------------- freezing

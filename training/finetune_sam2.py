@@ -413,7 +413,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     precision = str(cfg.get('precision', 'fp32'))
     # Before anything is written: a fresh run must neither replace an earlier run's best/
     # and last/ unasked nor mix its PNGs and TensorBoard events with it.
-    output_dir = common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), resume, overwrite)
+    output_dir = common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), resume, overwrite,
+                                         config=cfg)
     (output_dir / 'config.json').write_text(json.dumps(cfg, indent=1, default=str))
 
     model, processor = build_model(cfg['model'])
@@ -441,11 +442,16 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
                                  else None)
 
     step, step_losses = 0, []
+    run_id = common.new_run_id()
+    metrics: Dict[str, float] = {}
     if resume:
         info = common.load_checkpoint(resume, model, optimizer, scheduler, stepper)
         step = info['step']
         data_rng.bit_generator.state = info['extra']['data_rng']
         step_losses = list(info['extra'].get('losses', []))
+        run_id = info['extra'].get(common.RUN_ID) or run_id
+        # The checkpoint's own evaluation, so resuming a finished run keeps it in the summary.
+        metrics = {k: v for k, v in info['metrics'].items() if k != 'loss'}
         if verbose:
             print(f'resumed from {resume} at step {step}', file=sys.stderr)
     clips = iterate_clips(train_videos, data_rng, num_frames, max_objects, min_area,
@@ -459,7 +465,6 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     motion_compensation = bool(train_cfg.get('motion_compensation', False))
     accumulation = stepper.accumulation_steps
     image_size = int(model.config.image_size)
-    metrics: Dict[str, float] = {}
     if verbose:
         print(f'model: {n_trainable:,} trainable / {n_frozen:,} frozen parameters; '
               f'{len(train_videos)} train videos, {len(val_clips)} val clips; device {device}',
@@ -472,7 +477,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         common.save_mask_comparison(output_dir / 'eval' / 'step_000000.png', samples['images'],
                                     samples['pred'], samples['true'], samples['titles'])
         manager.save(model, optimizer, scheduler, 0, metrics=metrics,
-                     extra={'data_rng': _data_rng_state(data_rng), 'losses': []},
+                     extra={'data_rng': _data_rng_state(data_rng), 'losses': [],
+                            **common.run_identity(run_id, cfg)},
                      stepper=stepper, processor=processor)
         if verbose:
             shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
@@ -531,7 +537,8 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         if evaluated or step % ckpt_every == 0:
             manager.save(model, optimizer, scheduler, step,
                          metrics=dict(metrics if evaluated else {}, loss=step_loss),
-                         extra={'data_rng': _data_rng_state(data_rng), 'losses': step_losses},
+                         extra={'data_rng': _data_rng_state(data_rng), 'losses': step_losses,
+                                **common.run_identity(run_id, cfg)},
                          stepper=stepper, processor=processor)
     bar.close()
     logger.close()
@@ -554,7 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.output_dir:
             cfg['output_dir'] = args.output_dir
         common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), args.resume,
-                                args.overwrite)
+                                args.overwrite, config=cfg)
     except (OSError, KeyError, ValueError) as exc:
         parser.exit(2, f'error: {exc}\n')
     torch.set_num_threads(int(cfg.get('num_threads') or torch.get_num_threads()))

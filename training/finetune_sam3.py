@@ -418,6 +418,7 @@ class Sam3FineTuner:
                 check_dataset(dcfg['root'], ann)
         self.output_dir = Path(output_dir or self.cfg.get('output_dir', 'runs/sam3'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = common.new_run_id()  # train() keeps a resumed run's own id
         self.seed = int(self.cfg.get('seed', 0))
         if self.cfg.get('num_threads'):
             torch.set_num_threads(int(self.cfg['num_threads']))
@@ -871,6 +872,7 @@ class Sam3FineTuner:
 
     def _save(self, manager: common.CheckpointManager, optimizer, scheduler, stepper, step: int,
               metrics: Mapping[str, float], extra: Mapping[str, Any]) -> Dict[str, Path]:
+        extra = dict(extra, **common.run_identity(self.run_id, self.cfg))
         saved = manager.save(self.model, optimizer, scheduler, step, metrics, extra, stepper)
         for path in saved.values():
             # The engines load model and processor from one directory.
@@ -885,7 +887,8 @@ class Sam3FineTuner:
         """
         # Before anything is written: a fresh run must neither compete with an earlier
         # run's best/ nor mix its PNGs and TensorBoard events with it.
-        common.claim_output_dir(self.output_dir, resume, overwrite)
+        common.claim_output_dir(self.output_dir, resume, overwrite, config=self.cfg)
+        self.run_id = common.new_run_id()
         steps = int(self.tcfg.get('steps', 100))
         stop_at = int(self.tcfg.get('stop_at_step', 0)) or steps
         accumulation = int(self.tcfg.get('grad_accumulation', 1))
@@ -915,6 +918,7 @@ class Sam3FineTuner:
             history = list(extra.get('loss_history', []))
             before = extra.get('metrics_before')
             retention_before = extra.get('retention_before')
+            self.run_id = extra.get(common.RUN_ID) or self.run_id
             print(f'resumed from {resume} at step {start_step}', flush=True)
         self._print_setup(steps, accumulation)
         if before is None:
@@ -933,6 +937,9 @@ class Sam3FineTuner:
         self.model.train()
         bar = common.progress_bar(steps, 'sam3 fine-tune', initial=start_step)
         last_metrics: Dict[str, float] = dict(before)
+        if resume and state['metrics'].get(self.metric) is not None:
+            # The checkpoint's own evaluation: a resumed finished run reports it as "last".
+            last_metrics = dict(state['metrics'])
         started = time.monotonic()
         for step in range(start_step, min(stop_at, steps)):
             step_terms: Dict[str, float] = {}
@@ -1155,7 +1162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _metric_and_mode(cfg.get('eval') or {})
         # Checked before the model loads (minutes for the full SAM3); train() checks again.
         common.claim_output_dir(args.output_dir or cfg.get('output_dir', 'runs/sam3'),
-                                args.resume, args.overwrite)
+                                args.resume, args.overwrite, config=cfg)
     except (OSError, KeyError, ValueError) as exc:
         parser.exit(2, f'error: {exc}\n')
     trainer = Sam3FineTuner(cfg, args.output_dir)

@@ -119,12 +119,19 @@ def _run_case(size, heap, dds, processes, messages, topic):
     receiver = subprocess.Popen(command + ['--role', 'both' if processes == 1 else 'sub'],
                                 env=env, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-    if processes == 2:
-        publisher = subprocess.run(command + ['--role', 'pub'], env=env, capture_output=True,
-                                   text=True, timeout=TIMEOUT_S * 2)
-        if publisher.returncode:
-            raise SystemExit(f'publisher failed: {publisher.stderr[-2000:]}')
-    output, errors = receiver.communicate(timeout=TIMEOUT_S * 2)
+    try:
+        if processes == 2:
+            publisher = subprocess.run(command + ['--role', 'pub'], env=env,
+                                       capture_output=True, text=True, timeout=TIMEOUT_S * 2)
+            if publisher.returncode:
+                raise SystemExit(f'publisher failed: {publisher.stderr[-2000:]}')
+        output, errors = receiver.communicate(timeout=TIMEOUT_S * 2)
+    finally:
+        # A failed or hung publisher, or a hung receiver: the receiver would otherwise wait
+        # out its own timeout after this process has gone, holding its DDS resources.
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.communicate()
     if receiver.returncode:
         raise SystemExit(f'case {size} {heap} {dds} failed: {errors[-2000:]}')
     data = json.loads(output.strip().splitlines()[-1])

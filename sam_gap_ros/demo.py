@@ -111,13 +111,13 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     from sam_gap_ros.nodes.ros_utils import make_executor
     from sam_gap_ros.nodes.segmenter import SegmenterNode
     from sam_gap_ros.nodes.synthetic_camera import SyntheticCameraNode
+    from sam_gap_ros.streaming import LatencyWindow
 
     torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
     output.mkdir(parents=True, exist_ok=True)
     if not os.access(output, os.W_OK):  # say so now, not after the whole run
         raise OSError(f"output folder '{output}' is not writable")
-    for old in output.glob('overlay_*.png'):
-        old.unlink()
+    _clear_old_outputs(output)
     # Random stand-ins (no trained model found) are kept with the outputs, where the
     # summary's model_dir points, instead of a folder in /tmp per run.
     model_dir, tracker_dir, model_text = prepare_models(mode, output / 'random_models')
@@ -148,6 +148,10 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
         parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
     if segmenter.pipeline is None:
         raise RuntimeError(f'segmenter failed to configure: {segmenter.last_error}')
+    # The node's percentiles cover its last 200 frames (a rolling /diagnostics window); the
+    # summary's cover every frame of the run. No frame has arrived yet: nothing is lost.
+    run_frames = int(duration * rate_hz) + 10
+    segmenter.latency, segmenter.inference = LatencyWindow(run_frames), LatencyWindow(run_frames)
     recorder = rclpy.create_node('recorder', namespace=namespace, context=context)
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     overlays: List[np.ndarray] = []
@@ -165,10 +169,16 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     for node in (camera, segmenter, recorder):
         executor.add_node(node)
     start = time.monotonic()
+    interrupted = False
     try:
         while time.monotonic() - start < duration:
             executor.spin_once(timeout_sec=0.05)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the run early: what ran until then is still summarised and written.
+        interrupted = True
+        print('[demo] interrupted: writing the outputs of the run so far', flush=True)
     finally:
+        ran_s = time.monotonic() - start  # the run itself, without the teardown below
         # Deactivate first: the frame in flight finishes, waiting ones are counted as dropped.
         segmenter.trigger_deactivate()
         stats = segmenter.stats()
@@ -199,12 +209,24 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
         'image_size': [width, height],
         'camera_rate_hz': rate_hz,
         'duration_s': duration,
+        'ran_s': round(ran_s, 2),
+        'interrupted': interrupted,
         'bad_input': int(stats['bad_input']),
         'errors': int(stats['errors']),
         'files': files,
     }
     (output / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     return summary
+
+
+def _clear_old_outputs(output: Path) -> None:
+    """Remove a previous run's outputs from ``output``.
+
+    A run that stops early or cannot write a video must not leave an older summary (listing
+    files that are gone) or video beside its own files.
+    """
+    for old in [*output.glob('overlay_*.png'), output / 'overlay.mp4', output / 'summary.json']:
+        old.unlink(missing_ok=True)
 
 
 def _prompt_ground_truth(camera, segmenter, namespace: str, recorder) -> None:
@@ -242,6 +264,9 @@ def _write_outputs(output: Path, overlays: List[np.ndarray], rate_hz: float) -> 
             writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         writer.release()
         files.append(str(video_path))
+    else:  # no mp4v encoder in this OpenCV build: the PNGs below still show the run
+        print(f"[demo] could not write '{video_path}' (no mp4v encoder): overlay PNGs only",
+              flush=True)
     picks = np.linspace(0, len(overlays) - 1, num=min(8, len(overlays))).round().astype(int)
     chosen = [overlays[i] for i in picks]
     for number, frame in zip(picks, chosen, strict=True):
@@ -275,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f'{args.output.resolve()}')
     for path in summary['files']:
         print(f'[demo]   {path}')
-    return 0
+    return 130 if summary['interrupted'] else 0  # as a shell reports Ctrl-C
 
 
 if __name__ == '__main__':

@@ -3,7 +3,9 @@
 import json
 from pathlib import Path
 import tempfile
+import time
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -59,3 +61,86 @@ def test_missing_trained_models_are_replaced_by_random_ones_in_the_given_folder(
     assert (Path(model_dir) / 'config.json').is_file()
     assert (Path(tracker_dir) / 'config.json').is_file()
     assert text.count('RANDOM') == 2
+
+
+def test_video_that_cannot_be_written_is_said_and_the_pngs_remain(
+        tmp_path, monkeypatch, capsys):
+    """An OpenCV without the mp4v encoder: the demo says so and the PNGs show the run."""
+    real_fourcc = cv2.VideoWriter_fourcc
+    monkeypatch.setattr(cv2, 'VideoWriter_fourcc', lambda *code: real_fourcc(*'ZZZZ'))
+    frames = [np.full((8, 10, 3), value, np.uint8) for value in (0, 100, 200)]
+    written = demo._write_outputs(tmp_path, frames, 5.0)
+    assert not (tmp_path / 'overlay.mp4').exists()
+    assert written and all(Path(name).is_file() for name in written)
+    assert "could not write" in capsys.readouterr().out
+
+
+def _short_sam2_run(output: Path, **kwargs) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return demo.run_demo(output, mode='sam2', rate_hz=5.0, width=128, height=96,
+                             concepts=['apple'], **kwargs)
+    except KeyboardInterrupt:  # raised on, it would end the whole pytest session
+        pytest.fail('Ctrl-C escaped run_demo: no summary written')
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ctrl_c_writes_the_run_so_far_and_no_old_outputs_remain(tmp_path, monkeypatch):
+    from sam_gap_ros.nodes import ros_utils
+
+    output = tmp_path / 'out'
+    output.mkdir()
+    (output / 'summary.json').write_text('{"frames_in": 999}')  # a previous run's
+    (output / 'overlay.mp4').write_bytes(b'old video')
+    real_make_executor = ros_utils.make_executor
+
+    class CtrlCAfter3s:
+        """The demo's executor, with Ctrl-C pressed 3 s into the run."""
+
+        def __init__(self, *args, **kwargs):
+            self._executor = real_make_executor(*args, **kwargs)
+            self._began = time.monotonic()
+
+        def spin_once(self, timeout_sec=None):
+            if time.monotonic() - self._began > 3.0:
+                raise KeyboardInterrupt
+            self._executor.spin_once(timeout_sec=timeout_sec)
+
+        def __getattr__(self, name):
+            return getattr(self._executor, name)
+
+    monkeypatch.setattr(ros_utils, 'make_executor', CtrlCAfter3s)
+    summary = _short_sam2_run(output, duration=30.0)
+    written = json.loads((output / 'summary.json').read_text())
+    assert written == json.loads(json.dumps(summary))
+    assert written['interrupted'] is True and written['ran_s'] < 10.0
+    assert written['frames_processed'] >= 3
+    assert written['frames_in'] == written['frames_processed'] + written['frames_dropped']
+    video = output / 'overlay.mp4'
+    assert not video.exists() or video.read_bytes() != b'old video'
+
+
+def test_summary_latency_percentiles_cover_every_frame(tmp_path, monkeypatch):
+    """The node keeps its last 200 latencies for /diagnostics; the run's summary needs all."""
+    from sam_gap_ros import streaming
+    from sam_gap_ros.nodes import segmenter
+
+    samples = {}
+    real_add = streaming.LatencyWindow.add
+
+    def add(window, seconds):
+        samples.setdefault(id(window), []).append(seconds * 1e3)
+        real_add(window, seconds)
+
+    monkeypatch.setattr(streaming.LatencyWindow, 'add', add)
+    # A node window shorter than this run, as 200 frames are than a 60 s run at 5 Hz.
+    monkeypatch.setattr(segmenter, 'LatencyWindow',
+                        lambda size=200: streaming.LatencyWindow(size=3))
+    summary = _short_sam2_run(tmp_path / 'out', duration=4.0)
+    latency, inference = samples.values()  # the windows fill in this order per frame
+    assert len(latency) == summary['frames_processed'] > 3
+    assert summary['latency_ms_p50'] == pytest.approx(np.percentile(latency, 50))
+    assert summary['latency_ms_p95'] == pytest.approx(np.percentile(latency, 95))
+    assert summary['inference_ms_p50'] == pytest.approx(np.percentile(inference, 50))

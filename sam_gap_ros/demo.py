@@ -162,12 +162,12 @@ def run_demo(output: Path, duration: float, mode: str, rate_hz: float, width: in
     recorder.create_subscription(
         String, f'{namespace}/segmenter/instances',
         lambda msg: counts.append(len(instances_json.loads(msg.data)['instances'])), qos)
-    if mode == 'sam2':
-        _prompt_ground_truth(camera, segmenter, namespace, recorder)
-
     executor = make_executor(context=context)
-    for node in (camera, segmenter, recorder):
+    for node in (segmenter, recorder):
         executor.add_node(node)
+    if mode == 'sam2':  # before the camera spins: see _prompt_ground_truth
+        _prompt_ground_truth(camera, segmenter, namespace, recorder, executor)
+    executor.add_node(camera)
     start = time.monotonic()
     interrupted = False
     try:
@@ -229,26 +229,31 @@ def _clear_old_outputs(output: Path) -> None:
         old.unlink(missing_ok=True)
 
 
-def _prompt_ground_truth(camera, segmenter, namespace: str, recorder) -> None:
-    """In sam2 mode, prompt the three largest synthetic apples of the first frame."""
+def _prompt_ground_truth(camera, segmenter, namespace: str, recorder, executor) -> None:
+    """In sam2 mode, prompt the three largest apples of the camera's first frame.
+
+    Sent before the camera spins: the node adds prompts to its latest processed frame, or,
+    before the first, to the first. Sent after it (as they were), each box went to a frame
+    several on, which the apples had moved from.
+    """
     from geometry_msgs.msg import Point32, PolygonStamped
 
-    scene = camera.video[0]
-    apples = sorted(scene.instances_of('apple'), key=lambda inst: -inst.area)[:3]
     publisher = recorder.create_publisher(PolygonStamped, f'{namespace}/segmenter/prompt_box',
                                           10)
-    boxes = [inst.box for inst in apples]
-
-    def send() -> None:
-        if segmenter.pipeline is None or segmenter.pipeline.frame_index < 0 or not boxes:
-            return
-        x0, y0, x1, y1 = boxes.pop(0)
+    apples = sorted(camera.video[0].instances_of('apple'), key=lambda inst: -inst.area)[:3]
+    deadline = time.monotonic() + 10.0
+    while publisher.get_subscription_count() == 0 and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.01)
+    for x0, y0, x1, y1 in (inst.box for inst in apples):
         msg = PolygonStamped()
         msg.polygon.points = [Point32(x=float(x0), y=float(y0)),
                               Point32(x=float(x1), y=float(y1))]
         publisher.publish(msg)
-
-    recorder.create_timer(0.5, send)
+    while len(segmenter.pipeline.object_ids) < len(apples) and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.01)
+    if len(segmenter.pipeline.object_ids) < len(apples):
+        print(f'[demo] only {len(segmenter.pipeline.object_ids)} of {len(apples)} box prompts '
+              'reached the segmenter', flush=True)
 
 
 def _write_outputs(output: Path, overlays: List[np.ndarray], rate_hz: float) -> List[str]:

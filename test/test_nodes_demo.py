@@ -144,3 +144,37 @@ def test_summary_latency_percentiles_cover_every_frame(tmp_path, monkeypatch):
     assert summary['latency_ms_p50'] == pytest.approx(np.percentile(latency, 50))
     assert summary['latency_ms_p95'] == pytest.approx(np.percentile(latency, 95))
     assert summary['inference_ms_p50'] == pytest.approx(np.percentile(inference, 50))
+
+
+def test_sam2_boxes_are_added_on_the_frame_they_were_taken_from(tmp_path, monkeypatch):
+    """Sent after the first frame, each box went to a later one, off its apple."""
+    from sam_gap_ros.nodes.synthetic_camera import SyntheticCameraNode
+    from sam_gap_ros.pipeline import SegmentationPipeline
+
+    cameras, boxes, frames = [], [], []
+    camera_init = SyntheticCameraNode.__init__
+
+    def keep_camera(self, *args, **kwargs):
+        camera_init(self, *args, **kwargs)
+        cameras.append(self)
+
+    add_box, process = SegmentationPipeline.add_box, SegmentationPipeline.process
+
+    def record_box(self, box, frame_index=None, image_size=None):
+        boxes.append((tuple(box), self.frame_index))  # -1: before any frame
+        return add_box(self, box, frame_index, image_size)
+
+    def record_frame(self, rgb, *args, **kwargs):
+        frames.append(rgb.copy())
+        return process(self, rgb, *args, **kwargs)
+
+    monkeypatch.setattr(SyntheticCameraNode, '__init__', keep_camera)
+    monkeypatch.setattr(SegmentationPipeline, 'add_box', record_box)
+    monkeypatch.setattr(SegmentationPipeline, 'process', record_frame)
+    _short_sam2_run(tmp_path / 'out', duration=3.0)
+    first = cameras[0].video[0]
+    apples = sorted(first.instances_of('apple'), key=lambda inst: -inst.area)[:3]
+    # The three largest apples of the camera's first frame, added before any frame was
+    # processed: they attach to the first one processed, which is that frame.
+    assert boxes == [(tuple(float(v) for v in inst.box), -1) for inst in apples]
+    assert np.array_equal(frames[0], first.image)

@@ -274,7 +274,13 @@ def main(argv: Sequence[str] = None) -> int:
     unknown = set(modes) - {'sam2', 'sam3', 'hybrid'}
     if unknown:
         parser.error(f'unknown modes {sorted(unknown)}')
-    object_counts = sorted(int(n) for n in args.objects.split(','))
+    try:
+        # Distinct counts: the per-object line divides by the difference of two of them.
+        object_counts = sorted({int(n) for n in args.objects.split(',') if n.strip()})
+    except ValueError:
+        parser.error(f'--objects takes counts separated by commas, got {args.objects!r}')
+    if not object_counts or object_counts[0] < 1:
+        parser.error(f'--objects needs counts >= 1, got {args.objects!r}')
     factories = build_engines(args.quick, args.device)
     concepts = TINY_CONCEPTS if args.quick else CONCEPTS
     frames = synthetic_frames(args.frames, tiny_scene=args.quick)

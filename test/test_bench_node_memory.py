@@ -70,3 +70,16 @@ def test_engines_are_built_as_the_node_builds_them(bench, monkeypatch, capsys):
     [(inference, tracker)] = built
     assert not inference
     assert '_pos_embed_cache' in tracker.model.vision_encoder.backbone.__dict__
+
+
+def test_object_counts_are_distinct_and_positive(bench, capsys):
+    # '1,1' divided by zero in the per-object line, so the last line never came.
+    assert bench.main(['--quick', '--modes', 'sam2', '--objects', '1,1', '--frames', '2']) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(':')[0] for line in lines if line.startswith('sam2@')] == ['sam2@1']
+    assert lines[-1].startswith('node_memory_mib sam2=')
+    for bad in ('0', 'one', ','):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(['--quick', '--objects', bad])
+        assert exit_info.value.code == 2
+    assert '--objects' in capsys.readouterr().err

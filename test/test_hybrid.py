@@ -408,3 +408,32 @@ def test_detections_without_pixels_are_ignored():
     assert ids(hybrid.step(FRAME)) == [1]
     assert ids(hybrid.step(FRAME)) == [2]
     assert hybrid.track_ids == hybrid.tracker.object_ids == [1, 2]
+
+
+def test_a_prompt_failing_in_sam2_leaves_no_track_sam2_does_not_know(monkeypatch):
+    # SAM2 refuses the re-detection's prompts (out of GPU memory) and withdraws them. The
+    # new track used to stay in the hybrid without a SAM2 object: dropping it at a later
+    # re-detection then failed with "unknown object id", frame after frame.
+    script = {0: [det(A)], 1: [det(A), det(C)], 2: [det(A), det(C)], 3: [det(A)],
+              4: [det(A)]}
+    concepts = ScriptedConcepts(script)
+    hybrid = HybridTracker(concepts, make_tracker(-3.0), redetect_every_n=10)
+    assert ids(hybrid.step(FRAME)) == [1]
+    hybrid.request_redetection()
+
+    def out_of_memory(frame_idx, ids):
+        raise RuntimeError('CUDA out of memory (injected)')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hybrid.tracker, '_run_prompted', out_of_memory)
+        with pytest.raises(RuntimeError, match='out of memory'):
+            hybrid.step(FRAME)
+    assert hybrid.track_ids == hybrid.tracker.object_ids == [1]
+    assert hybrid.missed_redetections(1) == 0
+    # The next frame re-detects at once; ID 2 went with the failed prompt.
+    assert ids(hybrid.step(FRAME)) == [1, 3]
+    assert hybrid.track_ids == hybrid.tracker.object_ids == [1, 3]
+    hybrid.redetect_every_n = 1
+    assert ids(hybrid.step(FRAME)) == [1]      # C missed once: kept, absent in SAM2
+    assert ids(hybrid.step(FRAME)) == [1]      # missed twice: dropped without an error
+    assert hybrid.track_ids == hybrid.tracker.object_ids == [1]

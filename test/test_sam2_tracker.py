@@ -528,6 +528,36 @@ def test_a_prompt_failing_in_the_model_leaves_no_half_added_object(monkeypatch):
     assert tracker.add_objects(boxes=[BOX_B]) == [3]  # ID 2 went with the failed prompt
 
 
+def test_a_frame_failing_in_the_model_withdraws_the_prompts_waiting_for_it(monkeypatch):
+    # Prompts for the next frame, and that frame fails (out of GPU memory): they used to
+    # wait for a frame that had passed, so object 2 stayed in object_ids and was never
+    # tracked or reported again.
+    tracker = make_tracker(motion_gate_margin=None)
+    video = frames(4)
+    tracker.track(video[0])
+    assert tracker.add_objects(boxes=[BOX_A]) == [1]
+    assert tracker.add_objects(1, boxes=[BOX_B]) == [2]                   # a new object
+    tracker.add_objects(1, points=[[[30, 30]]], object_ids=[1])          # a re-prompt
+
+    def out_of_memory(frame_idx, ids):
+        raise RuntimeError('CUDA out of memory (injected)')
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracker, '_run_prompted', out_of_memory)
+        with pytest.raises(RuntimeError, match='out of memory'):
+            tracker.track(video[1])
+    assert tracker.frame_index == 1
+    assert tracker.object_ids == [1] and tracker._pending == {}
+    assert not tracker.session.point_inputs_per_obj[0]
+    result = tracker.track(video[2])
+    assert [obj.object_id for obj in result.objects] == [1]
+    conditioning = tracker.session.output_dict_per_obj[0]['cond_frame_outputs']
+    assert sorted(conditioning) == [0]
+    # A prompt for the next frame after the failure is applied as usual.
+    assert tracker.add_objects(3, boxes=[BOX_B]) == [3]
+    assert [obj.object_id for obj in tracker.track(video[3]).objects] == [1, 3]
+
+
 def test_reprompt_can_replace_conditioning_frames():
     # The random decoder's masks wander off their boxes, which the motion gate would
     # report as absent (no memory): this test is about the conditioning bookkeeping.
@@ -973,6 +1003,23 @@ def test_mask_refinement_only_moves_mask_borders():
     assert not torch.equal(memories[None], memories[1.0])
     with pytest.raises(ValueError, match='mask_refine_radius'):
         make_tracker(mask_refine_radius=11.0)
+
+
+def test_prompt_on_the_latest_frame_refines_against_that_frame_not_the_callers_buffer():
+    # A capture loop that reuses its array has written the next image into it by the time
+    # a prompt is applied to the latest frame; the prompt's mask used to be snapped to the
+    # edges of that next image.
+    video = frames(3)
+    masks = []
+    for reuse in (False, True):
+        tracker = make_tracker(motion_gate_margin=None)
+        buffer = video[0].copy()
+        tracker.track(buffer)
+        if reuse:
+            buffer[:] = video[2][::-1, ::-1]
+        tracker.add_objects(boxes=[BOX_A, BOX_B])
+        masks.append([obj.mask for obj in tracker.last_result.objects])
+    assert all(np.array_equal(a, b) for a, b in zip(*masks, strict=True))
 
 
 def test_mask_refinement_never_erases_a_present_mask():

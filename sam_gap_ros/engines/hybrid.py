@@ -55,7 +55,7 @@ object, whose concept may change (e.g. ``unripe apple`` to ``ripe apple``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -305,6 +305,7 @@ class HybridTracker:
         detections, may_start = self._detect(frame)
         # Only a detection that ran counts: after an error the next frame tries again.
         self._last_detection = self._frame_index
+        before = {t: replace(track) for t, track in self._tracks.items()}
         track_ids = sorted(self._tracks)
         reference = [self._tracks[t].last_mask for t in track_ids]
         iou, _ = mask_overlaps(reference, [d.mask for d in detections])
@@ -345,8 +346,18 @@ class HybridTracker:
             prompt_ids.append(track_id)
             prompt_masks.append(detection.mask)
         if prompt_ids:
-            self.tracker.add_objects(masks=np.stack(prompt_masks), object_ids=prompt_ids,
-                                     replace_conditioning=self.reanchor)
+            try:
+                self.tracker.add_objects(masks=np.stack(prompt_masks), object_ids=prompt_ids,
+                                         replace_conditioning=self.reanchor)
+            except BaseException:
+                # SAM2 withdrew the prompts (out of GPU memory, say). New tracks it never
+                # received would fail its remove_object when dropped later: go back to the
+                # tracks as before this re-detection, less those already dropped from SAM2,
+                # and re-detect on the next frame.
+                live = set(self.tracker.object_ids)
+                self._tracks = {t: track for t, track in before.items() if t in live}
+                self._last_detection = None
+                raise
         # Tracks SAM3 missed this time but SAM2 still sees stay visible until dropped.
         for track_id in self._tracks:
             if track_id not in shown and track_id in visible:

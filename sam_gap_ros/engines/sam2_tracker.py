@@ -726,8 +726,8 @@ class Sam2Tracker:
             self._scene_motion.reset()
         # object id -> (its last box in model-input pixels, the scene offset of that frame)
         self._last_box: Dict[int, Tuple[Tuple[float, ...], Tuple[float, float]]] = {}
-        # The latest frame (the caller's array, not copied) and, once the memory path needs
-        # it, that frame at the model's input size: the guides of the mask refinement.
+        # The latest frame (a copy, see track) and, once the memory path needs it, that
+        # frame at the model's input size: the guides of the mask refinement.
         self._frame: Optional[np.ndarray] = None
         self._model_guide: Optional[np.ndarray] = None
         # object id -> frame index its first prompt is waiting for
@@ -863,10 +863,17 @@ class Sam2Tracker:
     def track(self, frame: np.ndarray) -> TrackResult:
         """Track all objects on the next frame (RGB uint8 ``(H, W, 3)``) and return them.
 
-        The image size is fixed by the first frame until ``reset``.
+        The image size is fixed by the first frame until ``reset``. When the model fails
+        on the frame (out of GPU memory, say), the error is raised and the prompts waiting
+        for this frame are withdrawn (new objects removed), as for a failing
+        ``add_objects``: the frame has passed, and they would otherwise wait for it forever.
         """
         self._check_frame(frame)
-        self._frame, self._model_guide = frame, None
+        # Copied: a prompt on this frame (add_objects) refines its mask against it after
+        # track has returned, when a capture loop that reuses its buffer has already
+        # written the next image into the caller's array. Only the refinement reads it.
+        self._frame = np.array(frame) if self._refine_cells is not None else None
+        self._model_guide = None
         frame_idx = self._frame_index + 1
         pixel_values = self._preprocess(frame)
         if self._scene_motion is not None:
@@ -880,11 +887,20 @@ class Sam2Tracker:
         tracked = [obj_id for obj_id in session.obj_ids if obj_id not in self._pending]
         result = TrackResult(frame_index=frame_idx)
         outputs: Dict[int, dict] = {}
-        with self._inference_context():
-            if tracked:
-                outputs.update(self._run_tracking(frame_idx, tracked))
-            if prompted:
-                outputs.update(self._run_prompted(frame_idx, prompted))
+        # Prompted objects without memory are new: a failed frame removes them again.
+        created = [obj_id for obj_id in prompted if not any(
+            session.output_dict_per_obj[session.obj_id_to_idx(obj_id)].values())]
+        try:
+            with self._inference_context():
+                if tracked:
+                    outputs.update(self._run_tracking(frame_idx, tracked))
+                if prompted:
+                    outputs.update(self._run_prompted(frame_idx, prompted))
+        except BaseException:
+            # Those applied before the failure are conditioning frames already.
+            waiting = [obj_id for obj_id in prompted if self._pending.get(obj_id) == frame_idx]
+            self._withdraw_prompts(frame_idx, waiting, created)
+            raise
         ordered = [obj_id for obj_id in session.obj_ids if obj_id in outputs]
         result.objects = self._to_tracked_objects(ordered, outputs)
         self._last_result = result

@@ -287,13 +287,17 @@ def test_fresh_run_refuses_an_output_dir_with_an_earlier_run(tmp_path, capsys):
     with pytest.raises(FileExistsError, match=r'best, eval, tensorboard, summary\.json.*'
                                               r'--resume .*--overwrite'):
         common.claim_output_dir(out)
+    net = _Net()
+    common.CheckpointManager(tmp_path / 'saved', 'miou').save(
+        net, common.build_optimizer(net, {'lr': 1e-3}), None, step=1)
+    shutil.copytree(tmp_path / 'saved' / 'last', out / 'last')
     common.claim_output_dir(out, resume=str(out / 'last'))  # resuming continues that run
     assert (out / 'best' / 'old').exists()
     with pytest.raises(ValueError, match='exclude each other'):
         common.claim_output_dir(out, resume=str(out / 'last'), overwrite=True)
     common.claim_output_dir(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ['cfg.yaml', 'synthetic_data']
-    assert 'deleted best, eval, tensorboard, summary.json' in capsys.readouterr().out
+    assert 'deleted last, best, eval, tensorboard, summary.json' in capsys.readouterr().out
     args = common.build_arg_parser('x').parse_args(['--config', 'c.yaml', '--overwrite'])
     assert args.overwrite and args.resume is None
     with pytest.raises(SystemExit):
@@ -359,3 +363,16 @@ def test_rng_restore_skips_gpus_that_are_no_longer_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda.random, 'set_rng_state', set_rng_state)
     common.restore_rng_state(state)
     assert restored == [(0, 0)]
+
+
+def test_resume_from_a_model_directory_is_refused_before_anything_is_written(tmp_path):
+    # A model directory (weights, no training state) passed to --resume by mistake: the run
+    # used to write config.json and tensorboard/ first, and then refuse every fresh run.
+    model_dir = tmp_path / 'model'
+    model_dir.mkdir()
+    (model_dir / 'config.json').write_text('{}')
+    out = tmp_path / 'out'
+    with pytest.raises(FileNotFoundError, match=r"not a training checkpoint: no "
+                       r"training_state.pt .* --set model.pretrained_dir="):
+        common.claim_output_dir(out, resume=model_dir, config={'optim': {'lr': 1e-3}})
+    assert not out.exists()

@@ -277,14 +277,19 @@ def check_resume(resume: PathLike, output_dir: PathLike,
     and TensorBoard would mix both); and ``config`` may differ from the one the run started
     with only in :data:`RESUME_MAY_CHANGE`: the optimizer state brings back the saved lr and
     the schedule would silently bend, so a changed lr, step count, batch or model would
-    otherwise be ignored or mixed. A directory that is no training checkpoint is left to
-    :func:`load_checkpoint` to report; checkpoints without a run id or config (older ones)
-    skip those checks.
+    otherwise be ignored or mixed. A directory that is no training checkpoint is refused
+    (FileNotFoundError); checkpoints without a run id or config (older ones) skip those
+    checks.
     """
     resume = Path(resume)
-    extra = _checkpoint_extra(resume)
-    if extra is None:  # not a checkpoint: load_checkpoint names what is missing
-        return
+    for name in (TRAINING_STATE, TRAINER_STATE):
+        if not (resume / name).is_file():
+            # Now, before anything is written: a model directory passed by mistake used to
+            # leave config.json and tensorboard/ behind, and the next fresh run was refused.
+            raise FileNotFoundError(
+                f"'{resume}' is not a training checkpoint: no {name} (to train from a model "
+                f'directory, start a new run with --set model.pretrained_dir={resume})')
+    extra = _checkpoint_extra(resume) or {}
     run_id = extra.get(RUN_ID)
     for name in ('last', 'best'):
         other = _checkpoint_extra(Path(output_dir) / name)

@@ -438,3 +438,16 @@ def test_resuming_a_finished_run_keeps_its_final_metrics(tmp_path):
     assert again['steps'] == 2 and again['metrics'] == final
     summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
     assert summary['metrics'] == final
+
+
+def test_steps_missing_or_null_is_named_before_anything_is_written(tmp_path, capsys):
+    # null used to reach int(None) after the output directory had been claimed.
+    for value in ('null', '0', '2.5'):
+        out = tmp_path / f'run_{value}'
+        with pytest.raises(SystemExit) as exit_info:
+            finetune_sam2.main(['--config', str(SMOKE), '--quiet', '--output-dir', str(out),
+                                '--set', f'train.steps={value}'])
+        assert exit_info.value.code == 2
+        assert "'train.steps' must be a whole number of optimizer steps >= 1" in \
+            capsys.readouterr().err
+        assert not out.exists()

@@ -376,3 +376,10 @@ def test_resume_from_a_model_directory_is_refused_before_anything_is_written(tmp
                        r"training_state.pt .* --set model.pretrained_dir="):
         common.claim_output_dir(out, resume=model_dir, config={'optim': {'lr': 1e-3}})
     assert not out.exists()
+
+
+def test_null_in_a_config_or_override_means_the_default(tmp_path):
+    # Left in as None, it reached the trainers' cfg.get(key, default): int(None) failed.
+    path = _write_yaml(tmp_path, 'seed: 1\noptim:\n  lr: null\n  eps: 1.0e-6\neval:\n')
+    cfg = common.load_config(path, ['optim.eps=null', 'seed=null'])
+    assert cfg == {'optim': {}}

@@ -185,7 +185,18 @@ def load_config(path: PathLike, overrides: Optional[Iterable[str]] = None,
     apply_overrides(cfg, overrides or [], schema)
     if schema is not None:
         check_config(cfg, schema, f"config '{path}' with --set overrides")
-    return cfg
+    return _without_nulls(cfg)
+
+
+def _without_nulls(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return ``cfg`` without its ``null`` values, at any depth of mappings.
+
+    ``null`` means "use the default", and the trainers read ``cfg.get(key, default)``: a
+    key left in with None gave them None instead (``--set train.steps=null`` failed with
+    ``int(None)``).
+    """
+    return {key: _without_nulls(value) if isinstance(value, Mapping) else value
+            for key, value in cfg.items() if value is not None}
 
 
 OPTIM_SCHEMA: Dict[str, Any] = {'lr': None, 'weight_decay': 0.01, 'betas': [0.9, 0.999],

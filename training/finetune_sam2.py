@@ -403,6 +403,7 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     """
     common.check_config(cfg, CONFIG_SCHEMA)
     cfg = common.deep_copy_config(cfg)
+    n_steps = total_steps(cfg)
     train_cfg = cfg.get('train', {})
     seed = int(cfg.get('seed', 0))
     common.seed_everything(seed)
@@ -420,10 +421,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     model, processor = build_model(cfg['model'])
     model.to(device).train()
     n_frozen, n_trainable = common.apply_freezing(model, cfg.get('freeze', []) or [])
-    total_steps = int(train_cfg['steps'])
     optimizer = common.build_optimizer(model, cfg['optim'])
     scheduler = common.build_scheduler(optimizer, dict(cfg.get('schedule', {}),
-                                                       total_steps=total_steps))
+                                                       total_steps=n_steps))
     stepper = common.GradientStepper(model, optimizer, scheduler,
                                      int(train_cfg.get('grad_accumulation', 1)),
                                      train_cfg.get('clip_grad_norm', 1.0), device, precision)
@@ -458,9 +458,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
                           int(data_cfg.get('clip_stride', 1)),
                           float(data_cfg.get('exit_fraction', 0.0)),
                           int(data_cfg.get('max_prompt_gap', 0)))
-    eval_every = int(train_cfg.get('eval_every', 0)) or total_steps
+    eval_every = int(train_cfg.get('eval_every', 0)) or n_steps
     ckpt_every = int(train_cfg.get('checkpoint_every', 0)) or eval_every
-    stop_at = int(train_cfg.get('stop_at_step', 0)) or total_steps
+    stop_at = int(train_cfg.get('stop_at_step', 0)) or n_steps
     # Training clips only: validation runs transformers' own inference loop.
     motion_compensation = bool(train_cfg.get('motion_compensation', False))
     accumulation = stepper.accumulation_steps
@@ -483,10 +483,10 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         if verbose:
             shown = ' '.join(f'{k}={v:.4f}' for k, v in sorted(metrics.items()))
             print(f'step 0 (starting weights): {shown}', file=sys.stderr)
-    bar = common.progress_bar(total_steps, 'sam2 fine-tune', initial=step,
+    bar = common.progress_bar(n_steps, 'sam2 fine-tune', initial=step,
                               disable=None if verbose else True)
     started = time.time()
-    while step < min(total_steps, stop_at):
+    while step < min(n_steps, stop_at):
         # The lr this step trains with: the stepper moves the schedule on after the update.
         step_lr = optimizer.param_groups[0]['lr']
         micro_losses, micro_terms = [], []
@@ -520,7 +520,7 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
         logger.log(scalars, step, 'train')
         bar.update(1)
         bar.set_postfix(loss=f'{step_loss:.3f}')
-        is_last = step >= min(total_steps, stop_at)
+        is_last = step >= min(n_steps, stop_at)
         evaluated = step % eval_every == 0 or is_last
         if evaluated:
             metrics, samples = validate(model, processor, val_clips,
@@ -551,6 +551,15 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     return summary
 
 
+def total_steps(cfg: Mapping[str, Any]) -> int:
+    """Return ``train.steps``, which every SAM2 config must give (a whole number >= 1)."""
+    steps = (cfg.get('train') or {}).get('steps')
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"config 'train.steps' must be a whole number of optimizer steps "
+                         f'>= 1, got {steps!r}')
+    return steps
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point."""
     parser = common.build_arg_parser('Fine-tune SAM2 (transformers Sam2VideoModel).')
@@ -560,6 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = common.load_config(args.config, args.overrides, CONFIG_SCHEMA)
         if args.output_dir:
             cfg['output_dir'] = args.output_dir
+        total_steps(cfg)  # before anything is written or loaded
         common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), args.resume,
                                 args.overwrite, config=cfg)
     except (OSError, KeyError, ValueError) as exc:

@@ -83,7 +83,7 @@ def check_concepts_for_model(model_dir: Union[str, Path], concepts: Sequence[str
         raise ModelLoadError(f"'{path}' has no usable SAM3 config/tokenizer files: "
                              f'{exc}') from exc
     check_phrase_tokens(tokenizer, base_phrases(queries),
-                         int(config.text_config.max_position_embeddings))
+                        int(config.text_config.max_position_embeddings))
     return [q.text for q in queries]
 
 

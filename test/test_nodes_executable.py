@@ -42,8 +42,11 @@ def test_executor_arg_reads_only_the_non_ros_arguments():
 
 @pytest.mark.parametrize('kind', EXECUTORS)
 def test_context_shut_down_inside_spin_once_is_a_clean_stop(kind):
-    """SIGTERM's handler shuts the context down at any moment, also inside ``spin_once``
-    after its check; rclpy then raised an RCLError and the node died with a traceback."""
+    """A context shut down inside ``spin_once`` ends the spin without an error.
+
+    SIGTERM's handler shuts the context down at any moment, also inside ``spin_once`` after
+    its check; rclpy then raised an RCLError and the node died with a traceback.
+    """
     context = Context()
     rclpy.init(context=context)
     executor = make_executor(kind, context=context)

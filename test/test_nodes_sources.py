@@ -180,8 +180,11 @@ def test_natural_key_takes_names_with_superscript_or_circled_digits(tmp_path):
 
 
 def test_video_source_refuses_a_rate_that_would_never_publish(ros, tmp_path, monkeypatch):
-    """rate_hz admits 0 (the video's rate), but 1e-6 Hz waits 11 days for its first frame
-    and 1e-11 Hz overflows the timer period (an unreadable TypeError from rclpy)."""
+    """A rate below 0.1 Hz is refused, and a video claiming one plays at 0.1 Hz.
+
+    ``rate_hz`` admits 0 (the video's rate), but 1e-6 Hz waits 11 days for its first frame
+    and 1e-11 Hz overflows the timer period (an unreadable TypeError from rclpy).
+    """
     _write_png(tmp_path / 'a.png', 0)
     for rate in (1e-11, 1e-6, 0.05):
         with pytest.raises(ValueError, match='rate_hz .* is below 0.1 Hz'):
@@ -198,8 +201,11 @@ def test_video_source_refuses_a_rate_that_would_never_publish(ros, tmp_path, mon
 
 
 def test_video_source_plays_file_names_that_are_not_utf8(tmp_path):
-    """A Latin-1 name (FAT stick, old archive) crashed the node: cv2.imread segfaults on it
-    and rclpy's logger raises on the lone surrogates Python holds such a name as."""
+    """File names that are not UTF-8 are played and logged.
+
+    A Latin-1 name (FAT stick, old archive) crashed the node: cv2.imread segfaults on it
+    and rclpy's logger raises on the lone surrogates Python holds such a name as.
+    """
     folder = os.fsencode(tmp_path)
     for name, grey in ((b'a_1.png', 1), (b'\xc4pfel_2.png', 2)):
         _, png = cv2.imencode('.png', np.full((8, 10, 3), grey, dtype=np.uint8))

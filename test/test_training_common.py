@@ -383,3 +383,31 @@ def test_null_in_a_config_or_override_means_the_default(tmp_path):
     path = _write_yaml(tmp_path, 'seed: 1\noptim:\n  lr: null\n  eps: 1.0e-6\neval:\n')
     cfg = common.load_config(path, ['optim.eps=null', 'seed=null'])
     assert cfg == {'optim': {}}
+
+
+def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_whole_one(tmp_path, monkeypatch):
+    net = _Net()
+    opt = common.build_optimizer(net, {'lr': 1e-3})
+    out = tmp_path / 'run'
+    common.CheckpointManager(out, 'miou').save(net, opt, None, step=1, metrics={'miou': 0.5})
+    real_replace = os.replace
+
+    def crash_on_the_new_best(source, target):
+        if str(source).endswith('best.tmp'):
+            raise OSError('power cut (injected)')
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, 'replace', crash_on_the_new_best)
+    with pytest.raises(OSError, match='power cut'):
+        common.CheckpointManager(out, 'miou').save(net, opt, None, step=2,
+                                                   metrics={'miou': 0.9})
+    monkeypatch.setattr(os, 'replace', real_replace)
+    # best/ used to be deleted before its replacement was renamed in: gone with its score.
+    assert common.CheckpointManager(out, 'miou').best_value == 0.5
+    assert (out / 'best' / common.TRAINER_STATE).is_file()
+    # A crash between last/ going to last.old and last.tmp coming in: resume finds it.
+    os.replace(out / 'last', out / 'last.old')
+    assert common.load_checkpoint(out / 'last', net, opt)['step'] == 2
+    os.replace(out / 'last', out / 'last.old')
+    common.claim_output_dir(out, resume=out / 'last')  # the check before a resume, too
+    assert (out / 'last' / common.TRAINER_STATE).is_file() and not (out / 'last.old').exists()

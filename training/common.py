@@ -283,16 +283,16 @@ def check_resume(resume: PathLike, output_dir: PathLike,
                  config: Optional[Mapping[str, Any]] = None) -> None:
     """Refuse a resume that would not continue the checkpoint's run as it was configured.
 
-    ``output_dir`` must not hold the
-    checkpoints of another run (they would be replaced, best/ would compete with that run's
-    and TensorBoard would mix both); and ``config`` may differ from the one the run started
-    with only in :data:`RESUME_MAY_CHANGE`: the optimizer state brings back the saved lr and
-    the schedule would silently bend, so a changed lr, step count, batch or model would
-    otherwise be ignored or mixed. A directory that is no training checkpoint is refused
-    (FileNotFoundError); checkpoints without a run id or config (older ones) skip those
-    checks.
+    ``output_dir`` must not hold the checkpoints of another run (they would be replaced,
+    best/ would compete with that run's and TensorBoard would mix both); and ``config`` may
+    differ from the one the run started with only in :data:`RESUME_MAY_CHANGE`: the
+    optimizer state brings back the saved lr and the schedule would silently bend, so a
+    changed lr, step count, batch or model would otherwise be ignored or mixed. A directory
+    that is no training checkpoint is refused (FileNotFoundError); checkpoints without a
+    run id or config (older ones) skip those checks.
     """
     resume = Path(resume)
+    _restore_interrupted_replace(resume)
     for name in (TRAINING_STATE, TRAINER_STATE):
         if not (resume / name).is_file():
             # Now, before anything is written: a model directory passed by mistake used to
@@ -719,6 +719,17 @@ def save_checkpoint(directory: PathLike, model: torch.nn.Module,
         'extra': _json_safe(dict(extra or {})),
     }
     (tmp / TRAINER_STATE).write_text(json.dumps(json_state))
+    _replace_directory(tmp, directory)
+    return directory
+
+
+def _replace_directory(tmp: Path, directory: Path) -> None:
+    """Put the complete ``tmp`` in ``directory``'s place, keeping one whole copy throughout.
+
+    ``directory`` is renamed to ``<name>.old`` first and removed only after ``tmp`` took its
+    place: a crash in between leaves that complete copy, which
+    :func:`_restore_interrupted_replace` puts back.
+    """
     old = directory.with_name(directory.name + '.old')
     if directory.exists():
         if old.exists():
@@ -727,7 +738,13 @@ def save_checkpoint(directory: PathLike, model: torch.nn.Module,
     os.replace(tmp, directory)
     if old.exists():
         shutil.rmtree(old)
-    return directory
+
+
+def _restore_interrupted_replace(directory: Path) -> None:
+    """Put back ``<name>.old`` when a crash left it without ``directory`` (see above)."""
+    old = directory.with_name(directory.name + '.old')
+    if not directory.exists() and old.is_dir():
+        os.replace(old, directory)
 
 
 def load_model_weights(directory: PathLike, model: torch.nn.Module) -> None:
@@ -756,6 +773,7 @@ def load_checkpoint(directory: PathLike, model: Optional[torch.nn.Module] = None
     cannot execute code when loaded.
     """
     directory = Path(directory)
+    _restore_interrupted_replace(directory)
     for name in (TRAINING_STATE, TRAINER_STATE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"'{directory}' is not a training checkpoint: no {name}")
@@ -791,6 +809,8 @@ class CheckpointManager:
         self.metric = metric
         self.mode = mode
         self.best_value: Optional[float] = None
+        for directory in (self.last_dir, self.best_dir):
+            _restore_interrupted_replace(directory)
         best_state = self.best_dir / TRAINER_STATE
         if best_state.is_file():
             value = json.loads(best_state.read_text()).get('metrics', {}).get(metric)
@@ -837,9 +857,8 @@ class CheckpointManager:
             if tmp.exists():
                 shutil.rmtree(tmp)
             shutil.copytree(self.last_dir, tmp)
-            if self.best_dir.exists():
-                shutil.rmtree(self.best_dir)
-            os.replace(tmp, self.best_dir)
+            # Not rmtree + rename: a crash in between lost best/ and its score.
+            _replace_directory(tmp, self.best_dir)
             saved['best'] = self.best_dir
         return saved
 

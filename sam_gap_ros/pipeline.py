@@ -449,7 +449,11 @@ class SegmentationPipeline:
     # -- SAM2 prompts ----------------------------------------------------------------------
     def add_box(self, box: Sequence[float], frame_index: Optional[int] = None,
                 image_size: Optional[Tuple[int, int]] = None) -> int:
-        """Add a box-prompted object (sam2 mode); return its new object ID."""
+        """Add a box-prompted object (sam2 mode); return its new object ID.
+
+        ``box`` is ``(x0, y0, x1, y1)`` in pixels; ``image_size`` is ``(width, height)`` of
+        the frame it is checked against (None: checked when the frame comes).
+        """
         x0, y0, x1, y1 = (float(v) for v in box)
         x0, x1 = min(x0, x1), max(x0, x1)
         y0, y1 = min(y0, y1), max(y0, y1)
@@ -466,7 +470,8 @@ class SegmentationPipeline:
         A foreground point seeds a new object. A background point corrects the object shown
         under it in the latest label image: SAM2 re-predicts that object from its memory
         with the point excluded (e.g. a leaf the mask ran onto). A background point alone
-        cannot seed an object, so one on no object is refused.
+        cannot seed an object, so one on no object is refused. ``image_size`` is
+        ``(width, height)``, as for ``add_box``.
         """
         x, y = float(x), float(y)
         _check_in_image([(x, y)], image_size, pixel=True)

@@ -20,6 +20,7 @@ the close-range scene they were trained on. The segmenter configures and activat
 import os
 import re
 import tempfile
+import zlib
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
@@ -160,10 +161,24 @@ def _dds_environment(choice, environ=os.environ):
     return {PROFILE_VARIABLES[1] if fast_dds_2 else PROFILE_VARIABLES[0]: choice}
 
 
+def _camera_name(camera):
+    """Return ``camera`` as one name (``/robot1/front``: robot1_front; ``/``: camera)."""
+    return '_'.join(token for token in camera.split('/') if token) or 'camera'
+
+
 def _optical_frame(camera):
     """Return the colour optical frame of ``camera`` as drivers name it (``/front``: front_...)."""
-    name = '_'.join(token for token in camera.split('/') if token) or 'camera'
-    return f'{name}_color_optical_frame'
+    return f'{_camera_name(camera)}_color_optical_frame'
+
+
+def _scene_seed(camera):
+    """Return the synthetic scene seed of ``camera``: 0 for ``/camera``, else from its name.
+
+    Every camera sees its own orchard, also across separate launches; CRC-32, not hash(),
+    which Python salts per process.
+    """
+    name = _camera_name(camera)
+    return 0 if name == 'camera' else zlib.crc32(name.encode()) % 2**31
 
 
 def _truthy(text):
@@ -253,9 +268,9 @@ def _setup(context, *args, **kwargs):
         if _truthy(value['synthetic']):
             # The synthetic camera shows the shipped models the close-range scene they were
             # trained on (its default 69 deg view makes apples too small for them), in a
-            # frame named after its camera as camera drivers name theirs, so that several
-            # cameras do not share one; a params file may set both.
-            camera_defaults = {'frame_id': _optical_frame(camera)}
+            # frame named after its camera as camera drivers name theirs, and a scene of its
+            # own, so that several cameras share neither; a params file may set them.
+            camera_defaults = {'frame_id': _optical_frame(camera), 'seed': _scene_seed(camera)}
             if shipped:
                 camera_defaults['scene'] = TINY_MODEL_SCENE
             actions.append(Node(

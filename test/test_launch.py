@@ -98,6 +98,7 @@ def test_launch_description_starts_one_segmenter_per_camera():
     cameras = [a for a in actions if isinstance(a, Node) and not isinstance(a, LifecycleNode)]
     assert len(segmenters) == 2 and len(cameras) == 2
     # Each segmenter and synthetic camera on its own camera's default topics.
+    seeds = []
     for camera, segmenter, synthetic in zip(('/front', '/rear'), segmenters, cameras,
                                             strict=True):
         for node in (segmenter, synthetic):
@@ -110,7 +111,12 @@ def test_launch_description_starts_one_segmenter_per_camera():
         # Each camera's images in its own frame (the shipped orchard.yaml sets none).
         files = _parameter_files(synthetic, context)
         assert files[0]['frame_id'] == f'{camera[1:]}_color_optical_frame'
-        assert all('frame_id' not in values for values in files[1:])
+        assert all('frame_id' not in values and 'seed' not in values for values in files[1:])
+        seeds.append(files[0]['seed'])
+    # ... and its own orchard, the same in every launch (CRC-32 of the camera's name).
+    assert len(set(seeds)) == 2
+    (_, rear_alone), context = _launch_actions({'camera': '/rear', 'synthetic': 'true'})
+    assert _parameter_files(rear_alone, context)[0]['seed'] == seeds[1]
 
 
 def _launch_actions(configurations):
@@ -159,7 +165,7 @@ def test_shipped_models_run_at_their_operating_point_on_their_scene():
     assert shipped['model_dir'].endswith('tiny-orchard-sam3')
     assert {k: shipped[k] for k in TINY_SAM3_THRESHOLDS} == TINY_SAM3_THRESHOLDS
     assert _parameter_files(camera, context)[0] == {
-        'scene': TINY_MODEL_SCENE, 'frame_id': 'camera_color_optical_frame'}
+        'scene': TINY_MODEL_SCENE, 'frame_id': 'camera_color_optical_frame', 'seed': 0}
     # The shipped orchard.yaml leaves thresholds to the model, so these apply.
     yaml_values = _parameter_files(segmenter, context)[1]
     assert 'score_threshold' not in yaml_values and 'mask_threshold' not in yaml_values

@@ -595,3 +595,17 @@ def test_a_partial_checkpoint_is_refused_not_trained_from_random_values(assets, 
     save_file(weights, str(model_dir / 'model.safetensors'), metadata={'format': 'pt'})
     with pytest.raises(ModelLoadError, match='box_head.layer1.bias'):
         load_sam3(str(model_dir))
+
+
+def test_steps_that_are_no_whole_number_are_named_before_anything_is_written(tmp_path,
+                                                                            capsys):
+    # 0 trained nothing yet printed a best checkpoint it had not written.
+    for value in ('0', '2.5', 'many'):
+        out = tmp_path / f'run_{value}'
+        with pytest.raises(SystemExit) as exit_info:
+            main(['--config', str(SMOKE), '--output-dir', str(out),
+                  '--set', f'train.steps={value}'])
+        assert exit_info.value.code == 2
+        assert "'train.steps' must be a whole number of optimizer steps >= 1" in \
+            capsys.readouterr().err
+        assert not out.exists()

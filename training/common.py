@@ -188,6 +188,19 @@ def load_config(path: PathLike, overrides: Optional[Iterable[str]] = None,
     return _without_nulls(cfg)
 
 
+def train_steps(cfg: Mapping[str, Any], default: Optional[int] = None) -> int:
+    """Return ``train.steps`` (``default`` when unset), a whole number of optimizer steps >= 1.
+
+    Checked where a trainer starts, before anything is written: 0 wrote no checkpoint but
+    reported one, and a fraction or text failed mid-setup.
+    """
+    steps = (cfg.get('train') or {}).get('steps', default)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"config 'train.steps' must be a whole number of optimizer steps "
+                         f'>= 1, got {steps!r}')
+    return steps
+
+
 def _without_nulls(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """Return ``cfg`` without its ``null`` values, at any depth of mappings.
 

@@ -403,7 +403,7 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     """
     common.check_config(cfg, CONFIG_SCHEMA)
     cfg = common.deep_copy_config(cfg)
-    n_steps = total_steps(cfg)
+    n_steps = common.train_steps(cfg)  # no default: every SAM2 config gives it
     train_cfg = cfg.get('train', {})
     seed = int(cfg.get('seed', 0))
     common.seed_everything(seed)
@@ -551,15 +551,6 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     return summary
 
 
-def total_steps(cfg: Mapping[str, Any]) -> int:
-    """Return ``train.steps``, which every SAM2 config must give (a whole number >= 1)."""
-    steps = (cfg.get('train') or {}).get('steps')
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"config 'train.steps' must be a whole number of optimizer steps "
-                         f'>= 1, got {steps!r}')
-    return steps
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point."""
     parser = common.build_arg_parser('Fine-tune SAM2 (transformers Sam2VideoModel).')
@@ -569,7 +560,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = common.load_config(args.config, args.overrides, CONFIG_SCHEMA)
         if args.output_dir:
             cfg['output_dir'] = args.output_dir
-        total_steps(cfg)  # before anything is written or loaded
+        common.train_steps(cfg)  # before anything is written or loaded
         common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), args.resume,
                                 args.overwrite, config=cfg)
     except (OSError, KeyError, ValueError) as exc:

@@ -889,7 +889,7 @@ class Sam3FineTuner:
         # run's best/ nor mix its PNGs and TensorBoard events with it.
         common.claim_output_dir(self.output_dir, resume, overwrite, config=self.cfg)
         self.run_id = common.new_run_id()
-        steps = int(self.tcfg.get('steps', 100))
+        steps = common.train_steps(self.cfg, CONFIG_SCHEMA['train']['steps'])
         stop_at = int(self.tcfg.get('stop_at_step', 0)) or steps
         accumulation = int(self.tcfg.get('grad_accumulation', 1))
         ocfg = dict(self.cfg.get('optim', {'lr': 1e-4}))
@@ -1160,6 +1160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = common.load_config(args.config, args.overrides, CONFIG_SCHEMA)
         _metric_and_mode(cfg.get('eval') or {})
+        common.train_steps(cfg, CONFIG_SCHEMA['train']['steps'])
         # Checked before the model loads (minutes for the full SAM3); train() checks again.
         common.claim_output_dir(args.output_dir or cfg.get('output_dir', 'runs/sam3'),
                                 args.resume, args.overwrite, config=cfg)

@@ -451,3 +451,15 @@ def test_steps_missing_or_null_is_named_before_anything_is_written(tmp_path, cap
         assert "'train.steps' must be a whole number of optimizer steps >= 1" in \
             capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_run_that_fails_during_setup_leaves_the_directory_free(tmp_path):
+    # A freeze pattern matching nothing fails after the directory is claimed; the
+    # config.json it used to leave made the corrected rerun refuse it as an earlier run.
+    cfg = _cfg(tmp_path, 'run', steps=1)
+    cfg['freeze'] = ['no_such_module']
+    with pytest.raises(ValueError, match='matched no parameter'):
+        finetune_sam2.train(cfg, verbose=False)
+    assert not (tmp_path / 'run' / 'config.json').exists()
+    cfg['freeze'] = []
+    assert finetune_sam2.train(cfg, verbose=False)['steps'] == 1

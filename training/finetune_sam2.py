@@ -416,7 +416,6 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     # and last/ unasked nor mix its PNGs and TensorBoard events with it.
     output_dir = common.claim_output_dir(cfg.get('output_dir', 'runs/sam2'), resume, overwrite,
                                          config=cfg)
-    (output_dir / 'config.json').write_text(json.dumps(cfg, indent=1, default=str))
 
     model, processor = build_model(cfg['model'])
     model.to(device).train()
@@ -436,6 +435,9 @@ def train(cfg: Mapping[str, Any], resume: Optional[str] = None,
     val_clips = validation_clips(videos_from_config(data_cfg, 'val'),
                                  int(data_cfg.get('val_clip_frames', num_frames)),
                                  max_objects, min_area)
+    # Only once model, freezing and data are set up: a config.json left by a run that
+    # failed there made the next fresh run refuse the directory as an earlier run's.
+    (output_dir / 'config.json').write_text(json.dumps(cfg, indent=1, default=str))
     data_rng = np.random.default_rng(seed)
     manager = common.CheckpointManager(output_dir, metric=BEST_METRIC, mode='max')
     logger = common.ScalarLogger(output_dir / 'tensorboard' if cfg.get('tensorboard', True)

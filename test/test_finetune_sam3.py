@@ -597,8 +597,7 @@ def test_a_partial_checkpoint_is_refused_not_trained_from_random_values(assets, 
         load_sam3(str(model_dir))
 
 
-def test_steps_that_are_no_whole_number_are_named_before_anything_is_written(tmp_path,
-                                                                            capsys):
+def test_steps_that_are_no_whole_number_are_named_before_writing(tmp_path, capsys):
     # 0 trained nothing yet printed a best checkpoint it had not written.
     for value in ('0', '2.5', 'many'):
         out = tmp_path / f'run_{value}'
@@ -609,3 +608,11 @@ def test_steps_that_are_no_whole_number_are_named_before_anything_is_written(tmp
         assert "'train.steps' must be a whole number of optimizer steps >= 1" in \
             capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_one_step_run_reports_no_drop_and_succeeds(assets, tmp_path, capsys):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text(yaml.safe_dump(assets['cfg']))
+    assert main(['--config', str(path), '--output-dir', str(tmp_path / 'out'),
+                 '--set', 'train.steps=1']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('loss_drop_pct=0.00 ')

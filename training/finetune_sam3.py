@@ -1001,8 +1001,10 @@ class Sam3FineTuner:
                                     float(self.ecfg.get('retention_tolerance', 0.05))),
                   flush=True)
         window = int(self.tcfg.get('loss_window', max(1, min(10, len(history) // 5))))
+        # One loss has no drop: 0, as the SAM2 trainer reports it (NaN made main() exit 1,
+        # the status of a diverged run).
         summary['loss_drop_pct'] = (common.loss_drop_pct(history, window)
-                                    if len(history) >= 2 else float('nan'))
+                                    if len(history) >= 2 else 0.0)
         return summary
 
     def _print_setup(self, steps: int, accumulation: int) -> None:

@@ -214,6 +214,8 @@ def test_bad_frames_and_missing_concepts_raise():
         fresh.segment(frame(), score_threshold=1.0)
     with pytest.raises(ValueError, match='max_instances'):
         fresh.segment(frame(), max_instances=0)
+    with pytest.raises(ValueError, match='max_instances must be a whole number'):
+        fresh.detect(frame(), max_instances=2.7)  # was truncated to 2 silently
 
 
 def test_negative_stride_frames_are_accepted(engine):
@@ -315,6 +317,7 @@ def test_queries_without_mask_pixels_take_no_max_instances_slot():
     ('exclusion_iou', 0.0), ('exclusion_iou', 1.5), ('near_distance_px', -1.0),
     ('near_distance_px', float('inf')), ('near_distance_px', float('nan')),
     ('duplicate_iou', -0.1), ('score_threshold', 1.0), ('max_instances', 0),
+    ('max_instances', 2.7),
 ])
 def test_invalid_settings_are_refused_at_construction(setting, value):
     # exclusion_iou=0 would exclude an apple for a leaf anywhere in the image (an overlap

@@ -65,6 +65,13 @@ def check_phrase_tokens(tokenizer: Any, phrases: Sequence[str], max_tokens: int)
                                f'encoder reads at most {max_tokens} (including start/end)')
 
 
+def _instance_limit(value: Any) -> int:
+    """Return ``max_instances`` as an int >= 1; a fraction is refused, not truncated."""
+    if isinstance(value, bool) or not float(value).is_integer() or value < 1:
+        raise ValueError(f'max_instances must be a whole number >= 1, got {value!r}')
+    return int(value)
+
+
 def check_concepts_for_model(model_dir: Union[str, Path], concepts: Sequence[str]
                              ) -> List[str]:
     """Check ``concepts`` as ``set_concepts`` would, reading only a SAM3 directory's text files.
@@ -111,8 +118,7 @@ class Sam3ConceptEngine:
             raise ValueError(f'mask_threshold must be in (0, 1), got {mask_threshold}')
         if not 0.0 <= score_threshold < 1.0:
             raise ValueError(f'score_threshold must be in [0, 1), got {score_threshold}')
-        if max_instances < 1:
-            raise ValueError(f'max_instances must be >= 1, got {max_instances}')
+        max_instances = _instance_limit(max_instances)
         if not 0.0 < exclusion_iou <= 1.0:
             raise ValueError(f'exclusion_iou must be in (0, 1], got {exclusion_iou}')
         if not 0.0 <= duplicate_iou <= 1.0:
@@ -325,11 +331,9 @@ class Sam3ConceptEngine:
         """
         check_rgb_frame(frame)
         threshold = self.score_threshold if score_threshold is None else float(score_threshold)
-        limit = self.max_instances if max_instances is None else int(max_instances)
+        limit = _instance_limit(self.max_instances if max_instances is None else max_instances)
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f'score_threshold must be in [0, 1), got {threshold}')
-        if limit < 1:
-            raise ValueError(f'max_instances must be >= 1, got {limit}')
         queries, phrases, features, masks = self._active
         if not queries:
             raise ConceptError('no concepts set: call set_concepts() first')

@@ -411,3 +411,30 @@ def test_a_crash_while_a_checkpoint_is_replaced_leaves_a_whole_one(tmp_path, mon
     os.replace(out / 'last', out / 'last.old')
     common.claim_output_dir(out, resume=out / 'last')  # the check before a resume, too
     assert (out / 'last' / common.TRAINER_STATE).is_file() and not (out / 'last.old').exists()
+
+
+def test_a_checkpoint_is_on_disk_before_the_renames_publish_it(tmp_path, monkeypatch):
+    # Without fsync a power cut could leave last/ renamed in with files never written.
+    net = _Net()
+    opt = common.build_optimizer(net, {'lr': 1e-3})
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(('fsync', os.readlink(f'/proc/self/fd/{descriptor}')))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(('replace', str(source), str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    common.CheckpointManager(tmp_path / 'run', 'miou').save(net, opt, None, step=1)
+    tmp = str(tmp_path / 'run' / 'last.tmp')
+    publish = events.index(('replace', tmp, str(tmp_path / 'run' / 'last')))
+    synced = {event[1] for event in events[:publish] if event[0] == 'fsync'}
+    written = {str(path).replace('/last/', '/last.tmp/')
+               for path in (tmp_path / 'run' / 'last').rglob('*') if path.is_file()}
+    assert written and written <= synced and tmp in synced
+    assert ('fsync', str(tmp_path / 'run')) in events[publish:]

@@ -743,14 +743,37 @@ def _replace_directory(tmp: Path, directory: Path) -> None:
     place: a crash in between leaves that complete copy, which
     :func:`_restore_interrupted_replace` puts back.
     """
+    # On disk before the renames publish it: after a power cut a renamed directory of
+    # unwritten (empty) files would look like a whole checkpoint.
+    _sync_tree(tmp)
     old = directory.with_name(directory.name + '.old')
     if directory.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(directory, old)
     os.replace(tmp, directory)
+    _sync_directory(directory.parent)  # the renames themselves
     if old.exists():
         shutil.rmtree(old)
+
+
+def _sync_tree(directory: Path) -> None:
+    """Flush every file below ``directory``, and the directories, to disk."""
+    for path in sorted(directory.rglob('*')):
+        if path.is_file():
+            with open(path, 'rb') as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _sync_directory(path)
+    _sync_directory(directory)
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _restore_interrupted_replace(directory: Path) -> None:

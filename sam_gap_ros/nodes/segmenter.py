@@ -225,10 +225,9 @@ class SegmenterNode(LifecycleNode):
             snapshot: Dict[str, Any] = dict(self.counters)
             pairer = self._pairer  # cleanup folds its counts in and clears it under the lock
         # The counters hold what a cleaned-up pairer had counted (see _teardown).
-        snapshot['frames_dropped'] += (self._slot.dropped + (pairer.dropped if pairer else 0)
-                                       + snapshot['frames_aborted'])
-        snapshot['unpaired_depth'] += pairer.unpaired if pairer else 0
-        snapshot['stamp_jumps_back'] += pairer.time_jumps if pairer else 0
+        for key, value in _pairer_counts(pairer).items():
+            snapshot[key] += value
+        snapshot['frames_dropped'] += self._slot.dropped + snapshot['frames_aborted']
         snapshot['input_rate_hz'] = self._in_rate.rate(now)
         snapshot['processed_rate_hz'] = self._out_rate.rate(now)
         snapshot['latency_ms_p50'] = self.latency.percentile_ms(50)
@@ -331,11 +330,8 @@ class SegmenterNode(LifecycleNode):
         with self._stats_lock:
             # Kept until the next activate restarts the counters: /diagnostics goes on
             # showing them, and frames_dropped must not fall (nor the accounting break).
-            pairer = self._pairer
-            if pairer is not None:
-                self.counters['frames_dropped'] += pairer.dropped
-                self.counters['unpaired_depth'] += pairer.unpaired
-                self.counters['stamp_jumps_back'] += pairer.time_jumps
+            for key, value in _pairer_counts(self._pairer).items():
+                self.counters[key] += value
             self._pairer = None
         self._depth_subscription = None
         self._camera_info = None
@@ -977,6 +973,14 @@ class SegmenterNode(LifecycleNode):
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         return array
+
+
+def _pairer_counts(pairer: Optional[StampPairer]) -> Dict[str, int]:
+    """Return what ``pairer`` counted, under the names of the node's counters."""
+    if pairer is None:
+        return {}
+    return {'frames_dropped': pairer.dropped, 'unpaired_depth': pairer.unpaired,
+            'stamp_jumps_back': pairer.time_jumps}
 
 
 def _camera_intrinsics(info: CameraInfo, shape: Tuple[int, int]) -> CameraIntrinsics:

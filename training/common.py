@@ -305,14 +305,10 @@ def check_resume(resume: PathLike, output_dir: PathLike,
     run id or config (older ones) skip those checks.
     """
     resume = Path(resume)
-    _restore_interrupted_replace(resume)
-    for name in (TRAINING_STATE, TRAINER_STATE):
-        if not (resume / name).is_file():
-            # Now, before anything is written: a model directory passed by mistake used to
-            # leave config.json and tensorboard/ behind, and the next fresh run was refused.
-            raise FileNotFoundError(
-                f"'{resume}' is not a training checkpoint: no {name} (to train from a model "
-                f'directory, start a new run with --set model.pretrained_dir={resume})')
+    # Now, before anything is written: a model directory passed by mistake used to leave
+    # config.json and tensorboard/ behind, and the next fresh run was refused.
+    _require_checkpoint(resume, f' (to train from a model directory, start a new run with '
+                                f'--set model.pretrained_dir={resume})')
     extra = _checkpoint_extra(resume) or {}
     run_id = extra.get(RUN_ID)
     for name in ('last', 'best'):
@@ -776,6 +772,18 @@ def _sync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def _require_checkpoint(directory: Path, hint: str = '') -> None:
+    """Raise FileNotFoundError unless ``directory`` holds a training checkpoint.
+
+    A crash between the renames of its replacement is repaired first (see above).
+    """
+    _restore_interrupted_replace(directory)
+    for name in (TRAINING_STATE, TRAINER_STATE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"'{directory}' is not a training checkpoint: no "
+                                    f'{name}{hint}')
+
+
 def _restore_interrupted_replace(directory: Path) -> None:
     """Put back ``<name>.old`` when a crash left it without ``directory`` (see above)."""
     old = directory.with_name(directory.name + '.old')
@@ -809,10 +817,7 @@ def load_checkpoint(directory: PathLike, model: Optional[torch.nn.Module] = None
     cannot execute code when loaded.
     """
     directory = Path(directory)
-    _restore_interrupted_replace(directory)
-    for name in (TRAINING_STATE, TRAINER_STATE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"'{directory}' is not a training checkpoint: no {name}")
+    _require_checkpoint(directory)
     if model is not None:
         load_model_weights(directory, model)
     tensor_state = torch.load(directory / TRAINING_STATE, map_location='cpu', weights_only=True)

@@ -418,7 +418,6 @@ class Sam3FineTuner:
                 check_dataset(dcfg['root'], ann)
         self.output_dir = Path(output_dir or self.cfg.get('output_dir', 'runs/sam3'))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = common.new_run_id()  # train() keeps a resumed run's own id
         self.seed = int(self.cfg.get('seed', 0))
         if self.cfg.get('num_threads'):
             torch.set_num_threads(int(self.cfg['num_threads']))
@@ -888,7 +887,7 @@ class Sam3FineTuner:
         # Before anything is written: a fresh run must neither compete with an earlier
         # run's best/ nor mix its PNGs and TensorBoard events with it.
         common.claim_output_dir(self.output_dir, resume, overwrite, config=self.cfg)
-        self.run_id = common.new_run_id()
+        self.run_id = common.new_run_id()  # a resumed run keeps its own (below)
         steps = common.train_steps(self.cfg, CONFIG_SCHEMA['train']['steps'])
         stop_at = int(self.tcfg.get('stop_at_step', 0)) or steps
         accumulation = int(self.tcfg.get('grad_accumulation', 1))

@@ -62,7 +62,9 @@ def test_quick_soak_accounts_for_every_frame_and_call(mode, tmp_path):
     # The resources were sampled throughout, and both nodes exited cleanly on SIGINT.
     assert len(report['samples']) >= 10
     assert report['fds_end'] == report['fds_after_warmup']
-    assert report['segmenter_exit_code'] == 0 and report['camera_exit_code'] == 0
+    # On a crash the nodes' faulthandler stacks are in the benchmark's stderr (they share it).
+    assert report['segmenter_exit_code'] == 0 and report['camera_exit_code'] == 0, \
+        result.stderr[-8000:]
     # A progress line every 10 s on stderr, so a long run that stops early shows how far
     # it got; the last one agrees with the summary so far.
     progress = [dict(item.split('=') for item in line.split()[1:])

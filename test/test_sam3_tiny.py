@@ -45,6 +45,17 @@ def test_tokenizer_knows_orchard_words_and_falls_back_to_bytes():
     assert sum(padded['attention_mask'][0]) == 3
 
 
+def test_tokenizer_padded_to_a_text_encoders_size_tokenizes_the_same():
+    # Pairs the tiny tokenizer with the full SAM3 text encoder (benchmarks' random weights).
+    plain, padded = build_tiny_tokenizer(), build_tiny_tokenizer(vocab_size=49408)
+    assert len(padded) == 49408
+    for text in ('ripe red apple', 'xylophone'):
+        assert padded(text)['input_ids'] == plain(text)['input_ids']
+    assert len(build_tiny_tokenizer()) == tiny_vocab_size()  # the cached tables are untouched
+    with pytest.raises(ValueError, match='below'):
+        build_tiny_tokenizer(vocab_size=tiny_vocab_size() - 1)
+
+
 def test_tiny_config_is_the_real_architecture_small():
     config = tiny_sam3_config(image_size=84)
     backbone = config.vision_config.backbone_config

@@ -88,14 +88,22 @@ def _bpe_tables(words: Tuple[str, ...]) -> Tuple[Dict[str, int], Tuple[Tuple[str
     return {token: index for index, token in enumerate(tokens)}, tuple(merges)
 
 
-def build_tiny_tokenizer(words: Iterable[str] = TINY_VOCABULARY) -> CLIPTokenizer:
+def build_tiny_tokenizer(words: Iterable[str] = TINY_VOCABULARY,
+                         vocab_size: Optional[int] = None) -> CLIPTokenizer:
     """Build a ``CLIPTokenizer`` whose BPE has merges for ``words`` (no download).
 
     Each word's merges are added left to right, but BPE applies merges by rank, so a word
     that contains an earlier one (``unripe`` after ``ripe``) may come out as several known
     tokens (``un`` + ``ripe``) rather than one; no word maps to the unknown token.
+    ``vocab_size`` pads the vocabulary with tokens no text produces, to that many tokens:
+    it pairs the tokenizer with a text encoder of that size (the full SAM3's 49408).
     """
     vocab, merges = _bpe_tables(tuple(dict.fromkeys(words)))
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f'vocab_size {vocab_size} is below the {len(vocab)} tokens of '
+                             'these words')
+        vocab = {**vocab, **{f'<unused_{i}>': i for i in range(len(vocab), vocab_size)}}
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), unk_token=EOS_TOKEN,
                          bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                          model_max_length=TEXT_LENGTH)

@@ -48,6 +48,8 @@ absolute overhead in ms is printed as well). The LAST line is exactly
     python benchmarks/bench_node_overhead.py --quick
     python benchmarks/bench_node_overhead.py --mode sam3 --model-dir /opt/models/sam3 \
         --device cuda --frames 100
+    python benchmarks/bench_node_overhead.py --mode sam2 --arch full --device cuda \
+        --dtype bfloat16 --process separate  # production-size random weights on a GPU
 """
 
 import argparse
@@ -79,6 +81,17 @@ def _prepare_models(args, workdir):
     """Return (model_dir, tracker_model_dir, scene overrides for the camera)."""
     if args.model_dir:
         return args.model_dir, args.tracker_model_dir, ''
+    if args.arch == 'full':
+        from full_size_models import save_full_size
+        write_on = args.device if args.device.startswith('cuda') else 'cpu'
+        dirs = {family: str(save_full_size(family, workdir / f'full-{family}', write_on))
+                for family in (('sam2',) if args.mode == 'sam2' else ('sam3', 'sam2')
+                               if args.mode == 'hybrid' else ('sam3',))}
+        print('models: RANDOM full-size architectures (SAM2.1-hiera-tiny, SAM3)',
+              file=sys.stderr)
+        if args.mode == 'hybrid':
+            return dirs['sam3'], dirs['sam2'], ''
+        return dirs[args.mode], '', ''
     from sam_gap_ros.demo import prepare_models
     from sam_gap_ros.tiny_models import TINY_MODEL_SCENES
     model_dir, tracker_dir, text = prepare_models(args.mode, workdir)
@@ -194,6 +207,12 @@ def main(argv=None):
     parser.add_argument('--model-dir', default='')
     parser.add_argument('--tracker-model-dir', default='')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32',
+                        choices=('float32', 'float16', 'bfloat16'),
+                        help='the node\'s dtype parameter (half precision needs a GPU)')
+    parser.add_argument('--arch', choices=('tiny', 'full'), default='tiny',
+                        help='without --model-dir: the shipped tiny models, or randomly '
+                        'initialised production-size architectures (GPU benchmarks)')
     parser.add_argument('--frames', type=int, default=40)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--depth', action='store_true', help='also send depth + camera_info')
@@ -250,7 +269,8 @@ def _measure(args, workdir):
     rclpy.init(context=context)
     ns = '/bench_node_overhead'
     params = {'mode': args.mode, 'model_dir': model_dir, 'tracker_model_dir': tracker_dir,
-              'device': args.device, 'input_qos': 'reliable', 'use_depth': bool(args.depth),
+              'device': args.device, 'dtype': args.dtype, 'input_qos': 'reliable',
+              'use_depth': bool(args.depth),
               'depth_wait_s': 1.0, 'score_threshold': 0.0, 'max_instances': 10}
     node = child = echo_node = echo_child = None
     if args.process == 'same':
@@ -270,6 +290,7 @@ def _measure(args, workdir):
         # that the load of this shared machine drifts equally over both measurements.
         reference = SegmentationPipeline(PipelineConfig(
             mode=args.mode, model_dir=model_dir, tracker_model_dir=tracker_dir, device=args.device,
+            dtype=args.dtype,
             score_threshold=0.0, max_instances=10))
         reference.load()
         if args.mode == 'sam2':
@@ -417,7 +438,8 @@ def _measure(args, workdir):
     overhead = masks_out_ms / node_engine_ms * 100.0
     floor_ms = statistics.median(floors)
     result = {
-        'mode': args.mode, 'device': args.device, 'executor': args.executor,
+        'mode': args.mode, 'device': args.device, 'dtype': args.dtype, 'arch': args.arch,
+        'executor': args.executor,
         'process': args.process,
         'frames': len(end_to_end),
         'image_size': [640, 480], 'depth': bool(args.depth),

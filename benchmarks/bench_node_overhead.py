@@ -84,14 +84,14 @@ def _prepare_models(args, workdir):
     if args.arch == 'full':
         from full_size_models import save_full_size
         write_on = args.device if args.device.startswith('cuda') else 'cpu'
-        dirs = {family: str(save_full_size(family, workdir / f'full-{family}', write_on))
-                for family in (('sam2',) if args.mode == 'sam2' else ('sam3', 'sam2')
-                               if args.mode == 'hybrid' else ('sam3',))}
+        # (model_dir family, tracker_model_dir family) of each mode.
+        families = {'sam2': ('sam2', None), 'sam3': ('sam3', None),
+                    'hybrid': ('sam3', 'sam2')}[args.mode]
+        dirs = [str(save_full_size(family, workdir / f'full-{family}', write_on))
+                if family else '' for family in families]
         print('models: RANDOM full-size architectures (SAM2.1-hiera-tiny, SAM3)',
               file=sys.stderr)
-        if args.mode == 'hybrid':
-            return dirs['sam3'], dirs['sam2'], ''
-        return dirs[args.mode], '', ''
+        return dirs[0], dirs[1], ''
     from sam_gap_ros.demo import prepare_models
     from sam_gap_ros.tiny_models import TINY_MODEL_SCENES
     model_dir, tracker_dir, text = prepare_models(args.mode, workdir)

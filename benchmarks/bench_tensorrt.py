@@ -60,23 +60,16 @@ def build_model(family, arch, model_dir, device):
     """Return an eval-mode transformers model of ``family`` on ``device``."""
     if model_dir:
         return export_onnx.load_model(model_dir, family, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        if family == 'sam2':
-            from transformers import Sam2VideoConfig, Sam2VideoModel
-            if arch == 'full':
-                # transformers' defaults are the SAM2.1-hiera-tiny architecture at 1024 px.
-                model = Sam2VideoModel(Sam2VideoConfig())
-            else:
-                from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2
-                model = build_tiny_sam2(seed=0)
-        else:
-            from transformers import Sam3Config, Sam3Model
-            if arch == 'full':
-                model = Sam3Model(Sam3Config())
-            else:
-                from sam_gap_ros.engines.tiny_sam3 import build_tiny_sam3
-                model = build_tiny_sam3(seed=0)
+    if arch == 'full':
+        # SAM2.1-hiera-tiny at 1024 px / SAM3 at 1008 px, seeded on the CPU as before.
+        from full_size_models import build_full_size
+        model = build_full_size(family, 'cpu', seed=0)
+    elif family == 'sam2':
+        from sam_gap_ros.engines.tiny_sam2 import build_tiny_sam2
+        model = build_tiny_sam2(seed=0)
+    else:
+        from sam_gap_ros.engines.tiny_sam3 import build_tiny_sam3
+        model = build_tiny_sam3(seed=0)
     return model.to(device).eval()
 
 
